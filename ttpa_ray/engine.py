@@ -1,0 +1,230 @@
+"""A plain vLLM engine (no Ray): model resolution, prompt rendering with tools, structured tool calls.
+
+Ray Data replicas are thin shells around :class:`Engine`; tests drive it directly. The same code runs
+vLLM's CPU build here and the CUDA build on a cluster: only the engine arguments differ.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ttpa_ray.config import ModelConfig, VLLMConfig
+
+
+class ModelNotFoundError(ValueError):
+    """The config names a model that is neither a local folder nor reachable."""
+
+
+def looks_like_path(model: str) -> bool:
+    """A model string meant as a folder (relative or absolute path), as opposed to a hub id."""
+    return model.startswith((".", "/", "~")) or model.count("/") != 1 or Path(model).exists()
+
+
+def resolve_model(model: str, config: ModelConfig | None = None) -> str:
+    """Return the path or hub id vLLM should load; make the tiny model when the config allows it.
+
+    A folder that does not exist is made with the tiny-model maker only when ``make_tiny_if_missing``;
+    otherwise the error names the folder and the two ways out.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / "config.json").exists():
+        return str(path)
+    if looks_like_path(model):
+        if config is not None and config.make_tiny_if_missing:
+            from ttpa_ray.tiny_model import ensure_tiny_model
+
+            return str(ensure_tiny_model(path, seed=config.tiny_seed))
+        raise ModelNotFoundError(
+            f"model folder {model!r} does not exist or has no config.json; point model.policy at a folder "
+            "of weights, or set model.make_tiny_if_missing=true to build the tiny local model there"
+        )
+    return model  # a hub id: vLLM/transformers resolve it (needs hub access or a local HF cache)
+
+
+def has_cuda() -> bool:
+    """True when torch sees a CUDA device (the GPU build on a cluster)."""
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def engine_kwargs(model: str, vllm: VLLMConfig, *, dtype: str = "auto", seed: int = 0) -> dict[str, Any]:
+    """Arguments for ``vllm.LLM`` from the config; the CPU/GPU differences live here and only here."""
+    kwargs: dict[str, Any] = {
+        "model": model,
+        "tensor_parallel_size": vllm.tensor_parallel_size,
+        "gpu_memory_utilization": vllm.gpu_memory_utilization,
+        "enforce_eager": vllm.enforce_eager,
+        "max_model_len": vllm.max_model_len,
+        "max_num_seqs": vllm.max_num_seqs,
+        "enable_prefix_caching": vllm.enable_prefix_caching,
+        "seed": seed,
+        "dtype": dtype,
+        # Engine-level switch: without it a random model pads JSON with whitespace up to max_tokens.
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+    }
+    if not has_cuda():
+        # Tensor parallelism is a GPU notion; the CPU build runs one process per replica.
+        kwargs["tensor_parallel_size"] = 1
+    return kwargs
+
+
+# Decoding guards added where a schema sets no bound of its own: a random (or confused) model can
+# otherwise fill a number or string until max_tokens, and the call never closes.
+MAX_STRING_CHARS = 64
+MAX_NUMBER = 1_000_000
+MAX_ITEMS = 8
+
+
+def bounded_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a JSON schema with length/range/size bounds added where none is declared."""
+    out = dict(schema)
+    kind = out.get("type")
+    if kind == "string" and "enum" not in out and "const" not in out:
+        out.setdefault("maxLength", MAX_STRING_CHARS)
+    elif kind in ("integer", "number"):
+        out.setdefault("minimum", -MAX_NUMBER)
+        out.setdefault("maximum", MAX_NUMBER)
+    elif kind == "array":
+        out.setdefault("maxItems", MAX_ITEMS)
+        if isinstance(out.get("items"), dict):
+            out["items"] = bounded_schema(out["items"])
+    elif kind == "object" and isinstance(out.get("properties"), dict):
+        out["properties"] = {
+            k: bounded_schema(v) if isinstance(v, dict) else v for k, v in out["properties"].items()
+        }
+    for combinator in ("anyOf", "oneOf", "allOf"):
+        if isinstance(out.get(combinator), list):
+            out[combinator] = [bounded_schema(v) if isinstance(v, dict) else v for v in out[combinator]]
+    return out
+
+
+def tool_call_schema(tools: Sequence[dict[str, Any]], *, bounded: bool = True) -> dict[str, Any]:
+    """JSON schema of one call ``{"name": ..., "arguments": {...}}`` to any of ``tools``.
+
+    ``tools`` are OpenAI specs (wrapped or bare). Each tool becomes one ``anyOf`` branch whose
+    arguments follow that tool's parameter schema, so a constrained decode yields a valid call.
+    ``bounded`` adds decoding guards (:func:`bounded_schema`) where the schema declares no bound.
+    """
+    branches = []
+    for tool in tools:
+        fn = tool.get("function", tool)
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        params = {**params, "type": "object"}
+        params.setdefault("additionalProperties", False)
+        if bounded:
+            params = bounded_schema(params)
+        branches.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": fn["name"]}, "arguments": params},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
+    if not branches:
+        raise ValueError("tool_call_schema needs at least one tool")
+    return branches[0] if len(branches) == 1 else {"anyOf": branches}
+
+
+@dataclass
+class Completion:
+    """One generated text with its token ids and why it stopped."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+class Engine:
+    """A vLLM ``LLM`` with the project's prompt rendering; construct once per process (start-up ~20 s)."""
+
+    def __init__(self, model: str, vllm: VLLMConfig, *, dtype: str = "auto", seed: int = 0) -> None:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from vllm import LLM
+
+        self.model = model
+        self.llm = LLM(**engine_kwargs(model, vllm, dtype=dtype, seed=seed))
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def render_text(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+    ) -> str:
+        """Prompt text through the tokenizer's own chat template, tools included.
+
+        Rendered here rather than by ray.data.llm, whose template stage passes no ``tools``.
+        """
+        text = self.tokenizer.apply_chat_template(
+            list(messages),
+            tools=list(tools) if tools else None,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+        )
+        return str(text)
+
+    def render(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
+        """Prompt token ids of :meth:`render_text` (the template carries the special tokens)."""
+        text = self.render_text(messages, tools, add_generation_prompt=add_generation_prompt)
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def sampling_params(
+        self,
+        *,
+        max_tokens: int,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        json_schema: dict[str, Any] | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+    ) -> Any:
+        """vLLM SamplingParams; ``json_schema`` turns on structured outputs."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        structured = StructuredOutputsParams(json=json_schema) if json_schema is not None else None
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+            structured_outputs=structured,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+    def generate(self, prompts: Sequence[list[int]], params: Any | Sequence[Any]) -> list[Completion]:
+        """Generate one completion per prompt (token-id prompts), in prompt order."""
+        from vllm.inputs import TokensPrompt
+
+        inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        return [
+            Completion(
+                text=o.outputs[0].text,
+                token_ids=list(o.outputs[0].token_ids),
+                finish_reason=o.outputs[0].finish_reason,
+            )
+            for o in outputs
+        ]
+
+    def close(self) -> None:
+        """Stop the engine's background process now rather than at interpreter exit."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()

@@ -1,0 +1,124 @@
+"""The main job: the method's stages in order, each reading the previous stage's output from the run dir.
+
+Only stages that are built are run; the others are listed as not built yet, so `ttpa run` never
+pretends. Every stage reports records in, out and rejected, and in = out + rejected must hold.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ttpa_ray.config import TTPAConfig
+
+
+@dataclass
+class StageReport:
+    """What one stage did: counts, seconds, and where it wrote."""
+
+    name: str
+    records_in: int
+    records_out: int
+    records_rejected: int
+    seconds: float = 0.0
+    outputs: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def balanced(self) -> bool:
+        return self.records_in == self.records_out + self.records_rejected
+
+
+@dataclass
+class RunContext:
+    """State shared by the stages of one run: the config, the run dir, and resolved model paths."""
+
+    config: TTPAConfig
+    run_dir: Path
+    console: Console
+    models: dict[str, str] = field(default_factory=dict)
+
+
+StageFn = Callable[[RunContext], StageReport]
+
+
+def stage_prepare_models(ctx: RunContext) -> StageReport:
+    """Resolve the policy and teacher; make the tiny local model when the config allows and it is missing."""
+    from ttpa_ray.engine import resolve_model
+
+    wanted = {"policy": ctx.config.model.policy, "teacher": ctx.config.model.teacher_or_policy}
+    for role, model in wanted.items():
+        ctx.models[role] = resolve_model(model, ctx.config.model)
+    return StageReport("prepare-models", len(wanted), len(wanted), 0, outputs=dict(ctx.models))
+
+
+# The method's stages in order (DESIGN.md), with the function of those that are built.
+STAGES: list[tuple[str, str, StageFn | None]] = [
+    (
+        "prepare-models",
+        "resolve policy and teacher; build the tiny local model if missing",
+        stage_prepare_models,
+    ),
+    ("reverse", "reversed construction: tools -> executed calls -> answer -> question", None),
+    ("tps", "token-level preference sampling of alternative calls from the policy", None),
+    ("score", "ESM scoring of the candidates", None),
+    ("pairs", "chosen/rejected preference pairs in TRL's format", None),
+    ("sft", "SFT warm start on the reversed dialogues (Ray Train + DeepSpeed)", None),
+    ("dpo", "DPO on the pairs (Ray Train + DeepSpeed ZeRO)", None),
+    ("evaluate", "ESM, error categories and BFCL exact match, base vs aligned", None),
+]
+
+
+def run_pipeline(config: TTPAConfig, console: Console | None = None) -> list[StageReport]:
+    """Run every built stage in order and write ``pipeline.json`` to the run dir."""
+    console = console or Console()
+    run_dir = Path(config.run.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+    ctx = RunContext(config=config, run_dir=run_dir, console=console)
+
+    built = [name for name, _, fn in STAGES if fn is not None]
+    missing = [name for name, _, fn in STAGES if fn is None]
+    console.print(f"[bold]ttpa run[/bold] {config.run.name} -> {run_dir}")
+    console.print(f"stages built and run: {', '.join(built)}")
+    if missing:
+        console.print(f"[yellow]stages not built yet (skipped): {', '.join(missing)}[/yellow]")
+
+    reports: list[StageReport] = []
+    for name, description, fn in STAGES:
+        if fn is None:
+            continue
+        console.print(f"[bold cyan]>> {name}[/bold cyan]: {description}")
+        start = time.perf_counter()
+        report = fn(ctx)
+        report.seconds = time.perf_counter() - start
+        if not report.balanced:
+            raise RuntimeError(
+                f"stage {name} lost records: in {report.records_in} != out {report.records_out} "
+                f"+ rejected {report.records_rejected}"
+            )
+        reports.append(report)
+
+    table = Table(title="stages")
+    for column in ("stage", "in", "out", "rejected", "seconds"):
+        table.add_column(column)
+    for r in reports:
+        table.add_row(
+            r.name, str(r.records_in), str(r.records_out), str(r.records_rejected), f"{r.seconds:.1f}"
+        )
+    console.print(table)
+    summary = {
+        "config_digest": config.digest(),
+        "stages_run": [asdict(r) for r in reports],
+        "stages_not_built": missing,
+    }
+    (run_dir / "pipeline.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    console.print(f"summary: {run_dir / 'pipeline.json'}")
+    return reports
