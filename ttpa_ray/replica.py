@@ -1,0 +1,93 @@
+"""vLLM replicas in Ray Data actor pools: a thin shell over :class:`ttpa_ray.engine.Engine`.
+
+``generate_dataset`` maps a dataset of prompt rows through ``map_batches(VLLMReplica, concurrency=
+(min, max), ...)``; each actor builds one engine in ``__init__`` and generates per batch in
+``__call__``. On GPUs a replica takes ``tensor_parallel_size`` GPUs; on the CPU build, CPUs.
+A replica that dies is restarted by Ray and its batch retried (``max_restarts``/``max_task_retries``),
+so every row comes out exactly once.
+
+Prompt rows (columns): ``row_id`` (str), ``messages`` (JSON text of chat messages), ``tools`` (JSON text of
+OpenAI tool specs, may be "[]"), ``json_schema`` (JSON text or ""), ``max_tokens`` (int),
+``temperature`` (float), ``seed`` (int). Output rows keep these and add ``completion``,
+``completion_token_ids``, ``finish_reason`` and ``prompt_tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+from ttpa_ray.config import TTPAConfig, VLLMConfig
+from ttpa_ray.engine import Engine, has_cuda
+
+PROMPT_COLUMNS = ("row_id", "messages", "tools", "json_schema", "max_tokens", "temperature", "seed")
+
+
+class VLLMReplica:
+    """One vLLM engine per Ray actor; generates one completion per prompt row of a batch."""
+
+    def __init__(self, model: str, vllm_config: dict[str, Any], dtype: str = "auto", seed: int = 0) -> None:
+        self.engine = Engine(model, VLLMConfig.model_validate(vllm_config), dtype=dtype, seed=seed)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        prompts = []
+        params = []
+        for row in rows:
+            messages = json.loads(row["messages"])
+            tools = json.loads(row["tools"]) if row["tools"] else []
+            prompts.append(self.engine.render(messages, tools))
+            schema = json.loads(row["json_schema"]) if row["json_schema"] else None
+            params.append(
+                self.engine.sampling_params(
+                    max_tokens=int(row["max_tokens"]),
+                    temperature=float(row["temperature"]),
+                    seed=int(row["seed"]),
+                    json_schema=schema,
+                )
+            )
+        completions = self.engine.generate(prompts, params) if rows else []
+        return (
+            batch.append_column("completion", pa.array([c.text for c in completions], pa.string()))
+            .append_column(
+                "completion_token_ids", pa.array([c.token_ids for c in completions], pa.list_(pa.int32()))
+            )
+            .append_column(
+                "finish_reason", pa.array([c.finish_reason or "" for c in completions], pa.string())
+            )
+            .append_column("prompt_tokens", pa.array([len(p) for p in prompts], pa.int32()))
+        )
+
+
+def replica_resources(vllm: VLLMConfig) -> dict[str, Any]:
+    """Ray resources of one replica: GPUs = tensor-parallel size on a GPU cluster, else CPUs."""
+    if has_cuda():
+        return {"num_gpus": vllm.tensor_parallel_size, "num_cpus": vllm.cpus_per_replica}
+    return {"num_cpus": vllm.cpus_per_replica}
+
+
+def generate_dataset(ds: Any, model: str, config: TTPAConfig) -> Any:
+    """Map prompt rows through vLLM replicas (autoscaling between replicas_min and replicas_max)."""
+    vllm = config.vllm
+    concurrency: int | tuple[int, int] = (
+        vllm.replicas_min
+        if vllm.replicas_min == vllm.replicas_max
+        else (vllm.replicas_min, vllm.replicas_max)
+    )
+    return ds.map_batches(
+        VLLMReplica,
+        fn_constructor_kwargs={
+            "model": model,
+            "vllm_config": vllm.model_dump(),
+            "dtype": config.model.dtype,
+            "seed": config.run.seed,
+        },
+        batch_format="pyarrow",
+        batch_size=vllm.batch_size,
+        concurrency=concurrency,
+        max_restarts=vllm.max_restarts,
+        max_task_retries=vllm.max_restarts,
+        **replica_resources(vllm),
+    )
