@@ -110,6 +110,25 @@ class TPSConfig(_Section):
     max_tokens: int = Field(default=128, ge=1)
 
 
+BfclCategory = Literal[
+    "simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "live_multiple"
+]
+
+
+class EvalConfig(_Section):
+    """Evaluation on BFCL v4's AST categories (DESIGN.md stage 5)."""
+
+    categories: list[BfclCategory] = [
+        "simple_python",
+        "multiple",
+        "parallel",
+        "parallel_multiple",
+        "live_simple",
+    ]
+    limit_per_category: int | None = Field(default=None, ge=1)  # None: every entry
+    max_tokens: int = Field(default=256, ge=16)
+
+
 class TTPAConfig(_Section):
     """The whole config of a run."""
 
@@ -119,6 +138,7 @@ class TTPAConfig(_Section):
     vllm: VLLMConfig = VLLMConfig()
     esm: ESMConfig = ESMConfig()
     tps: TPSConfig = TPSConfig()
+    eval: EvalConfig = EvalConfig()
 
     def digest(self) -> str:
         """A short hash of the resolved config, recorded in provenance."""

@@ -59,6 +59,45 @@ def stage_prepare_models(ctx: RunContext) -> StageReport:
     return StageReport("prepare-models", len(wanted), len(wanted), 0, outputs=dict(ctx.models))
 
 
+def init_ray(config: TTPAConfig) -> None:
+    """Join the configured cluster, or start a local one (no dashboard: it costs a core on a laptop)."""
+    import ray
+
+    if not ray.is_initialized():
+        if config.ray.address:
+            ray.init(address=config.ray.address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = config.ray.progress_bars
+
+
+def stage_evaluate(ctx: RunContext) -> StageReport:
+    """Evaluate the policy (and the aligned policy, once training exists) on BFCL's AST categories."""
+    from ttpa_ray.evaluate import evaluate_model, select_entries, summarize, write_report
+
+    init_ray(ctx.config)
+    entries = select_entries(ctx.config.eval.categories, ctx.config.eval.limit_per_category)
+    models = {"base": ctx.models["policy"]}
+    if "aligned" in ctx.models:
+        models["aligned"] = ctx.models["aligned"]
+    results = {}
+    for label, model in models.items():
+        ctx.console.print(f"   evaluating {label} ({model}) on {len(entries)} BFCL entries")
+        results[label] = evaluate_model(ctx.config, model, entries, max_tokens=ctx.config.eval.max_tokens)
+    summaries = {label: summarize(rows) for label, rows in results.items()}
+    paths = write_report(ctx.run_dir / "eval", summaries, results)
+    scored = sum(len(rows) for rows in results.values())
+    overall = {label: round(s["all"].mean_esm, 4) for label, s in summaries.items()}
+    return StageReport(
+        "evaluate",
+        records_in=len(entries) * len(models),
+        records_out=scored,
+        records_rejected=0,
+        outputs={k: str(v) for k, v in paths.items()},
+        notes={"mean_esm": overall},
+    )
+
+
 # The method's stages in order (DESIGN.md), with the function of those that are built.
 STAGES: list[tuple[str, str, StageFn | None]] = [
     (
@@ -72,7 +111,7 @@ STAGES: list[tuple[str, str, StageFn | None]] = [
     ("pairs", "chosen/rejected preference pairs in TRL's format", None),
     ("sft", "SFT warm start on the reversed dialogues (Ray Train + DeepSpeed)", None),
     ("dpo", "DPO on the pairs (Ray Train + DeepSpeed ZeRO)", None),
-    ("evaluate", "ESM, error categories and BFCL exact match, base vs aligned", None),
+    ("evaluate", "ESM, error categories and BFCL exact match, base vs aligned", stage_evaluate),
 ]
 
 
@@ -121,4 +160,7 @@ def run_pipeline(config: TTPAConfig, console: Console | None = None) -> list[Sta
     }
     (run_dir / "pipeline.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     console.print(f"summary: {run_dir / 'pipeline.json'}")
+    for report in reports:
+        if "markdown" in report.outputs:
+            console.print(f"[bold green]report:[/bold green] {report.outputs['markdown']}")
     return reports

@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 
 from ttpa_ray.config import TTPAConfig, VLLMConfig
-from ttpa_ray.engine import Engine, has_cuda
+from ttpa_ray.engine import Completion, Engine, has_cuda
 
 PROMPT_COLUMNS = ("row_id", "messages", "tools", "json_schema", "max_tokens", "temperature", "seed")
 
@@ -48,7 +48,7 @@ class VLLMReplica:
                     json_schema=schema,
                 )
             )
-        completions = self.engine.generate(prompts, params) if rows else []
+        completions = self._generate(prompts, params)
         return (
             batch.append_column("completion", pa.array([c.text for c in completions], pa.string()))
             .append_column(
@@ -59,6 +59,22 @@ class VLLMReplica:
             )
             .append_column("prompt_tokens", pa.array([len(p) for p in prompts], pa.int32()))
         )
+
+    def _generate(self, prompts: list[list[int]], params: list[Any]) -> list[Completion]:
+        """Generate a batch; if the batch fails (e.g. a schema the grammar engine rejects), retry row by
+        row so one bad row becomes an empty completion with its error instead of failing the stage."""
+        if not prompts:
+            return []
+        try:
+            return self.engine.generate(prompts, params)
+        except Exception:
+            results = []
+            for prompt, param in zip(prompts, params, strict=True):
+                try:
+                    results.extend(self.engine.generate([prompt], [param]))
+                except Exception as exc:
+                    results.append(Completion(text="", token_ids=[], finish_reason=f"error: {exc}"[:500]))
+            return results
 
 
 def replica_resources(vllm: VLLMConfig) -> dict[str, Any]:

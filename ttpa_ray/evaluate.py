@@ -1,0 +1,226 @@
+"""Fine-grained evaluation (DESIGN.md stage 5) on BFCL v4's AST categories.
+
+A model (base or aligned) answers each BFCL entry through vLLM replicas in Ray Data, with the entry's
+functions as its tools and structured outputs constraining the answer to a list of calls of those
+tools. Each answer is scored with ESM against BFCL's possible answers (alternatives) and checked by
+BFCL's own ``ast_checker`` (exact match). The report gives, per category and model: mean ESM and its
+histogram, the rate of each error category, and exact-match accuracy; as JSON, Markdown and PNG.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ttpa_ray.bfcl import BfclEntry, ast_check, load_entries
+from ttpa_ray.codec import parse_any
+from ttpa_ray.config import TTPAConfig
+from ttpa_ray.engine import tool_call_schema
+from ttpa_ray.esm import CATEGORIES, ESMWeights, score_calls
+
+DEFAULT_CATEGORIES = (
+    "simple_python",
+    "multiple",
+    "parallel",
+    "parallel_multiple",
+    "live_simple",
+    "live_multiple",
+)
+MAX_CALLS_PER_TURN = 4
+HISTOGRAM_BINS = 10
+
+
+def answer_schema(tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Structured output of one turn: a list of 1..4 calls to the given tools."""
+    return {"type": "array", "items": tool_call_schema(tools), "minItems": 1, "maxItems": MAX_CALLS_PER_TURN}
+
+
+def select_entries(categories: Sequence[str], limit: int | None) -> list[BfclEntry]:
+    """The first ``limit`` entries of each category (all when None), in BFCL's order."""
+    entries: list[BfclEntry] = []
+    for category in categories:
+        rows = load_entries(category)
+        entries.extend(rows if limit is None else rows[:limit])
+    return entries
+
+
+def prompt_rows(entries: Sequence[BfclEntry], *, max_tokens: int, seed: int) -> list[dict[str, Any]]:
+    """Prompt rows for :func:`ttpa_ray.replica.generate_dataset` (greedy: evaluation is deterministic)."""
+    rows = []
+    for entry in entries:
+        messages = entry.question[0]  # single-turn categories: the first (only) turn's messages
+        rows.append(
+            {
+                "row_id": entry.id,
+                "messages": json.dumps(messages, ensure_ascii=False),
+                "tools": json.dumps(entry.tools, ensure_ascii=False),
+                "json_schema": json.dumps(answer_schema(entry.tools), ensure_ascii=False),
+                "max_tokens": max_tokens,
+                "temperature": 0.0,
+                "seed": seed,
+            }
+        )
+    return rows
+
+
+@dataclass
+class EntryResult:
+    """One scored answer."""
+
+    id: str
+    category: str
+    completion: str
+    esm_score: float
+    esm_errors: list[str]
+    exact_match: bool
+
+
+def score_answers(
+    entries: Sequence[BfclEntry], completions: dict[str, str], weights: ESMWeights
+) -> list[EntryResult]:
+    """ESM and BFCL exact match of each entry's completion; an entry with no completion scores 0."""
+    results = []
+    for entry in entries:
+        text = completions.get(entry.id, "")
+        index = entry.tool_index()
+        esm = score_calls(text, entry.reference(index), index, weights)
+        parsed = parse_any(text)
+        exact = bool(parsed.ok and ast_check(entry, parsed.calls).get("valid", False))
+        results.append(EntryResult(entry.id, entry.category, text, esm.score, list(esm.errors), exact))
+    return results
+
+
+@dataclass
+class CategorySummary:
+    """Aggregates of one (model, category)."""
+
+    n: int
+    mean_esm: float
+    exact_match: float
+    esm_histogram: list[int]
+    error_rates: dict[str, float] = field(default_factory=dict)
+
+
+def summarize(results: Sequence[EntryResult]) -> dict[str, CategorySummary]:
+    """Per-category summaries plus an ``all`` row."""
+    groups: dict[str, list[EntryResult]] = {}
+    for result in results:
+        groups.setdefault(result.category, []).append(result)
+        groups.setdefault("all", []).append(result)
+    summaries = {}
+    for category, rows in groups.items():
+        n = len(rows)
+        histogram = [0] * HISTOGRAM_BINS
+        for row in rows:
+            histogram[min(int(row.esm_score * HISTOGRAM_BINS), HISTOGRAM_BINS - 1)] += 1
+        errors = Counter(e for row in rows for e in set(row.esm_errors))
+        summaries[category] = CategorySummary(
+            n=n,
+            mean_esm=sum(r.esm_score for r in rows) / n,
+            exact_match=sum(r.exact_match for r in rows) / n,
+            esm_histogram=histogram,
+            error_rates={c: errors.get(c, 0) / n for c in CATEGORIES},
+        )
+    return summaries
+
+
+def evaluate_model(
+    config: TTPAConfig, model: str, entries: Sequence[BfclEntry], *, max_tokens: int
+) -> list[EntryResult]:
+    """Generate answers with vLLM replicas on Ray Data and score them."""
+    import ray
+
+    from ttpa_ray.replica import generate_dataset
+
+    rows = prompt_rows(entries, max_tokens=max_tokens, seed=config.run.seed)
+    ds = generate_dataset(ray.data.from_items(rows), model, config)
+    completions = {
+        row["row_id"]: row["completion"] for row in ds.select_columns(["row_id", "completion"]).take_all()
+    }
+    return score_answers(entries, completions, ESMWeights.from_config(config.esm.weights))
+
+
+def write_report(
+    out_dir: Path, summaries: dict[str, dict[str, CategorySummary]], results: dict[str, list[EntryResult]]
+) -> dict[str, Path]:
+    """Write report.json, report.md, per-answer results.jsonl and PNG plots; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {model: {cat: asdict(s) for cat, s in cats.items()} for model, cats in summaries.items()}
+    paths = {
+        "json": out_dir / "report.json",
+        "markdown": out_dir / "report.md",
+        "answers": out_dir / "answers.jsonl",
+    }
+    paths["json"].write_text(json.dumps(report, indent=2), encoding="utf-8")
+    with paths["answers"].open("w", encoding="utf-8") as handle:
+        for model, rows in results.items():
+            for row in rows:
+                handle.write(json.dumps({"model": model, **asdict(row)}, ensure_ascii=False) + "\n")
+    paths["markdown"].write_text(render_markdown(summaries), encoding="utf-8")
+    paths.update(plot_report(out_dir, summaries))
+    return paths
+
+
+def render_markdown(summaries: dict[str, dict[str, CategorySummary]]) -> str:
+    """The report's tables: one row per (model, category); error categories as rates."""
+    lines = [
+        "# Evaluation report",
+        "",
+        "ESM (mean), BFCL exact match (ast_checker) and error-category rates.",
+        "",
+    ]
+    header = ["model", "category", "n", "mean ESM", "exact match", *CATEGORIES]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for model, cats in summaries.items():
+        for category, s in sorted(cats.items(), key=lambda kv: (kv[0] == "all", kv[0])):
+            cells = [model, category, str(s.n), f"{s.mean_esm:.3f}", f"{s.exact_match:.3f}"]
+            cells += [f"{s.error_rates.get(c, 0.0):.2f}" for c in CATEGORIES]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "![ESM histogram](esm_histogram.png)", "", "![Error categories](error_categories.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_report(out_dir: Path, summaries: dict[str, dict[str, CategorySummary]]) -> dict[str, Path]:
+    """ESM histogram and error-category bars, one series per model (base against aligned)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(summaries)
+    width = 0.8 / max(len(models), 1)
+    paths = {}
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, model in enumerate(models):
+        hist = summaries[model]["all"].esm_histogram
+        ax.bar([b + i * width for b in range(HISTOGRAM_BINS)], hist, width=width, label=model)
+    ax.set_xticks(range(HISTOGRAM_BINS), [f"{b / HISTOGRAM_BINS:.1f}" for b in range(HISTOGRAM_BINS)])
+    ax.set_xlabel("ESM score (bin start)")
+    ax.set_ylabel("answers")
+    ax.set_title("ESM distribution")
+    ax.legend()
+    fig.tight_layout()
+    paths["esm_histogram"] = out_dir / "esm_histogram.png"
+    fig.savefig(paths["esm_histogram"], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, model in enumerate(models):
+        rates = [summaries[model]["all"].error_rates.get(c, 0.0) for c in CATEGORIES]
+        ax.bar([x + i * width for x in range(len(CATEGORIES))], rates, width=width, label=model)
+    ax.set_xticks(range(len(CATEGORIES)), CATEGORIES, rotation=30, ha="right")
+    ax.set_ylabel("share of answers")
+    ax.set_ylim(0, 1)
+    ax.set_title("Error categories")
+    ax.legend()
+    fig.tight_layout()
+    paths["error_categories"] = out_dir / "error_categories.png"
+    fig.savefig(paths["error_categories"], dpi=100)
+    plt.close(fig)
+    return paths
