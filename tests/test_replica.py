@@ -10,7 +10,7 @@ import pytest
 from ttpa_ray.codec import parse_any
 from ttpa_ray.config import load_config
 from ttpa_ray.engine import tool_call_schema
-from ttpa_ray.replica import generate_dataset, replica_resources
+from ttpa_ray.replica import VLLMReplica, generate_dataset, replica_resources
 
 TOOL = {
     "type": "function",
@@ -70,3 +70,62 @@ def test_generate_dataset_returns_each_row_once(ray_cluster, tiny_model_dir: Pat
             assert parsed.calls[0].arguments["unit"] in ("km", "mi")
         else:
             assert len(row["completion_token_ids"]) <= 48
+
+
+class DyingOnceReplica(VLLMReplica):
+    """Kills its own process on its second batch, once per marker file: a replica crash mid-run."""
+
+    marker: str = ""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches = 0
+
+    def __call__(self, batch):
+        import os
+
+        self.batches += 1
+        if self.batches == 2 and not os.path.exists(self.marker):
+            Path(self.marker).write_text("died")
+            os._exit(1)
+        return super().__call__(batch)
+
+
+@pytest.mark.slow
+def test_replica_crash_loses_and_duplicates_nothing(
+    ray_cluster, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import ray
+
+    import sys
+
+    # Ship this test module's classes to the workers by value (they cannot import tests/).
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    marker = tmp_path / "died"
+    DyingOnceReplica.marker = str(marker)
+    config = load_config(
+        None,
+        [
+            f"model.policy={tiny_model_dir}",
+            "vllm.batch_size=3",
+            "vllm.gpu_memory_utilization=0.1",
+            "model.dtype=float32",
+        ],
+    )
+    rows = [
+        {
+            "row_id": f"r{i}",
+            "messages": json.dumps([{"role": "user", "content": f"question {i}"}]),
+            "tools": "[]",
+            "json_schema": "",
+            "max_tokens": 4,
+            "temperature": 0.0,
+            "seed": i,
+        }
+        for i in range(12)
+    ]
+    ds = ray.data.from_items(rows, override_num_blocks=4)
+    out = generate_dataset(ds, str(tiny_model_dir), config, replica_cls=DyingOnceReplica).take_all()
+    assert marker.exists()  # the replica really died once
+    ids = [r["row_id"] for r in out]
+    assert sorted(ids) == sorted(r["row_id"] for r in rows)  # every row, each exactly once

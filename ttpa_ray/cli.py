@@ -91,6 +91,27 @@ def run_command(config: ConfigOption = None, overrides: OverridesArg = None) -> 
         raise typer.Exit(2) from None
 
 
+@app.command("reverse")
+def reverse_command(config: ConfigOption = None, overrides: OverridesArg = None) -> None:
+    """Reversed dataset construction alone: seeds -> dialogues (+ rejected rows) in the run dir."""
+    from ttpa_ray.engine import ModelNotFoundError
+    from ttpa_ray.pipeline import RunContext, stage_prepare_models, stage_reverse
+
+    cfg = _load(config, overrides)
+    ctx = RunContext(config=cfg, run_dir=Path(cfg.run.run_dir), console=console)
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        stage_prepare_models(ctx)
+        report = stage_reverse(ctx)
+    except (ModelNotFoundError, ValueError) as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+    console.print(
+        f"reverse: {report.records_in} seeds -> {report.records_out} dialogues + "
+        f"{report.records_rejected} rejected; manifest {report.outputs['manifest']}"
+    )
+
+
 def main() -> None:
     """Entry point of the `ttpa` script."""
     app(prog_name="ttpa")

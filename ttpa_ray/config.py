@@ -80,6 +80,34 @@ class VLLMConfig(_Section):
         return self
 
 
+class ReverseConfig(_Section):
+    """Reversed dataset construction (DESIGN.md stage 1)."""
+
+    catalogue: str = "builtin"  # "builtin", "bfcl", "bfcl:Class,...", a folder of tool modules, a JSON file
+    num_seeds: int = Field(default=32, ge=1)
+    tool_window: int = Field(default=20, ge=1)  # tools shown to the scene simulation
+    info_items: tuple[int, int] = (4, 7)
+    call_budget: tuple[int, int] = (4, 7)  # calls per dialogue, drawn per seed
+    max_chosen_tools: int = Field(default=4, ge=1)
+    nudge_when_left: int = Field(default=1, ge=0)  # remind the teacher to answer with this many calls left
+    max_parse_retries: int = Field(default=2, ge=0)
+    max_concurrent_dialogues: int = Field(default=32, ge=1)  # dialogues sharing one engine
+    shard_size: int = Field(default=16, ge=1)  # seeds per output shard (the unit of resume)
+    temperature: float = Field(default=0.7, ge=0)
+    max_tokens: int = Field(default=512, ge=16)  # per teacher step
+    max_text_chars: int = Field(default=240, ge=20)
+    # Constrain the `answer` text to quote a returned value: keeps a weak teacher grounded.
+    grounded_answer: bool = True
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ReverseConfig:
+        for key in ("info_items", "call_budget"):
+            low, high = getattr(self, key)
+            if not 1 <= low <= high:
+                raise ValueError(f"{key} must be [low, high] with 1 <= low <= high, got [{low}, {high}]")
+        return self
+
+
 class ESMWeights(_Section):
     """Weights of the five ESM components (DESIGN.md section 3: 3/3/1/2/2)."""
 
@@ -136,6 +164,7 @@ class TTPAConfig(_Section):
     ray: RayConfig = RayConfig()
     model: ModelConfig = ModelConfig()
     vllm: VLLMConfig = VLLMConfig()
+    reverse: ReverseConfig = ReverseConfig()
     esm: ESMConfig = ESMConfig()
     tps: TPSConfig = TPSConfig()
     eval: EvalConfig = EvalConfig()

@@ -73,6 +73,10 @@ def engine_kwargs(model: str, vllm: VLLMConfig, *, dtype: str = "auto", seed: in
     if not has_cuda():
         # Tensor parallelism is a GPU notion; the CPU build runs one process per replica.
         kwargs["tensor_parallel_size"] = 1
+        # vLLM 0.32's CPU runner crashes ("CPU Generator does not use offset") when a request with
+        # its own seed is prefilled in chunks; whole prefills avoid that path.
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(vllm.max_model_len, 8192)
     return kwargs
 
 

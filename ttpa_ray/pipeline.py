@@ -71,6 +71,47 @@ def init_ray(config: TTPAConfig) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = config.ray.progress_bars
 
 
+class ShardProgress:
+    """One console line per finished shard: done/rejected so far, tokens/s and ETA."""
+
+    def __init__(self, console: Console, stage: str) -> None:
+        self.console = console
+        self.stage = stage
+        self.start = time.perf_counter()
+
+    def __call__(self, row: dict[str, Any], totals: dict[str, int], shards: int) -> None:
+        elapsed = time.perf_counter() - self.start
+        done = totals["shards"]
+        eta = elapsed / done * (shards - done)
+        self.console.print(
+            f"   {self.stage}: shard {done}/{shards} | dialogues {totals['dialogues']} "
+            f"rejected {totals['rejected']} | {totals['tokens'] / max(elapsed, 1e-9):,.0f} tok/s | "
+            f"ETA {eta:,.0f} s"
+        )
+
+
+def stage_reverse(ctx: RunContext) -> StageReport:
+    """Reversed construction: seeds -> dialogues + rejected rows (Parquet shards + manifest)."""
+    from ttpa_ray.reverse import run_reverse
+
+    init_ray(ctx.config)
+    out_dir = ctx.run_dir / "reverse"
+    report = run_reverse(ctx.config, ctx.models["teacher"], out_dir, ShardProgress(ctx.console, "reverse"))
+    ctx.console.print(f"   rejected by reason: {report.reasons}")
+    return StageReport(
+        "reverse",
+        records_in=report.seeds,
+        records_out=report.dialogues,
+        records_rejected=report.rejected,
+        outputs={"manifest": str(out_dir / "manifest.json")},
+        notes={
+            "reasons": report.reasons,
+            "generated_tokens": report.generated_tokens,
+            "engine_busy_fraction": round(report.busy_fraction, 3),
+        },
+    )
+
+
 def stage_evaluate(ctx: RunContext) -> StageReport:
     """Evaluate the policy (and the aligned policy, once training exists) on BFCL's AST categories."""
     from ttpa_ray.evaluate import evaluate_model, select_entries, summarize, write_report
@@ -105,7 +146,7 @@ STAGES: list[tuple[str, str, StageFn | None]] = [
         "resolve policy and teacher; build the tiny local model if missing",
         stage_prepare_models,
     ),
-    ("reverse", "reversed construction: tools -> executed calls -> answer -> question", None),
+    ("reverse", "reversed construction: tools -> executed calls -> answer -> question", stage_reverse),
     ("tps", "token-level preference sampling of alternative calls from the policy", None),
     ("score", "ESM scoring of the candidates", None),
     ("pairs", "chosen/rejected preference pairs in TRL's format", None),

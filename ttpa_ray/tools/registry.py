@@ -189,6 +189,16 @@ def load_catalogue(ref: str | Path, bfcl_classes: Sequence[str] | None = None) -
     )
 
 
+@dataclass(frozen=True)
+class ExecutedCall:
+    """One call that really ran (refused calls are not logged): who asked, what, and what came back."""
+
+    dialogue_id: str | None
+    tool: str
+    arguments: dict[str, Any]
+    result: ToolResult
+
+
 class ToolRegistry:
     """Calls the tools of a catalogue: validated, sandboxed, as :class:`ToolResult` (see module doc).
 
@@ -213,6 +223,8 @@ class ToolRegistry:
         self._executor: Executor | None = None
         self._lock = threading.Lock()
         self._closed = False
+        # Every executed call, in order: proof that a dialogue's results came from real executions.
+        self.call_log: list[ExecutedCall] = []
 
     # -- catalogue ---------------------------------------------------------------------------------
 
@@ -279,7 +291,13 @@ class ToolRegistry:
         if isinstance(binding, BfclBinding):
             with self.session(f"call-{uuid.uuid4().hex[:8]}") as session:
                 return session.call(name, arguments)
-        return self._run_stateless(name, binding, arguments)
+        return self._logged(None, name, arguments, self._run_stateless(name, binding, arguments))
+
+    def _logged(
+        self, dialogue_id: str | None, name: str, arguments: Mapping[str, Any], result: ToolResult
+    ) -> ToolResult:
+        self.call_log.append(ExecutedCall(dialogue_id, name, dict(arguments), result))
+        return result
 
     def _run_stateless(self, name: str, binding: Binding, arguments: Mapping[str, Any]) -> ToolResult:
         if isinstance(binding, SimulatedBinding):
@@ -342,7 +360,8 @@ class ToolSession:
             return refused
         binding = self.registry.catalogue.bindings[name]
         if not isinstance(binding, BfclBinding):
-            return self.registry._run_stateless(name, binding, arguments)
+            result = self.registry._run_stateless(name, binding, arguments)
+            return self.registry._logged(self.dialogue_id, name, arguments, result)
         request = SessionCallRequest(
             session_key=self._state.key,
             tool=name,
@@ -353,7 +372,8 @@ class ToolSession:
         with self._lock:
             if self._closed:
                 return ToolResult.failure(f"the tool session of dialogue {self.dialogue_id!r} is closed")
-            return self.registry.executor.run_in_session(self._state, request)
+            result = self.registry.executor.run_in_session(self._state, request)
+        return self.registry._logged(self.dialogue_id, name, arguments, result)
 
     def close(self) -> None:
         """Drop this dialogue's environment objects (idempotent)."""

@@ -1,0 +1,50 @@
+"""The main job on a small setting: each stage's counts add up and the report exists and parses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from ttpa_ray.config import load_config
+from ttpa_ray.pipeline import STAGES, run_pipeline
+
+LOCAL = Path(__file__).parent.parent / "configs" / "local.yaml"
+
+
+@pytest.mark.slow
+def test_local_pipeline_small(ray_cluster, tiny_model_dir: Path, tmp_path: Path) -> None:
+    config = load_config(
+        LOCAL,
+        [
+            f"run.run_dir={tmp_path / 'run'}",
+            f"model.policy={tiny_model_dir}",
+            "eval.categories=[simple_python, parallel]",
+            "eval.limit_per_category=3",
+            "eval.max_tokens=96",
+        ],
+    )
+    console = Console(record=True, width=120)
+    reports = run_pipeline(config, console)
+    built = [name for name, _, fn in STAGES if fn is not None]
+    assert [r.name for r in reports] == built
+    for report in reports:
+        assert report.records_in == report.records_out + report.records_rejected, report
+
+    run_dir = tmp_path / "run"
+    summary = json.loads((run_dir / "pipeline.json").read_text())
+    assert [s["name"] for s in summary["stages_run"]] == built
+    assert set(summary["stages_not_built"]) == {name for name, _, fn in STAGES if fn is None}
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["base"]["all"]["n"] == 6
+    assert set(report["base"]) == {"simple_python", "parallel", "all"}
+    assert 0.0 <= report["base"]["all"]["mean_esm"] <= 1.0
+    assert sum(report["base"]["all"]["esm_histogram"]) == 6
+    answers = (run_dir / "eval" / "answers.jsonl").read_text().splitlines()
+    assert len(answers) == 6
+    for name in ("esm_histogram.png", "error_categories.png"):
+        assert (run_dir / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| base | all | 6 |" in (run_dir / "eval" / "report.md").read_text()
+    assert "stages not built yet" in console.export_text()

@@ -1,0 +1,278 @@
+"""Reversed construction: filters, the dialogue state machine with real tools, and the Ray stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ttpa_ray.codec import ToolCall
+from ttpa_ray.config import load_config
+from ttpa_ray.engine import Completion
+from ttpa_ray.records import Dialogue, RejectedRow, read_parquet
+from ttpa_ray.reverse import (
+    DialogueState,
+    ReverseBuilder,
+    Seed,
+    answer_is_grounded,
+    make_seeds,
+    names_a_tool,
+    read_dialogues,
+    run_reverse,
+    shard_paths,
+)
+from ttpa_ray.tools.registry import ToolRegistry, load_catalogue
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_answer_grounding_and_tool_names() -> None:
+    results = [{"city": "Paris", "high": 18.0, "rain": 0}, [{"flight": "AF123", "price": 129}]]
+    assert answer_is_grounded("It will be 18 degrees in Paris.", results)
+    assert answer_is_grounded("Take af123.", results)  # case-insensitive
+    assert not answer_is_grounded("It will be sunny.", results)
+    assert not answer_is_grounded(
+        "Flight 1290 is full.", [{"price": 1}]
+    )  # a lone digit needs a token of its own
+    assert answer_is_grounded("It costs 1 euro.", [{"price": 1}])
+    assert names_a_tool("Can you get_weather for me?", ["get_weather"]) == "get_weather"
+    assert names_a_tool("Can you get weather for me?", ["get_weather"]) == "get_weather"
+    assert names_a_tool("What is the weather in Rome?", ["get_weather", "add_days"]) is None
+
+
+def test_seeds_are_deterministic() -> None:
+    catalogue = load_catalogue("builtin")
+    config = load_config(None, ["reverse.num_seeds=5", "reverse.tool_window=4"]).reverse
+    first, again = make_seeds(catalogue, config, 3), make_seeds(catalogue, config, 3)
+    assert first == again and len(first) == 5
+    assert all(len(s.tool_names) == 4 and 4 <= s.call_budget <= 7 for s in first)
+    assert make_seeds(catalogue, config, 4) != first
+
+
+def _completion(obj: object) -> Completion:
+    text = json.dumps(obj)
+    return Completion(text=text, token_ids=list(range(len(text) // 4)), finish_reason="stop")
+
+
+def test_state_machine_builds_a_grounded_dialogue_with_real_tools() -> None:
+    """Teacher outputs written by hand drive the real transitions and the real built-in tools."""
+    config = load_config(None).reverse
+    with ToolRegistry(load_catalogue("builtin"), isolated=False) as registry:
+        builder = ReverseBuilder(engine=None, registry=registry, config=config, teacher="scripted")  # type: ignore[arg-type]
+        seed = Seed("seed-x", ("get_weather", "convert_currency", "add_days"), 5, 1)
+        state = DialogueState(seed=seed, tools=[builder.specs[n] for n in seed.tool_names])
+        session = registry.session(seed.seed_id)
+        steps: list[object] = [
+            {
+                "scenario": "A trip",
+                "information": ["Paris", "2026-07-14", "250 USD", "two people"],
+                "tools": ["get_weather", "convert_currency"],
+            },
+            {
+                "name": "get_weather",
+                "arguments": {"city": "Atlantis", "date": "2026-07-14"},
+            },  # fails: unknown city
+            {"name": "get_weather", "arguments": {"city": "Paris", "date": "2026-07-14"}},
+            {
+                "name": "convert_currency",
+                "arguments": {"amount": 250, "from_currency": "USD", "to_currency": "EUR"},
+            },
+        ]
+        for step in steps:
+            builder.advance(state, _completion(step), session)
+        assert state.phase == "call" and state.calls_made == 3 and state.failed_calls == 1
+        weather = state.trajectory[0][1]
+        builder.advance(
+            state,
+            _completion({"name": "answer", "arguments": {"answer": f"Expect {weather['condition']}."}}),
+            session,
+        )
+        assert state.phase == "question"
+        builder.advance(
+            state,
+            _completion({"question": "I fly to Paris on 2026-07-14 with 250 USD: weather and euros?"}),
+            session,
+        )
+        session.close()
+
+    assert isinstance(state.result, Dialogue)
+    dialogue = state.result
+    roles = [m.role for m in dialogue.messages]
+    assert roles == ["system", "user", "assistant", "tool", "assistant", "tool", "assistant"]
+    assert dialogue.messages[1].content.startswith("I fly to Paris")
+    names = set(builder.specs)
+    executed = [(e.tool, e.arguments) for e in registry.call_log if e.dialogue_id == "seed-x" and e.result.ok]
+    for call_message, tool_message in zip(dialogue.messages[2:6:2], dialogue.messages[3:7:2], strict=True):
+        (call,) = call_message.tool_calls
+        assert call.name in names  # every tool named exists
+        assert tool_message.tool_call_id == call_message.tool_call_ids[0]  # every call has its result
+        assert (call.name, call.arguments) in executed  # and the result came from a real execution
+    assert dialogue.provenance["failed_calls"] == 1  # the failed call is counted, not stored
+    assert [t.name for t in dialogue.tools][:2] == ["get_weather", "convert_currency"]
+
+
+@pytest.mark.parametrize(
+    ("steps", "reason"),
+    [
+        ([{"name": "restart", "arguments": {}}], "restart"),
+        ([{"name": "answer", "arguments": {"answer": "no idea"}}], "no_successful_call"),
+        (
+            [
+                {"name": "get_weather", "arguments": {"city": "Paris", "date": "2026-07-14"}},
+                {"name": "answer", "arguments": {"answer": "Paris"}},
+            ],
+            "too_few_tools",
+        ),
+        (
+            [
+                {"name": "get_weather", "arguments": {"city": "Paris", "date": "2026-07-14"}},
+                {"name": "get_weather", "arguments": {"city": "Rome", "date": "2026-07-14"}},
+                {"name": "add_days", "arguments": {"date": "2026-07-14", "days": 3}},
+                {"name": "answer", "arguments": {"answer": "Have a nice trip."}},
+            ],
+            "answer_ungrounded",
+        ),
+        (["not json at all"] * 3, "parse_failure"),
+    ],
+)
+def test_filters_reject_with_their_reason(steps: list[object], reason: str) -> None:
+    config = load_config(None, ["reverse.max_parse_retries=2"]).reverse
+    with ToolRegistry(load_catalogue("builtin"), isolated=False) as registry:
+        builder = ReverseBuilder(engine=None, registry=registry, config=config)  # type: ignore[arg-type]
+        seed = Seed("seed-f", ("get_weather", "add_days"), 6, 1)
+        state = DialogueState(seed=seed, tools=[builder.specs[n] for n in seed.tool_names])
+        session = registry.session(seed.seed_id)
+        scene = {"scenario": "s", "information": ["a", "b", "c", "d"], "tools": ["get_weather", "add_days"]}
+        builder.advance(state, _completion(scene), session)
+        for step in steps:
+            text = step if isinstance(step, str) else json.dumps(step)
+            builder.advance(state, Completion(text=text, token_ids=[1], finish_reason="stop"), session)
+        session.close()
+    assert isinstance(state.result, RejectedRow), state
+    assert state.result.reason == reason
+    assert state.result.input_id == "seed-f" and state.result.stage == "reverse"
+
+
+def test_question_naming_a_tool_is_rejected() -> None:
+    config = load_config(None).reverse
+    with ToolRegistry(load_catalogue("builtin"), isolated=False) as registry:
+        builder = ReverseBuilder(engine=None, registry=registry, config=config)  # type: ignore[arg-type]
+        seed = Seed("seed-q", ("get_weather", "add_days"), 6, 1)
+        state = DialogueState(seed=seed, tools=[builder.specs[n] for n in seed.tool_names])
+        state.phase, state.answer = "question", "x"
+        state.trajectory = [(ToolCall("get_weather", {}), {}), (ToolCall("add_days", {}), {})]
+        builder.advance(state, _completion({"question": "Please use get_weather for Paris."}), None)
+    assert isinstance(state.result, RejectedRow) and state.result.reason == "question_names_tool"
+
+
+@pytest.mark.slow
+def test_builder_on_tiny_model_with_bfcl_environment(vllm_engine) -> None:
+    """A real (random) teacher against BFCL's file system: every seed accounted for, calls logged."""
+    config = load_config(
+        None, ["reverse.num_seeds=6", "reverse.max_tokens=256", "reverse.catalogue=bfcl:GorillaFileSystem"]
+    )
+    catalogue = load_catalogue(config.reverse.catalogue)
+    seeds = make_seeds(catalogue, config.reverse, 0)
+    assert all(s.initial_config for s in seeds)  # state drawn from BFCL's multi-turn entries
+    with ToolRegistry(catalogue) as registry:
+        builder = ReverseBuilder(vllm_engine, registry, config.reverse)
+        dialogues, rejected = builder.run(seeds)
+        log = list(registry.call_log)
+    assert len(dialogues) + len(rejected) == len(seeds)
+    assert sorted([d.seed_id for d in dialogues] + [r.input_id for r in rejected]) == sorted(
+        s.seed_id for s in seeds
+    )
+    assert builder.generated_tokens > 0
+    assert {e.tool for e in log} <= set(catalogue.names)
+    for row in rejected:  # what a rejected dialogue did also ran for real
+        for call, _result in json.loads(row.payload)["calls"]:
+            assert any(e.dialogue_id == row.input_id and e.tool == call["name"] and e.result.ok for e in log)
+
+
+def _config(tmp_path: Path, tiny_model_dir: Path, run: str, seeds: int = 8):
+    return load_config(
+        ROOT / "configs" / "local.yaml",
+        [
+            f"run.run_dir={tmp_path / run}",
+            f"model.policy={tiny_model_dir}",
+            f"reverse.num_seeds={seeds}",
+            "reverse.shard_size=4",
+            "reverse.max_tokens=256",
+            "vllm.gpu_memory_utilization=0.1",
+        ],
+    )
+
+
+@pytest.mark.slow
+def test_stage_counts_and_determinism(ray_cluster, tiny_model_dir: Path, tmp_path: Path) -> None:
+    outputs = []
+    for run in ("a", "b"):
+        config = _config(tmp_path, tiny_model_dir, run)
+        out_dir = tmp_path / run / "reverse"
+        report = run_reverse(config, str(tiny_model_dir), out_dir)
+        assert report.seeds == 8 == report.dialogues + report.rejected
+        assert sum(report.reasons.values()) == report.rejected
+        manifest = json.loads((out_dir / "manifest.json").read_text())
+        rejected = [r for shard in manifest["shards"] for r in read_parquet(RejectedRow, shard["rejected"])]
+        dialogues = read_dialogues(out_dir)
+        ids = [r.input_id for r in rejected] + [d.seed_id for d in dialogues]
+        assert len(ids) == len(set(ids)) == 8
+        outputs.append(
+            ([d.to_row() for d in dialogues], [(r.input_id, r.reason, r.payload) for r in rejected])
+        )
+    assert outputs[0] == outputs[1]  # same seed and config, same dialogues and rejections
+
+
+@pytest.mark.slow
+def test_killed_job_resumes_without_loss_or_duplicates(
+    ray_cluster, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import ray
+
+    config = _config(tmp_path, tiny_model_dir, "crash", seeds=12)
+    out_dir = tmp_path / "crash" / "reverse"
+    address = ray.get_runtime_context().gcs_address
+    job = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jobs.reverse",
+            "--config",
+            str(ROOT / "configs" / "local.yaml"),
+            f"run.run_dir={tmp_path / 'crash'}",
+            f"model.policy={tiny_model_dir}",
+            "reverse.num_seeds=12",
+            "reverse.shard_size=4",
+            "reverse.max_tokens=256",
+            "vllm.gpu_memory_utilization=0.1",
+            f"ray.address={address}",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    first_done = shard_paths(out_dir, "shard-00000")["done"]
+    deadline = time.time() + 300
+    while not first_done.exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    assert first_done.exists(), "the first shard never finished"
+    os.killpg(job.pid, signal.SIGKILL)  # kill the job half way
+    job.wait()
+    finished_before = sorted(p.name for p in (out_dir / "shards").glob("*.done.json"))
+    assert len(finished_before) < 3
+
+    report = run_reverse(config, str(tiny_model_dir), out_dir)  # the rerun skips finished shards
+    assert report.seeds == 12 == report.dialogues + report.rejected
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    ids = []
+    for shard in manifest["shards"]:
+        ids += [r.input_id for r in read_parquet(RejectedRow, shard["rejected"])]
+        ids += [d.seed_id for d in read_parquet(Dialogue, shard["dialogues"])]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 12

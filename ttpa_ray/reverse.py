@@ -1,0 +1,714 @@
+"""Reversed dataset construction (DESIGN.md stage 1): tools -> executed calls -> answer -> question.
+
+The pure core is :class:`ReverseBuilder`: given a teacher :class:`~ttpa_ray.engine.Engine` and a
+:class:`~ttpa_ray.tools.registry.ToolRegistry`, it turns seeds into :class:`Dialogue` records or
+:class:`RejectedRow` records with a named reason. Many dialogues share one engine and are advanced
+step by step: every step sends the pending request of every live dialogue in one batch, and a
+dialogue that finishes is replaced at once by the next seed, so no dialogue waits for the slowest
+(the engine stays busy; bench/reverse.py measures how busy).
+
+Per dialogue: (1) scene simulation: scenario, 4-7 information items and the related tools, as JSON;
+(2) one tool call at a time, schema-constrained, EXECUTED through the registry and its real result
+appended; control tools ``answer`` and ``restart``; nudges as the call budget runs out, and only
+``answer`` allowed once it is spent; (3) the question, written from scenario, answer and tools used;
+(4) the record: system, user question, assistant tool calls with their results, assistant answer.
+
+Quality filters (reasons of rejected rows): ``no_successful_call``, ``too_few_tools`` (fewer than
+two distinct tools), ``restart``, ``question_names_tool``, ``answer_ungrounded`` (the answer uses no
+value any call returned), ``parse_failure`` (teacher output unparseable beyond the retry limit),
+``no_tools`` (the seed's window has no usable tool).
+
+The Ray shell (:func:`run_reverse`) hosts one builder per vLLM replica in a Ray Data actor pool. Each
+input row is one shard of seeds; a replica writes its shard's dialogues and rejected rows as Parquet
+files and then a ``.done`` marker, so a retried or rerun shard is skipped and nothing is duplicated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import time
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ttpa_ray.codec import ToolCall, parse_any
+from ttpa_ray.config import ReverseConfig, TTPAConfig
+from ttpa_ray.engine import Completion, Engine, bounded_schema, tool_call_schema
+from ttpa_ray.records import Dialogue, Message, RejectedRow, ToolSpec, reject, write_parquet
+
+STAGE = "reverse"
+SYSTEM_PROMPT = "You are a helpful assistant that can use tools. Call tools when needed, then answer."
+ANSWER_TOOL = ToolSpec(
+    name="answer",
+    description="Finish: write the final answer to the user from the results of the calls so far.",
+    parameters={
+        "type": "object",
+        "properties": {"answer": {"type": "string", "description": "the final answer"}},
+        "required": ["answer"],
+    },
+    source="control",
+)
+RESTART_TOOL = ToolSpec(
+    name="restart",
+    description="Too many errors: discard this attempt and start again.",
+    parameters={"type": "object", "properties": {}},
+    source="control",
+)
+CONTROL_TOOLS = {ANSWER_TOOL.name: ANSWER_TOOL, RESTART_TOOL.name: RESTART_TOOL}
+
+
+@dataclass(frozen=True)
+class Seed:
+    """What one dialogue starts from: a window of tools, a call budget and its own random seed."""
+
+    seed_id: str
+    tool_names: tuple[str, ...]
+    call_budget: int
+    rng_seed: int
+    initial_config: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "seed_id": self.seed_id,
+            "tool_names": list(self.tool_names),
+            "call_budget": self.call_budget,
+            "rng_seed": self.rng_seed,
+            "initial_config": self.initial_config,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Seed:
+        return cls(
+            seed_id=obj["seed_id"],
+            tool_names=tuple(obj["tool_names"]),
+            call_budget=int(obj["call_budget"]),
+            rng_seed=int(obj["rng_seed"]),
+            initial_config=dict(obj.get("initial_config") or {}),
+        )
+
+
+def make_seeds(catalogue: Any, config: ReverseConfig, seed: int) -> list[Seed]:
+    """``config.num_seeds`` seeds, each with a window of tools and a budget; same seed, same seeds.
+
+    For BFCL's stateful environments a seed takes the tools of the classes one BFCL multi-turn entry
+    involves, and that entry's initial state, so calls act on a realistic file system, account...
+    """
+    rng = random.Random(seed)
+    low, high = config.call_budget
+    entries = _bfcl_entries(catalogue)
+    names = sorted(catalogue.names)
+    seeds = []
+    for i in range(config.num_seeds):
+        initial: dict[str, Any] = {}
+        pool = names
+        if entries:
+            entry = entries[rng.randrange(len(entries))]
+            classes = set(entry["involved_classes"])
+            pool = [
+                n for n in names if getattr(catalogue.bindings[n], "class_name", None) in classes
+            ] or names
+            initial = entry.get("initial_config") or {}
+        window = tuple(sorted(rng.sample(pool, min(config.tool_window, len(pool)))))
+        seeds.append(
+            Seed(f"seed-{seed}-{i:06d}", window, rng.randint(low, high), rng.randrange(2**31), initial)
+        )
+    return seeds
+
+
+def _bfcl_entries(catalogue: Any) -> list[dict[str, Any]]:
+    """BFCL multi-turn entries whose classes the catalogue has (empty for catalogues without BFCL)."""
+    classes = {getattr(b, "class_name", None) for b in catalogue.bindings.values()} - {None}
+    if not classes:
+        return []
+    from ttpa_ray.bfcl import data_dir
+
+    path = data_dir() / "BFCL_v4_multi_turn_base.json"
+    with path.open(encoding="utf-8") as handle:
+        entries = [json.loads(line) for line in handle if line.strip()]
+    return [e for e in entries if set(e.get("involved_classes", [])) <= classes]
+
+
+# ------------------------------------------------------------------------------------------- checks
+def returned_values(content: Any) -> Iterator[str]:
+    """Scalar values of a tool result as the text an answer would show (numbers also rounded)."""
+    if isinstance(content, dict):
+        for value in content.values():
+            yield from returned_values(value)
+    elif isinstance(content, list):
+        for value in content:
+            yield from returned_values(value)
+    elif isinstance(content, bool) or content is None:
+        return
+    elif isinstance(content, int | float):
+        yield str(content)
+        if isinstance(content, float):
+            yield f"{content:g}"
+            if content.is_integer():
+                yield str(int(content))
+    elif isinstance(content, str) and len(content.strip()) >= 2:
+        yield content.strip()
+
+
+def answer_is_grounded(answer: str, results: Sequence[Any]) -> bool:
+    """True when the answer shows at least one value that a successful call returned."""
+    lowered = answer.lower()
+    for content in results:
+        for value in returned_values(content):
+            if len(value) >= 2 and value.lower() in lowered:
+                return True
+            # A one-character value (a digit) only counts as a whole token.
+            if len(value) == 1 and re.search(rf"(?<![\w.]){re.escape(value)}(?![\w.])", answer):
+                return True
+    return False
+
+
+def names_a_tool(question: str, tool_names: Sequence[str]) -> str | None:
+    """The tool name the question mentions (as written or with spaces for underscores), if any."""
+    lowered = question.lower()
+    for name in tool_names:
+        for form in {name.lower(), name.lower().replace("_", " ")}:
+            if len(form) >= 4 and form in lowered:
+                return name
+    return None
+
+
+# ---------------------------------------------------------------------------------------- the loop
+@dataclass
+class DialogueState:
+    """One dialogue in flight: its phase, its trajectory so far, and what it has cost."""
+
+    seed: Seed
+    tools: list[ToolSpec]
+    phase: str = "scene"  # scene -> call -> question -> done
+    scenario: str = ""
+    information: list[str] = field(default_factory=list)
+    chosen: list[ToolSpec] = field(default_factory=list)
+    trajectory: list[tuple[ToolCall, Any]] = field(default_factory=list)  # successful calls, results
+    failed_calls: int = 0
+    calls_made: int = 0
+    answer: str = ""
+    question: str = ""
+    parse_failures: int = 0
+    step: int = 0
+    generated_tokens: int = 0
+    teacher_messages: list[dict[str, Any]] = field(default_factory=list)
+    result: Dialogue | RejectedRow | None = None
+
+
+class ReverseBuilder:
+    """Seeds -> dialogues and rejected rows with one teacher engine and one tool registry."""
+
+    def __init__(self, engine: Engine, registry: Any, config: ReverseConfig, *, teacher: str = "") -> None:
+        self.engine = engine
+        self.registry = registry
+        self.config = config
+        self.teacher = teacher
+        self.specs = {spec.name: spec for spec in registry.specs}
+        self.stats: Counter[str] = Counter()
+        self.busy_seconds = 0.0
+        self.generated_tokens = 0
+
+    # -- prompts -----------------------------------------------------------------------------------
+    def _scene_request(self, state: DialogueState) -> tuple[list[int], dict[str, Any]]:
+        low, high = self.config.info_items
+        listing = "\n".join(f"- {t.name}: {t.description}" for t in state.tools)
+        messages = [
+            {"role": "system", "content": "You imagine realistic situations in which a person needs tools."},
+            {
+                "role": "user",
+                "content": (
+                    f"Tools:\n{listing}\n\nWrite a short scenario statement (no question, no tool names), "
+                    f"{low} to {high} items of additional information (times, places, people, amounts), "
+                    "and pick the related tools. Reply in JSON."
+                ),
+            },
+        ]
+        schema = {
+            "type": "object",
+            "properties": {
+                "scenario": {"type": "string", "maxLength": self.config.max_text_chars},
+                "information": {
+                    "type": "array",
+                    "items": {"type": "string", "maxLength": 80},
+                    "minItems": low,
+                    "maxItems": high,
+                },
+                "tools": {
+                    "type": "array",
+                    "items": {"enum": [t.name for t in state.tools]},
+                    "minItems": min(2, len(state.tools)),
+                    "maxItems": min(self.config.max_chosen_tools, len(state.tools)),
+                },
+            },
+            "required": ["scenario", "information", "tools"],
+            "additionalProperties": False,
+        }
+        return self.engine.render(messages), schema
+
+    def _call_request(self, state: DialogueState) -> tuple[list[int], dict[str, Any]]:
+        info = "\n".join(f"- {item}" for item in state.information)
+        left = state.seed.call_budget - state.calls_made
+        messages: list[dict[str, Any]] = [
+            {
+                "role": "system",
+                "content": (
+                    "You are solving a task with tools, one call at a time. Use real values from the "
+                    "scenario and from earlier results. When you have what you need, call `answer` with "
+                    "the final answer; call `restart` only if the attempt cannot be saved."
+                ),
+            },
+            {"role": "user", "content": f"Scenario: {state.scenario}\nInformation:\n{info}"},
+            *state.teacher_messages,
+        ]
+        allowed = [*state.chosen, ANSWER_TOOL, RESTART_TOOL]
+        if left <= 0:
+            allowed = [ANSWER_TOOL]
+            messages.append({"role": "user", "content": "No calls left: call `answer` now."})
+        elif left <= self.config.nudge_when_left:
+            messages.append({"role": "user", "content": f"{left} call(s) left: finish with `answer` soon."})
+        tools = [t.to_openai() for t in allowed]
+        schema = tool_call_schema(tools)
+        if state.trajectory and self.config.grounded_answer:
+            schema = self._ground_answer(schema, state)
+        return self.engine.render(messages, tools), schema
+
+    def _ground_answer(self, schema: dict[str, Any], state: DialogueState) -> dict[str, Any]:
+        """Constrain the ``answer`` text to quote a value the calls returned (config: grounded_answer)."""
+        values = sorted(
+            {v for _, content in state.trajectory for v in returned_values(content) if len(v) >= 2}
+        )
+        if not values:
+            return schema
+        alternation = "|".join(re.escape(v) for v in values[:32])
+        pattern = f'^[^"\\\\]{{0,80}}({alternation})[^"\\\\]{{0,80}}$'
+        branches = schema.get("anyOf", [schema])
+        for branch in branches:
+            if branch["properties"]["name"].get("const") == ANSWER_TOOL.name:
+                answer = branch["properties"]["arguments"]["properties"]["answer"]
+                answer.pop("maxLength", None)
+                answer["pattern"] = pattern
+        return schema
+
+    def _question_request(self, state: DialogueState) -> tuple[list[int], dict[str, Any]]:
+        used = "\n".join(
+            f"- {call.name}({json.dumps(call.arguments, ensure_ascii=False)})" for call, _ in state.trajectory
+        )
+        messages = [
+            {"role": "system", "content": "You write the question a user asked, given how it was answered."},
+            {
+                "role": "user",
+                "content": (
+                    f"Scenario: {state.scenario}\nTool calls made:\n{used}\nFinal answer: {state.answer}\n\n"
+                    "Write the user's question in the first person, naturally, containing every value the "
+                    "calls needed (dates, places, names, numbers), without naming any tool. Reply in JSON."
+                ),
+            },
+        ]
+        schema = {
+            "type": "object",
+            "properties": {"question": {"type": "string", "maxLength": self.config.max_text_chars}},
+            "required": ["question"],
+            "additionalProperties": False,
+        }
+        return self.engine.render(messages), schema
+
+    def _request(self, state: DialogueState) -> tuple[list[int], Any]:
+        make = {"scene": self._scene_request, "call": self._call_request, "question": self._question_request}
+        prompt, schema = make[state.phase](state)
+        step_seed = int.from_bytes(
+            hashlib.sha256(f"{state.seed.rng_seed}/{state.step}".encode()).digest()[:4], "big"
+        )
+        params = self.engine.sampling_params(
+            max_tokens=self.config.max_tokens,
+            temperature=self.config.temperature,
+            seed=step_seed,
+            json_schema=bounded_schema(schema) if "anyOf" not in schema else schema,
+        )
+        return prompt, params
+
+    # -- transitions -------------------------------------------------------------------------------
+    def _reject(self, state: DialogueState, reason: str, detail: str) -> None:
+        self.stats[reason] += 1
+        state.phase = "done"
+        state.result = reject(
+            state.seed.seed_id,
+            STAGE,
+            reason,
+            detail,
+            {
+                "seed": state.seed.to_json(),
+                "scenario": state.scenario,
+                "calls": [[c.to_dict(), r] for c, r in state.trajectory],
+                "answer": state.answer,
+                "question": state.question,
+            },
+        )
+
+    def _parse_failed(self, state: DialogueState, what: str, text: str) -> None:
+        state.parse_failures += 1
+        if state.parse_failures > self.config.max_parse_retries:
+            self._reject(
+                state,
+                "parse_failure",
+                f"{what} did not parse after {state.parse_failures} tries: {text[:200]}",
+            )
+
+    def advance(self, state: DialogueState, completion: Completion, session: Any) -> None:
+        """Apply one teacher completion to a dialogue (and run the tool it calls)."""
+        state.step += 1
+        state.generated_tokens += len(completion.token_ids)
+        text = completion.text
+        if state.phase == "scene":
+            try:
+                scene = json.loads(text, strict=False)  # grammars admit raw control characters
+                chosen = [self.specs[n] for n in dict.fromkeys(scene["tools"]) if n in self.specs]
+                state.scenario, state.information = (
+                    str(scene["scenario"]),
+                    [str(i) for i in scene["information"]],
+                )
+            except (ValueError, KeyError, TypeError):
+                self._parse_failed(state, "scene", text)
+                return
+            if not chosen:
+                self._parse_failed(state, "scene (no known tool chosen)", text)
+                return
+            state.chosen, state.phase = chosen, "call"
+        elif state.phase == "call":
+            parsed = parse_any(text)
+            if not parsed.ok:
+                self._parse_failed(state, "tool call", text)
+                return
+            call = parsed.calls[0]
+            if call.name == RESTART_TOOL.name:
+                self._reject(state, "restart", f"the teacher restarted after {state.calls_made} calls")
+                return
+            if call.name == ANSWER_TOOL.name:
+                state.answer = str(call.arguments.get("answer", ""))
+                self._finish_calls(state)
+                return
+            state.calls_made += 1
+            result = session.call(call.name, call.arguments)
+            content = result.to_message_content()
+            call_id = f"call_{state.calls_made}"
+            state.teacher_messages.append(
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": call_id, "type": "function", "function": call.to_dict()}],
+                }
+            )
+            state.teacher_messages.append({"role": "tool", "tool_call_id": call_id, "content": content})
+            if result.ok:
+                state.trajectory.append((call, result.content))
+            else:
+                state.failed_calls += 1
+        elif state.phase == "question":
+            try:
+                state.question = str(json.loads(text, strict=False)["question"]).strip()
+            except (ValueError, KeyError, TypeError):
+                self._parse_failed(state, "question", text)
+                return
+            self._finish(state)
+
+    def _finish_calls(self, state: DialogueState) -> None:
+        """After `answer`: the filters that need no question, then question generation."""
+        if not state.trajectory:
+            self._reject(state, "no_successful_call", f"{state.failed_calls} call(s), none succeeded")
+            return
+        distinct = {call.name for call, _ in state.trajectory}
+        if len(distinct) < 2:
+            self._reject(
+                state, "too_few_tools", f"only {sorted(distinct)} succeeded; two distinct tools needed"
+            )
+            return
+        if not answer_is_grounded(state.answer, [content for _, content in state.trajectory]):
+            self._reject(
+                state, "answer_ungrounded", f"the answer uses no returned value: {state.answer[:200]}"
+            )
+            return
+        state.phase = "question"
+
+    def _finish(self, state: DialogueState) -> None:
+        named = names_a_tool(state.question, list(self.specs))
+        if named is not None:
+            self._reject(state, "question_names_tool", f"the question names the tool {named!r}")
+            return
+        state.phase = "done"
+        self.stats["dialogue"] += 1
+        state.result = self._dialogue(state)
+
+    def _dialogue(self, state: DialogueState) -> Dialogue:
+        messages = [Message("system", SYSTEM_PROMPT), Message("user", state.question)]
+        for i, (call, content) in enumerate(state.trajectory):
+            call_id = f"call_{i}"
+            messages.append(Message("assistant", None, tool_calls=(call,), tool_call_ids=(call_id,)))
+            text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+            messages.append(Message("tool", text, tool_call_id=call_id, name=call.name))
+        messages.append(Message("assistant", state.answer))
+        used = {call.name for call, _ in state.trajectory}
+        return Dialogue(
+            dialogue_id=f"dlg-{state.seed.seed_id}",
+            seed_id=state.seed.seed_id,
+            messages=tuple(messages),
+            tools=tuple(spec for spec in state.chosen if spec.name in used)
+            + tuple(spec for spec in state.chosen if spec.name not in used),
+            scenario=state.scenario,
+            provenance={
+                "teacher": self.teacher,
+                "rng_seed": state.seed.rng_seed,
+                "call_budget": state.seed.call_budget,
+                "calls_made": state.calls_made,
+                "failed_calls": state.failed_calls,
+                "information": state.information,
+                "generated_tokens": state.generated_tokens,
+            },
+            status="ok",
+        )
+
+    # -- driver ------------------------------------------------------------------------------------
+    def run(self, seeds: Sequence[Seed]) -> tuple[list[Dialogue], list[RejectedRow]]:
+        """Build every seed; a finished dialogue's slot is refilled by the next seed at once.
+
+        Results come back in seed order: the same seeds and config give the same records.
+        """
+        pending = deque(seeds)
+        active: list[tuple[DialogueState, Any]] = []
+        finished: dict[str, Dialogue | RejectedRow] = {}
+        while pending or active:
+            while pending and len(active) < self.config.max_concurrent_dialogues:
+                seed = pending.popleft()
+                tools = [self.specs[n] for n in seed.tool_names if n in self.specs]
+                state = DialogueState(seed=seed, tools=tools)
+                if not tools:
+                    self._reject(
+                        state, "no_tools", f"none of {list(seed.tool_names)[:5]} is in the catalogue"
+                    )
+                    finished[seed.seed_id] = state.result  # type: ignore[assignment]
+                    continue
+                active.append((state, self.registry.session(seed.seed_id, seed.initial_config)))
+            if not active:
+                break
+            requests = [self._request(state) for state, _ in active]
+            start = time.perf_counter()
+            completions = self.engine.generate([p for p, _ in requests], [q for _, q in requests])
+            self.busy_seconds += time.perf_counter() - start
+            self.generated_tokens += sum(len(c.token_ids) for c in completions)
+            still = []
+            for (state, session), completion in zip(active, completions, strict=True):
+                self.advance(state, completion, session)
+                if state.phase == "done":
+                    session.close()
+                    finished[state.seed.seed_id] = state.result  # type: ignore[assignment]
+                else:
+                    still.append((state, session))
+            active = still
+        dialogues = [r for s in seeds if isinstance(r := finished[s.seed_id], Dialogue)]
+        rejected = [r for s in seeds if isinstance(r := finished[s.seed_id], RejectedRow)]
+        return dialogues, rejected
+
+
+# ----------------------------------------------------------------------------------------- Ray shell
+def shard_paths(out_dir: Path, shard_id: str) -> dict[str, Path]:
+    """Where one shard's outputs live; ``done`` is written last."""
+    base = out_dir / "shards"
+    return {
+        "dialogues": base / f"{shard_id}.dialogues.parquet",
+        "rejected": base / f"{shard_id}.rejected.parquet",
+        "done": base / f"{shard_id}.done.json",
+    }
+
+
+SHARD_SUMMARY_KEYS = ("shard_id", "dialogues", "rejected", "tokens", "seconds", "busy", "reasons")
+
+
+class ReverseReplica:
+    """Ray Data actor: one teacher engine + tool registry; each input row is one shard of seeds."""
+
+    def __init__(self, model: str, config: dict[str, Any], out_dir: str) -> None:
+        from ttpa_ray.tools.registry import ToolRegistry, load_catalogue
+
+        self.config = TTPAConfig.model_validate(config)
+        self.out_dir = Path(out_dir)
+        self.engine = Engine(
+            model, self.config.vllm, dtype=self.config.model.dtype, seed=self.config.run.seed
+        )
+        self.registry = ToolRegistry(load_catalogue(self.config.reverse.catalogue))
+        self.teacher = model
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, list[Any]] = {k: [] for k in SHARD_SUMMARY_KEYS}
+        for shard_id, seeds_json in zip(batch["shard_id"], batch["seeds"], strict=True):
+            paths = shard_paths(self.out_dir, str(shard_id))
+            if paths["done"].exists():  # a retried batch: the shard was finished before the crash
+                done = json.loads(paths["done"].read_text())
+            else:
+                done = self._build_shard(
+                    str(shard_id), [Seed.from_json(s) for s in json.loads(seeds_json)], paths
+                )
+            for key in out:
+                out[key].append(json.dumps(done[key]) if key == "reasons" else done[key])
+        return out
+
+    def _build_shard(self, shard_id: str, seeds: list[Seed], paths: dict[str, Path]) -> dict[str, Any]:
+        builder = ReverseBuilder(self.engine, self.registry, self.config.reverse, teacher=self.teacher)
+        start = time.perf_counter()
+        dialogues, rejected = builder.run(seeds)
+        tokens = builder.generated_tokens
+        paths["done"].parent.mkdir(parents=True, exist_ok=True)
+        # Write to temporary names, then rename: a crash never leaves a half-written shard behind.
+        for key, records, cls in (("dialogues", dialogues, Dialogue), ("rejected", rejected, RejectedRow)):
+            tmp = paths[key].with_suffix(".tmp")
+            write_parquet(records, tmp, cls)
+            tmp.replace(paths[key])
+        done = {
+            "shard_id": shard_id,
+            "dialogues": len(dialogues),
+            "rejected": len(rejected),
+            "tokens": tokens,
+            "seconds": time.perf_counter() - start,
+            "busy": builder.busy_seconds,
+            "reasons": dict(Counter(r.reason for r in rejected)),
+            "seed_ids": [s.seed_id for s in seeds],
+        }
+        tmp_done = paths["done"].with_suffix(".tmp")
+        tmp_done.write_text(json.dumps(done))
+        tmp_done.replace(paths["done"])
+        return done
+
+    def __del__(self) -> None:
+        registry = getattr(self, "registry", None)
+        if registry is not None:
+            registry.close()
+
+
+# ------------------------------------------------------------------------------------------- driver
+@dataclass
+class ReverseReport:
+    """Counts of a reverse run (all shards, including those finished by an earlier run)."""
+
+    seeds: int
+    dialogues: int
+    rejected: int
+    reasons: dict[str, int]
+    generated_tokens: int
+    seconds: float
+    busy_fraction: float
+    out_dir: str
+
+
+def _shards(seeds: Sequence[Seed], size: int) -> list[tuple[str, list[Seed]]]:
+    return [(f"shard-{i // size:05d}", list(seeds[i : i + size])) for i in range(0, len(seeds), size)]
+
+
+def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any = None) -> ReverseReport:
+    """Build dialogues for ``config.reverse.num_seeds`` seeds with vLLM replicas on Ray Data.
+
+    Shards already marked done in ``out_dir`` (by an earlier, maybe crashed, run) are skipped; the
+    manifest is rebuilt from every shard's marker, and seeds = dialogues + rejected is checked.
+    ``progress(done_summary, totals)`` is called as each shard finishes.
+    """
+    import ray
+
+    from ttpa_ray.replica import replica_resources
+    from ttpa_ray.tools.registry import load_catalogue
+
+    catalogue = load_catalogue(config.reverse.catalogue)
+    if not catalogue.names:
+        raise ValueError(
+            f"tool catalogue {config.reverse.catalogue!r} has no usable tool: {catalogue.errors[:3]}"
+        )
+    seeds = make_seeds(catalogue, config.reverse, config.run.seed)
+    shards = _shards(seeds, config.reverse.shard_size)
+    todo = [(sid, s) for sid, s in shards if not shard_paths(out_dir, sid)["done"].exists()]
+    start = time.perf_counter()
+    if todo:
+        vllm = config.vllm
+        concurrency = (
+            vllm.replicas_min
+            if vllm.replicas_min == vllm.replicas_max
+            else (vllm.replicas_min, vllm.replicas_max)
+        )
+        rows = [{"shard_id": sid, "seeds": json.dumps([x.to_json() for x in s])} for sid, s in todo]
+        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+            ReverseReplica,
+            fn_constructor_kwargs={
+                "model": teacher,
+                "config": config.model_dump(mode="json"),
+                "out_dir": str(out_dir),
+            },
+            batch_size=1,
+            batch_format="numpy",
+            concurrency=concurrency,
+            max_restarts=vllm.max_restarts,
+            max_task_retries=vllm.max_restarts,
+            **replica_resources(vllm),
+        )
+        totals: Counter[str] = Counter()
+        for row in ds.iter_rows():
+            totals.update({"shards": 1, "dialogues": int(row["dialogues"]), "rejected": int(row["rejected"])})
+            totals["tokens"] += int(row["tokens"])
+            if progress is not None:
+                progress(row, totals, len(todo))
+    return write_manifest(out_dir, seeds, shards, time.perf_counter() - start)
+
+
+def write_manifest(
+    out_dir: Path, seeds: Sequence[Seed], shards: Sequence[tuple[str, list[Seed]]], seconds: float
+) -> ReverseReport:
+    """Check every seed ended as one dialogue or one rejected row, and write manifest.json."""
+    reasons: Counter[str] = Counter()
+    seen: Counter[str] = Counter()
+    dialogues = rejected = tokens = 0
+    busy = total = 0.0
+    for sid, _ in shards:
+        done = json.loads(shard_paths(out_dir, sid)["done"].read_text())
+        dialogues += done["dialogues"]
+        rejected += done["rejected"]
+        tokens += done["tokens"]
+        busy += done["busy"]
+        total += done["seconds"]
+        reasons.update(done["reasons"])
+        seen.update(done["seed_ids"])
+    duplicated = [s for s, n in seen.items() if n > 1]
+    missing = [s.seed_id for s in seeds if s.seed_id not in seen]
+    if duplicated or missing or dialogues + rejected != len(seeds):
+        raise RuntimeError(
+            f"reverse output does not account for every seed: {len(seeds)} seeds, {dialogues} dialogues, "
+            f"{rejected} rejected, missing {missing[:3]}, duplicated {duplicated[:3]}"
+        )
+    report = ReverseReport(
+        seeds=len(seeds),
+        dialogues=dialogues,
+        rejected=rejected,
+        reasons=dict(reasons),
+        generated_tokens=tokens,
+        seconds=seconds,
+        busy_fraction=busy / total if total else 0.0,
+        out_dir=str(out_dir),
+    )
+    manifest = {
+        "stage": STAGE,
+        "report": report.__dict__,
+        "shards": [
+            {"shard_id": sid, **{k: str(v) for k, v in shard_paths(out_dir, sid).items()}}
+            for sid, _ in shards
+        ],
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return report
+
+
+def read_dialogues(out_dir: Path) -> list[Dialogue]:
+    """Every dialogue of a finished reverse run, in shard order."""
+    from ttpa_ray.records import read_parquet
+
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    out: list[Dialogue] = []
+    for shard in manifest["shards"]:
+        out.extend(read_parquet(Dialogue, shard["dialogues"]))
+    return out
