@@ -84,16 +84,23 @@ def replica_resources(vllm: VLLMConfig) -> dict[str, Any]:
     return {"num_cpus": vllm.cpus_per_replica}
 
 
-def generate_dataset(ds: Any, model: str, config: TTPAConfig) -> Any:
-    """Map prompt rows through vLLM replicas (autoscaling between replicas_min and replicas_max)."""
+def replica_concurrency(vllm: VLLMConfig) -> int | tuple[int, int]:
+    """Ray Data's actor-pool size: fixed, or autoscaling between replicas_min and replicas_max."""
+    if vllm.replicas_min == vllm.replicas_max:
+        return vllm.replicas_min
+    return (vllm.replicas_min, vllm.replicas_max)
+
+
+def generate_dataset(
+    ds: Any, model: str, config: TTPAConfig, replica_cls: type[VLLMReplica] = VLLMReplica
+) -> Any:
+    """Map prompt rows through vLLM replicas (autoscaling between replicas_min and replicas_max).
+
+    ``replica_cls`` lets a stage host a subclass (its own per-batch work) with the same resources.
+    """
     vllm = config.vllm
-    concurrency: int | tuple[int, int] = (
-        vllm.replicas_min
-        if vllm.replicas_min == vllm.replicas_max
-        else (vllm.replicas_min, vllm.replicas_max)
-    )
     return ds.map_batches(
-        VLLMReplica,
+        replica_cls,
         fn_constructor_kwargs={
             "model": model,
             "vllm_config": vllm.model_dump(),
@@ -102,7 +109,7 @@ def generate_dataset(ds: Any, model: str, config: TTPAConfig) -> Any:
         },
         batch_format="pyarrow",
         batch_size=vllm.batch_size,
-        concurrency=concurrency,
+        concurrency=replica_concurrency(vllm),
         max_restarts=vllm.max_restarts,
         max_task_retries=vllm.max_restarts,
         **replica_resources(vllm),

@@ -614,7 +614,7 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
     """
     import ray
 
-    from ttpa_ray.replica import replica_resources
+    from ttpa_ray.replica import replica_concurrency, replica_resources
     from ttpa_ray.tools.registry import load_catalogue
 
     catalogue = load_catalogue(config.reverse.catalogue)
@@ -628,11 +628,6 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
     start = time.perf_counter()
     if todo:
         vllm = config.vllm
-        concurrency = (
-            vllm.replicas_min
-            if vllm.replicas_min == vllm.replicas_max
-            else (vllm.replicas_min, vllm.replicas_max)
-        )
         rows = [{"shard_id": sid, "seeds": json.dumps([x.to_json() for x in s])} for sid, s in todo]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
             ReverseReplica,
@@ -643,7 +638,7 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
             },
             batch_size=1,
             batch_format="numpy",
-            concurrency=concurrency,
+            concurrency=replica_concurrency(vllm),
             max_restarts=vllm.max_restarts,
             max_task_retries=vllm.max_restarts,
             **replica_resources(vllm),
