@@ -1,0 +1,70 @@
+"""ESM, the error-oriented scoring mechanism (DESIGN.md section 3): pure scorer, Ray stage, CLI.
+
+The pure core is :mod:`ttpa_ray.esm.scorer` (re-exported here); :mod:`ttpa_ray.esm.stage` is the
+stateless Ray Data shell and :mod:`ttpa_ray.esm.cli` the ``ttpa score`` command.
+
+    index = prepare_tools(tools)                      # once per tool list (SchemaError if unusable)
+    reference = prepare_reference(bfcl_answer, alternatives=True, tools=index)
+    result = score_calls(model_text, reference, index)  # ESMResult(score, components, errors, matches)
+
+References carry several acceptable values as :class:`Alternatives` (``optional``: may be left out);
+a plain list value is one list. ``alternatives=True`` reads BFCL's possible answers (every argument a
+list of acceptable values, ``""`` = may be left out, also in BFCL's ``{tool: {param: [...]}}`` form);
+files mark such rows with ``reference_alternatives: true``.
+"""
+
+from __future__ import annotations
+
+from ttpa_ray.esm.scorer import (
+    CATEGORIES,
+    COMPONENTS,
+    DEFAULT_WEIGHTS,
+    OMITTED,
+    Alternatives,
+    ESMResult,
+    ESMWeights,
+    InvalidRecord,
+    ReferenceCall,
+    SchemaError,
+    ToolIndex,
+    best_matching,
+    candidate_calls,
+    error_names,
+    prepare_reference,
+    prepare_tools,
+    record_reference,
+    record_tools,
+    score_call,
+    score_calls,
+    score_components,
+    score_fields,
+    score_prepared,
+    score_record,
+)
+
+__all__ = [
+    "CATEGORIES",
+    "COMPONENTS",
+    "DEFAULT_WEIGHTS",
+    "OMITTED",
+    "Alternatives",
+    "ESMResult",
+    "ESMWeights",
+    "InvalidRecord",
+    "ReferenceCall",
+    "SchemaError",
+    "ToolIndex",
+    "best_matching",
+    "candidate_calls",
+    "error_names",
+    "prepare_reference",
+    "prepare_tools",
+    "record_reference",
+    "record_tools",
+    "score_call",
+    "score_calls",
+    "score_components",
+    "score_fields",
+    "score_prepared",
+    "score_record",
+]
