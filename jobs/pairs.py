@@ -1,0 +1,13 @@
+"""The pairs stage as a Ray job (see ttpa_ray/tps_cli.py).
+
+ray job submit --working-dir . -- python -m jobs.pairs --config configs/local.yaml [key=value ...]
+"""
+
+from __future__ import annotations
+
+import typer
+
+from ttpa_ray.tps_cli import pairs_command
+
+if __name__ == "__main__":
+    typer.run(pairs_command)

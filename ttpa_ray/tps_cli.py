@@ -1,0 +1,106 @@
+"""`ttpa sample` and `ttpa pairs`: typer command functions over :mod:`ttpa_ray.tps` and :mod:`ttpa_ray.pairs`.
+
+Register them with ``app.command("sample")(sample_command)`` and ``app.command("pairs")(pairs_command)``.
+They read and write the run dir of the config: ``<run_dir>/reverse/shards`` (dialogues) ->
+``<run_dir>/tps`` (turns, candidates, rejected) -> ``<run_dir>/pairs`` (pairs, scored, rejected).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from ttpa_ray.config import ConfigError, TTPAConfig, load_config
+
+console = Console()
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="YAML config (default: built-in defaults)")
+]
+OverridesArg = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. tps.top_k=5")]
+
+
+def _load(config: Path | None, overrides: list[str] | None) -> TTPAConfig:
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _reasons(reasons: dict[str, int]) -> str:
+    return " (" + ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) + ")" if reasons else ""
+
+
+def sample_command(
+    config: ConfigOption = None,
+    overrides: OverridesArg = None,
+    dialogues: Annotated[
+        Path | None,
+        typer.Option(help="dialogue Parquet file or folder (default: <run_dir>/reverse/shards)"),
+    ] = None,
+    bfcl: Annotated[
+        str | None,
+        typer.Option(help="use BFCL entries of this category as dialogues instead (e.g. simple_python)"),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="at most this many dialogues")] = None,
+) -> None:
+    """Token-level preference sampling (or the sequence baseline, tps.sampler): dialogues -> candidates."""
+    from ttpa_ray.engine import ModelNotFoundError, resolve_model
+    from ttpa_ray.pipeline import init_ray
+    from ttpa_ray.tps import SampleReport, bfcl_dialogues, read_dialogues, run_sample_stage
+
+    cfg = _load(config, overrides)
+    run_dir = Path(cfg.run.run_dir)
+    try:
+        model = resolve_model(cfg.model.policy, cfg.model)
+        if bfcl:
+            found = bfcl_dialogues(bfcl, limit)
+        else:
+            found = read_dialogues(dialogues or run_dir / "reverse" / "shards")[:limit]
+    except (ModelNotFoundError, FileNotFoundError, ValueError) as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+
+    def progress(report: SampleReport) -> None:
+        rate = report.generated_tokens / max(report.seconds, 1e-9)
+        console.print(
+            f"   sample: {report.turns_sampled}/{report.turns} turns sampled | "
+            f"{report.candidates} candidates | "
+            f"{rate:,.0f} generated tok/s | {report.seconds:,.0f} s"
+        )
+
+    console.print(f"sample ({cfg.tps.sampler}): {len(found)} dialogues, policy {model}")
+    init_ray(cfg)
+    report = run_sample_stage(cfg, model, found, run_dir / "tps", progress)
+    console.print(
+        f"sample: {report.dialogues} dialogues -> {report.turns} turns -> {report.candidates} candidates; "
+        f"{report.rejected} rejected{_reasons(report.reasons)}; {report.seconds:.0f} s; "
+        f"wrote {run_dir / 'tps'}"
+    )
+
+
+def pairs_command(config: ConfigOption = None, overrides: OverridesArg = None) -> None:
+    """ESM labels and the pair rule: candidates -> TRL preference pairs (+ rejected turns with reasons)."""
+    from ttpa_ray.pairs import run_pairs_stage
+    from ttpa_ray.pipeline import init_ray
+
+    cfg = _load(config, overrides)
+    run_dir = Path(cfg.run.run_dir)
+    if not (run_dir / "tps" / "turns.parquet").exists():
+        console.print(f"[red]{run_dir / 'tps' / 'turns.parquet'} not found: run `ttpa sample` first[/red]")
+        raise typer.Exit(2)
+    init_ray(cfg)
+    try:
+        report = run_pairs_stage(cfg, run_dir / "tps", run_dir / "pairs")
+    except FileNotFoundError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+    console.print(
+        f"pairs: {report.turns} turns -> {report.pairs} pairs from {report.turns_paired} turns + "
+        f"{report.rejected} rejected{_reasons(report.reasons)}; {report.single_field_share:.1%} of pairs "
+        f"differ in exactly one field; wrote {report.outputs['pairs']}"
+    )
