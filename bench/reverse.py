@@ -18,6 +18,12 @@ import time
 from pathlib import Path
 
 
+def _state(builder, seed):  # a fresh dialogue at its scene step
+    from ttpa_ray.reverse import DialogueState
+
+    return DialogueState(seed=seed, tools=[builder.specs[n] for n in seed.tool_names])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer seeds (under 5 minutes)")
@@ -26,7 +32,7 @@ def main() -> None:
 
     from ttpa_ray.config import load_config
     from ttpa_ray.engine import Engine
-    from ttpa_ray.reverse import DialogueState, ReverseBuilder, make_seeds
+    from ttpa_ray.reverse import ReverseBuilder, make_seeds
     from ttpa_ray.tiny_model import make_tiny_model
     from ttpa_ray.tools.registry import ToolRegistry, load_catalogue
 
@@ -54,7 +60,7 @@ def main() -> None:
     # Raw: the same number of sequences in flight, plain sampling, same total of generated tokens.
     scene_builder = ReverseBuilder(engine, registry, config.reverse)
     prompts = [
-        scene_builder._scene_request(DialogueState(seed=s, tools=[scene_builder.specs[n] for n in s.tool_names]))[0]
+        scene_builder._scene_request(_state(scene_builder, s))[0]
         for s in seeds[: config.reverse.max_concurrent_dialogues]
     ]
     per_prompt = max(1, stage_tokens // len(prompts))
@@ -70,7 +76,7 @@ def main() -> None:
     # The same flat batch under the scene step's structured-output grammar: how much of the gap is the
     # grammar (per-token masks on the CPU) rather than the stage's orchestration.
     requests = [
-        scene_builder._request(DialogueState(seed=s, tools=[scene_builder.specs[n] for n in s.tool_names]))
+        scene_builder._request(_state(scene_builder, s))
         for s in seeds[: config.reverse.max_concurrent_dialogues]
     ]
     start = time.perf_counter()
@@ -81,7 +87,8 @@ def main() -> None:
     print(f"seeds {len(seeds)}: {len(dialogues)} dialogues, {len(rejected)} rejected")
     print(f"stage: {stage_tokens} tokens in {stage_seconds:.2f} s = {stage_rate:,.0f} tok/s")
     print(f"raw LLM.generate: {raw_tokens} tokens in {raw_seconds:.2f} s = {raw_rate:,.0f} tok/s")
-    print(f"flat batch under the scene grammar: {constrained_rate:,.0f} tok/s = {constrained_rate / raw_rate:.3f} of raw")
+    share = constrained_rate / raw_rate
+    print(f"flat batch under the scene grammar: {constrained_rate:,.0f} tok/s = {share:.3f} of raw")
     print(f"engine busy fraction during the stage = {builder.busy_seconds / stage_seconds:.3f}")
     engine.close()
     print(f"reverse_over_raw_tokens_per_second = {stage_rate / raw_rate:.3f}")

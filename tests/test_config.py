@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -44,29 +45,29 @@ def test_unknown_key_lists_allowed_keys() -> None:
 
 
 def test_unknown_section_and_value_as_section() -> None:
-    with pytest.raises(ConfigError, match="nope: unknown key; allowed here: esm, model"):
+    with pytest.raises(ConfigError, match=re.escape("nope: unknown key; allowed here: esm, eval, model")):
         load_config(None, ["nope.x=1"])
-    with pytest.raises(ConfigError, match="tps.top_k is a value, not a section"):
+    with pytest.raises(ConfigError, match=re.escape("tps.top_k is a value, not a section")):
         load_config(None, ["tps.top_k=3", "tps.top_k.x=1"])
 
 
 def test_range_and_cross_field_checks() -> None:
-    with pytest.raises(ConfigError, match="tps.top_k"):
+    with pytest.raises(ConfigError, match=re.escape("tps.top_k")):
         load_config(None, ["tps.top_k=0"])
-    with pytest.raises(ConfigError, match="replicas_max"):
+    with pytest.raises(ConfigError, match=re.escape("replicas_max")):
         load_config(None, ["vllm.replicas_min=3", "vllm.replicas_max=2"])
 
 
 def test_file_errors_name_the_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match=re.escape("does not exist")):
         load_config(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("- just\n- a list\n")
-    with pytest.raises(ConfigError, match="bad.yaml must hold a mapping"):
+    with pytest.raises(ConfigError, match=re.escape("bad.yaml must hold a mapping")):
         load_config(bad)
     broken = tmp_path / "broken.yaml"
     broken.write_text("tps: {top_k: [\n")
-    with pytest.raises(ConfigError, match="broken.yaml is not valid YAML"):
+    with pytest.raises(ConfigError, match=re.escape("broken.yaml is not valid YAML")):
         load_config(broken)
 
 
@@ -74,9 +75,9 @@ def test_parse_override_forms() -> None:
     assert parse_override("a.b=5") == (["a", "b"], 5)
     assert parse_override("a=null") == (["a"], None)
     assert parse_override("a=x=y") == (["a"], "x=y")
-    with pytest.raises(ConfigError, match="key.path=value"):
+    with pytest.raises(ConfigError, match=re.escape("key.path=value")):
         parse_override("no-equals")
-    with pytest.raises(ConfigError, match="empty key segment"):
+    with pytest.raises(ConfigError, match=re.escape("empty key segment")):
         parse_override("a..b=1")
 
 

@@ -95,9 +95,9 @@ class DyingOnceReplica(VLLMReplica):
 def test_replica_crash_loses_and_duplicates_nothing(
     ray_cluster, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    import ray
-
     import sys
+
+    import ray
 
     # Ship this test module's classes to the workers by value (they cannot import tests/).
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

@@ -10,10 +10,17 @@ from rich.console import Console
 from rich.table import Table
 
 from ttpa_ray.config import ConfigError, TTPAConfig, load_config
+from ttpa_ray.esm.cli import score_command
+from ttpa_ray.tools.cli import app as tools_app
+from ttpa_ray.tps_cli import pairs_command, sample_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="TTPA tool-use alignment on Ray.")
 config_app = typer.Typer(no_args_is_help=True, help="Show or validate a config.")
 app.add_typer(config_app, name="config")
+app.add_typer(tools_app, name="tools")
+app.command("score")(score_command)
+app.command("sample")(sample_command)
+app.command("pairs")(pairs_command)
 
 console = Console()
 
@@ -110,6 +117,41 @@ def reverse_command(config: ConfigOption = None, overrides: OverridesArg = None)
         f"reverse: {report.records_in} seeds -> {report.records_out} dialogues + "
         f"{report.records_rejected} rejected; manifest {report.outputs['manifest']}"
     )
+
+
+@app.command("eval")
+def eval_command(
+    config: ConfigOption = None,
+    overrides: OverridesArg = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", "-m", help="LABEL=PATH_OR_HUB_ID, repeatable (default: base=model.policy)"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="report folder (default: <run_dir>/eval)")] = None,
+) -> None:
+    """Evaluate one or more models on BFCL's AST categories: ESM, error categories, exact match."""
+    from ttpa_ray.engine import ModelNotFoundError, resolve_model
+    from ttpa_ray.evaluate import run_evaluation
+    from ttpa_ray.pipeline import init_ray
+
+    cfg = _load(config, overrides)
+    pairs = [m.partition("=") for m in model or [f"base={cfg.model.policy}"]]
+    if any(not sep or not label for label, sep, _ in pairs):
+        console.print("[red]--model takes LABEL=PATH_OR_HUB_ID, e.g. --model aligned=runs/local/policy[/red]")
+        raise typer.Exit(2)
+    try:
+        models = {label: resolve_model(path, cfg.model) for label, _, path in pairs}
+    except ModelNotFoundError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+    init_ray(cfg)
+    run = run_evaluation(cfg, models, out or Path(cfg.run.run_dir) / "eval")
+    for label, summary in run.summaries.items():
+        console.print(
+            f"{label}: mean ESM {summary['all'].mean_esm:.3f}, exact match {summary['all'].exact_match:.3f} "
+            f"over {summary['all'].n} entries"
+        )
+    console.print(f"report: {run.paths['markdown']}")
 
 
 def main() -> None:

@@ -136,6 +136,11 @@ class TPSConfig(_Section):
     temperature: float = Field(default=1.0, ge=0)
     num_samples: int = Field(default=5, ge=1)  # n of the sequence-level baseline
     max_tokens: int = Field(default=128, ge=1)
+    # Extra turns from BFCL ground truth (entries [bfcl_offset, bfcl_offset + bfcl_limit) of
+    # bfcl_category), beside the reversed dialogues; kept apart from the evaluated entries.
+    bfcl_category: str = "simple_python"
+    bfcl_offset: int = Field(default=200, ge=0)
+    bfcl_limit: int = Field(default=0, ge=0)
 
 
 BfclCategory = Literal[
@@ -168,6 +173,19 @@ class TTPAConfig(_Section):
     esm: ESMConfig = ESMConfig()
     tps: TPSConfig = TPSConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _training_turns_not_evaluated(self) -> TTPAConfig:
+        tps, ev = self.tps, self.eval
+        if tps.bfcl_limit and tps.bfcl_category in ev.categories:
+            evaluated = ev.limit_per_category
+            if evaluated is None or evaluated > tps.bfcl_offset:
+                raise ValueError(
+                    f"tps.bfcl_offset ({tps.bfcl_offset}) must be >= eval.limit_per_category ({evaluated}) "
+                    f"when {tps.bfcl_category} is both trained on and evaluated: training turns would be "
+                    "evaluated"
+                )
+        return self
 
     def digest(self) -> str:
         """A short hash of the resolved config, recorded in provenance."""

@@ -21,6 +21,7 @@ from ttpa_ray.codec import parse_any
 from ttpa_ray.config import TTPAConfig
 from ttpa_ray.engine import tool_call_schema
 from ttpa_ray.esm import CATEGORIES, ESMWeights, score_calls
+from ttpa_ray.records import RejectedRow, reject, write_parquet
 
 DEFAULT_CATEGORIES = (
     "simple_python",
@@ -81,17 +82,29 @@ class EntryResult:
 
 def score_answers(
     entries: Sequence[BfclEntry], completions: dict[str, str], weights: ESMWeights
-) -> list[EntryResult]:
-    """ESM and BFCL exact match of each entry's completion; an entry with no completion scores 0."""
+) -> tuple[list[EntryResult], list[RejectedRow]]:
+    """ESM and BFCL exact match of each entry's completion; an entry with no completion scores 0.
+
+    An entry whose own ground truth is unusable (BFCL lists no acceptable value for a required
+    argument in a few live entries) becomes a rejected row with the reason, not a crash.
+    """
     results = []
+    rejected = []
     for entry in entries:
         text = completions.get(entry.id, "")
-        index = entry.tool_index()
-        esm = score_calls(text, entry.reference(index), index, weights)
+        try:
+            index = entry.tool_index()
+            reference = entry.reference(index)
+        except ValueError as err:
+            rejected.append(
+                reject(entry.id, "evaluate", "invalid_ground_truth", str(err), {"completion": text})
+            )
+            continue
+        esm = score_calls(text, reference, index, weights)
         parsed = parse_any(text)
         exact = bool(parsed.ok and ast_check(entry, parsed.calls).get("valid", False))
         results.append(EntryResult(entry.id, entry.category, text, esm.score, list(esm.errors), exact))
-    return results
+    return results, rejected
 
 
 @dataclass
@@ -130,7 +143,7 @@ def summarize(results: Sequence[EntryResult]) -> dict[str, CategorySummary]:
 
 def evaluate_model(
     config: TTPAConfig, model: str, entries: Sequence[BfclEntry], *, max_tokens: int
-) -> list[EntryResult]:
+) -> tuple[list[EntryResult], list[RejectedRow]]:
     """Generate answers with vLLM replicas on Ray Data and score them."""
     import ray
 
@@ -142,6 +155,36 @@ def evaluate_model(
         row["row_id"]: row["completion"] for row in ds.select_columns(["row_id", "completion"]).take_all()
     }
     return score_answers(entries, completions, ESMWeights.from_config(config.esm.weights))
+
+
+@dataclass
+class EvaluationRun:
+    """What :func:`run_evaluation` did: entries asked, answers scored, summaries, report files."""
+
+    entries: int
+    answers_scored: int
+    answers_rejected: int
+    summaries: dict[str, dict[str, CategorySummary]]
+    paths: dict[str, Path]
+
+
+def run_evaluation(config: TTPAConfig, models: dict[str, str], out_dir: Path) -> EvaluationRun:
+    """Evaluate each labelled model on the configured BFCL entries and write the report."""
+    entries = select_entries(config.eval.categories, config.eval.limit_per_category)
+    results: dict[str, list[EntryResult]] = {}
+    rejected: list[RejectedRow] = []
+    for label, model in models.items():
+        results[label], model_rejected = evaluate_model(
+            config, model, entries, max_tokens=config.eval.max_tokens
+        )
+        rejected += model_rejected
+    summaries = {label: summarize(rows) for label, rows in results.items()}
+    paths = write_report(out_dir, summaries, results)
+    paths["rejected"] = out_dir / "rejected.parquet"
+    write_parquet(rejected, paths["rejected"], RejectedRow)
+    return EvaluationRun(
+        len(entries), sum(len(rows) for rows in results.values()), len(rejected), summaries, paths
+    )
 
 
 def write_report(

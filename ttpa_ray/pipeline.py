@@ -112,29 +112,83 @@ def stage_reverse(ctx: RunContext) -> StageReport:
     )
 
 
-def stage_evaluate(ctx: RunContext) -> StageReport:
-    """Evaluate the policy (and the aligned policy, once training exists) on BFCL's AST categories."""
-    from ttpa_ray.evaluate import evaluate_model, select_entries, summarize, write_report
+def stage_tps(ctx: RunContext) -> StageReport:
+    """Token-level preference sampling: dialogues -> turns -> candidates from the policy."""
+    from ttpa_ray.reverse import read_dialogues
+    from ttpa_ray.tps import bfcl_dialogues, run_sample_stage, turns_from_dialogues
 
     init_ray(ctx.config)
-    entries = select_entries(ctx.config.eval.categories, ctx.config.eval.limit_per_category)
+    dialogues = read_dialogues(ctx.run_dir / "reverse")
+    tps = ctx.config.tps
+    if tps.bfcl_limit:
+        dialogues += bfcl_dialogues(tps.bfcl_category, tps.bfcl_limit, start=tps.bfcl_offset)
+    turns, without_turns = turns_from_dialogues(dialogues)
+    ctx.console.print(f"   {len(dialogues)} dialogues -> {len(turns)} tool-call turns")
+    report = run_sample_stage(ctx.config, ctx.models["policy"], dialogues, ctx.run_dir / "tps")
+    return StageReport(
+        "tps",
+        records_in=len(turns) + len(without_turns),
+        records_out=report.turns_sampled,
+        records_rejected=report.rejected,
+        outputs=report.outputs,
+        notes={
+            "candidates": report.candidates,
+            "generated_tokens": report.generated_tokens,
+            "reasons": report.reasons,
+        },
+    )
+
+
+def count_sampled_inputs(sample_dir: Path) -> int:
+    """Turns written by the sample stage plus the dialogues it rejected before they became turns."""
+    import pyarrow.parquet as pq
+
+    turn_ids = set(
+        pq.read_table(sample_dir / "turns.parquet", columns=["turn_id"]).column("turn_id").to_pylist()
+    )
+    rejected = (
+        pq.read_table(sample_dir / "rejected.parquet", columns=["input_id"]).column("input_id").to_pylist()
+    )
+    return len(turn_ids) + sum(1 for input_id in rejected if input_id not in turn_ids)
+
+
+def stage_pairs(ctx: RunContext) -> StageReport:
+    """ESM scoring (stateless Ray scorer actors) and the pair rule: candidates -> preference pairs."""
+    from ttpa_ray.pairs import run_pairs_stage
+
+    init_ray(ctx.config)
+    report = run_pairs_stage(ctx.config, ctx.run_dir / "tps", ctx.run_dir / "pairs")
+    ctx.console.print(
+        f"   {report.pairs} pairs from {report.turns_paired} turns; rejected by reason {report.reasons}"
+    )
+    return StageReport(
+        "pairs",
+        records_in=count_sampled_inputs(ctx.run_dir / "tps"),
+        records_out=report.turns_paired,
+        records_rejected=report.rejected,
+        outputs=report.outputs,
+        notes={"pairs": report.pairs, "single_field_share": round(report.single_field_share, 3)},
+    )
+
+
+def stage_evaluate(ctx: RunContext) -> StageReport:
+    """Evaluate the policy (and the aligned policy, once training exists) on BFCL's AST categories."""
+    from ttpa_ray.evaluate import run_evaluation
+
+    init_ray(ctx.config)
     models = {"base": ctx.models["policy"]}
     if "aligned" in ctx.models:
         models["aligned"] = ctx.models["aligned"]
-    results = {}
-    for label, model in models.items():
-        ctx.console.print(f"   evaluating {label} ({model}) on {len(entries)} BFCL entries")
-        results[label] = evaluate_model(ctx.config, model, entries, max_tokens=ctx.config.eval.max_tokens)
-    summaries = {label: summarize(rows) for label, rows in results.items()}
-    paths = write_report(ctx.run_dir / "eval", summaries, results)
-    scored = sum(len(rows) for rows in results.values())
-    overall = {label: round(s["all"].mean_esm, 4) for label, s in summaries.items()}
+    ctx.console.print(f"   evaluating {', '.join(f'{k} ({v})' for k, v in models.items())} on BFCL")
+    run = run_evaluation(ctx.config, models, ctx.run_dir / "eval")
+    overall = {label: round(s["all"].mean_esm, 4) for label, s in run.summaries.items()}
+    # An entry the model failed to answer is still scored (0, category parse): none is dropped.
     return StageReport(
         "evaluate",
-        records_in=len(entries) * len(models),
-        records_out=scored,
-        records_rejected=0,
-        outputs={k: str(v) for k, v in paths.items()},
+        records_in=run.entries * len(models),
+        records_out=run.answers_scored,
+        records_rejected=run.answers_rejected,
+        outputs={k: str(v) for k, v in run.paths.items()},
         notes={"mean_esm": overall},
     )
 
@@ -147,9 +201,8 @@ STAGES: list[tuple[str, str, StageFn | None]] = [
         stage_prepare_models,
     ),
     ("reverse", "reversed construction: tools -> executed calls -> answer -> question", stage_reverse),
-    ("tps", "token-level preference sampling of alternative calls from the policy", None),
-    ("score", "ESM scoring of the candidates", None),
-    ("pairs", "chosen/rejected preference pairs in TRL's format", None),
+    ("tps", "token-level preference sampling of alternative calls from the policy", stage_tps),
+    ("pairs", "ESM scoring of the candidates, chosen/rejected pairs in TRL's format", stage_pairs),
     ("sft", "SFT warm start on the reversed dialogues (Ray Train + DeepSpeed)", None),
     ("dpo", "DPO on the pairs (Ray Train + DeepSpeed ZeRO)", None),
     ("evaluate", "ESM, error categories and BFCL exact match, base vs aligned", stage_evaluate),
