@@ -1,6 +1,6 @@
 """The whole pipeline as one Ray job.
 
-    ray job submit --working-dir . -- python -m jobs.pipeline --config configs/local.yaml [key=value ...]
+ray job submit --working-dir . -- python -m jobs.pipeline --config configs/local.yaml [key=value ...]
 """
 
 from __future__ import annotations

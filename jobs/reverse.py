@@ -1,6 +1,6 @@
 """Reversed dataset construction as a Ray job.
 
-    ray job submit --working-dir . -- python -m jobs.reverse --config configs/local.yaml [key=value ...]
+ray job submit --working-dir . -- python -m jobs.reverse --config configs/local.yaml [key=value ...]
 """
 
 from __future__ import annotations

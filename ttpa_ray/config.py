@@ -143,6 +143,84 @@ class TPSConfig(_Section):
     bfcl_limit: int = Field(default=0, ge=0)
 
 
+# Where the shipped DeepSpeed configs live; a bare name like "zero2" means configs/deepspeed/zero2.json.
+DEEPSPEED_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+
+
+class StageConfig(_Section):
+    """Optimisation settings of one training stage (SFT or DPO)."""
+
+    enabled: bool = True
+
+    learning_rate: float = Field(default=5e-5, gt=0)
+    num_epochs: float = Field(default=1.0, gt=0)
+    max_steps: int = Field(default=-1, ge=-1)  # -1: run num_epochs
+    per_device_batch_size: int = Field(default=2, ge=1)
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_length: int = Field(default=1024, ge=16)  # tokens of prompt + completion; longer rows are rejected
+
+
+class DPOStageConfig(StageConfig):
+    """DPO on the TPS pairs: TRL's DPOTrainer with a reference model that is live or precomputed."""
+
+    learning_rate: float = Field(default=1e-5, gt=0)
+    beta: float = Field(default=0.1, gt=0)
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"
+    # "precomputed": reference log-probs are computed once before training (or taken from the pairs'
+    # ref_chosen_logps/ref_rejected_logps columns), so training holds no reference model.
+    # "live": TRL's reference model runs beside the policy at every step.
+    reference: Literal["precomputed", "live"] = "precomputed"
+    # Start DPO from the exported SFT policy when one exists in the run directory.
+    init_from_sft: bool = True
+
+
+class TrainConfig(_Section):
+    """Ray Train + DeepSpeed for SFT and DPO; inputs and outputs default to the run directory."""
+
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    # A file name in configs/deepspeed ("zero2", "zero3"), a path to a DeepSpeed JSON, or None (plain DDP).
+    deepspeed: str | None = "zero2"
+    seed: int | None = None  # None: run.seed
+    dialogues: Path | None = None  # None: <run_dir>/reverse (the reversed-construction stage's output)
+    pairs: Path | None = None  # None: <run_dir>/pairs
+    output_dir: Path | None = None  # None: <run_dir>/train
+    storage_path: str | None = None  # Ray Train storage (local path or cloud URI); None: <output_dir>/ray
+    save_steps: int = Field(default=50, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=2, ge=-1)  # -1: retry forever
+    logging_steps: int = Field(default=1, ge=1)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+    gradient_checkpointing: bool = False
+    sft: StageConfig = StageConfig()
+    dpo: DPOStageConfig = DPOStageConfig()
+
+    @model_validator(mode="after")
+    def _known_deepspeed(self) -> TrainConfig:
+        if self.deepspeed is not None:
+            resolve_deepspeed_path(self.deepspeed)
+        return self
+
+
+def resolve_deepspeed_path(name_or_path: str) -> Path:
+    """The DeepSpeed JSON that ``train.deepspeed`` names: a shipped config name or a file path."""
+    path = Path(name_or_path)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ValueError(f"train.deepspeed: file {path} does not exist")
+        return path
+    shipped = DEEPSPEED_DIR / f"{name_or_path}.json"
+    if not shipped.is_file():
+        names = sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json"))
+        raise ValueError(
+            f"train.deepspeed: {name_or_path!r} is neither a .json file nor a shipped config {names}"
+        )
+    return shipped
+
+
 BfclCategory = Literal[
     "simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "live_multiple"
 ]
@@ -173,6 +251,7 @@ class TTPAConfig(_Section):
     esm: ESMConfig = ESMConfig()
     tps: TPSConfig = TPSConfig()
     eval: EvalConfig = EvalConfig()
+    train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")
     def _training_turns_not_evaluated(self) -> TTPAConfig:

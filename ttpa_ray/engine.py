@@ -30,7 +30,8 @@ def resolve_model(model: str, config: ModelConfig | None = None) -> str:
     A folder that does not exist is made with the tiny-model maker only when ``make_tiny_if_missing``;
     otherwise the error names the folder and the two ways out.
     """
-    path = Path(model).expanduser()
+    # Absolute: Ray workers (training, replicas) do not share the driver's working directory.
+    path = Path(model).expanduser().resolve()
     if path.is_dir() and (path / "config.json").exists():
         return str(path)
     if looks_like_path(model):

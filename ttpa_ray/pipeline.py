@@ -60,14 +60,23 @@ def stage_prepare_models(ctx: RunContext) -> StageReport:
 
 
 def init_ray(config: TTPAConfig) -> None:
-    """Join the configured cluster, or start a local one (no dashboard: it costs a core on a laptop)."""
+    """Join the configured cluster, or start a local one (no dashboard: it costs a core on a laptop).
+
+    Worker output reaches the console (training prints a line per step), with vLLM's INFO chatter off.
+    """
+    import os
+
     import ray
 
+    quiet = {
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     if not ray.is_initialized():
         if config.ray.address:
-            ray.init(address=config.ray.address, log_to_driver=False)
+            ray.init(address=config.ray.address, runtime_env={"env_vars": quiet})
         else:
-            ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, runtime_env={"env_vars": quiet})
     ray.data.DataContext.get_current().enable_progress_bars = config.ray.progress_bars
 
 
@@ -171,6 +180,58 @@ def stage_pairs(ctx: RunContext) -> StageReport:
     )
 
 
+def _train(ctx: RunContext, stage: str) -> StageReport:
+    from ttpa_ray.train.run import run_stage
+
+    init_ray(ctx.config)
+    outcome = run_stage(
+        stage,  # type: ignore[arg-type]
+        ctx.config.train,
+        policy=ctx.models["policy"],
+        run_dir=ctx.run_dir,
+        seed=ctx.config.run.seed,
+        run_name=ctx.config.run.name,
+    )
+    ctx.models["aligned"] = str(outcome.result.policy_dir)
+    return StageReport(
+        stage,
+        records_in=outcome.rows_used + outcome.rows_rejected,
+        records_out=outcome.rows_used,
+        records_rejected=outcome.rows_rejected,
+        outputs={"policy": str(outcome.result.policy_dir)},
+        notes={"rejected_by_reason": outcome.reject_counts},
+    )
+
+
+def stage_sft(ctx: RunContext) -> StageReport:
+    """SFT warm start on the reversed dialogues (Ray Train + DeepSpeed); skipped when there are none."""
+    from ttpa_ray.reverse import read_dialogues
+
+    if not ctx.config.train.sft.enabled:
+        ctx.console.print("   train.sft.enabled is false: skipped")
+        return StageReport("sft", 0, 0, 0, notes={"skipped": "disabled"})
+    if not read_dialogues(ctx.run_dir / "reverse"):
+        ctx.console.print("   no reversed dialogue passed the filters: nothing to fine-tune on, skipped")
+        return StageReport("sft", 0, 0, 0, notes={"skipped": "no dialogues"})
+    return _train(ctx, "sft")
+
+
+def stage_dpo(ctx: RunContext) -> StageReport:
+    """DPO on the TPS pairs (Ray Train + DeepSpeed ZeRO); the exported policy is then evaluated."""
+    import pyarrow.parquet as pq
+
+    if not ctx.config.train.dpo.enabled:
+        ctx.console.print("   train.dpo.enabled is false: skipped")
+        return StageReport("dpo", 0, 0, 0, notes={"skipped": "disabled"})
+    pairs = Path(ctx.config.train.pairs or ctx.run_dir / "pairs")
+    if pairs.is_dir():
+        pairs = pairs / "pairs.parquet"
+    if pq.ParquetFile(pairs).metadata.num_rows == 0:
+        ctx.console.print("   no preference pair: nothing to align on, skipped")
+        return StageReport("dpo", 0, 0, 0, notes={"skipped": "no pairs"})
+    return _train(ctx, "dpo")
+
+
 def stage_evaluate(ctx: RunContext) -> StageReport:
     """Evaluate the policy (and the aligned policy, once training exists) on BFCL's AST categories."""
     from ttpa_ray.evaluate import run_evaluation
@@ -203,8 +264,8 @@ STAGES: list[tuple[str, str, StageFn | None]] = [
     ("reverse", "reversed construction: tools -> executed calls -> answer -> question", stage_reverse),
     ("tps", "token-level preference sampling of alternative calls from the policy", stage_tps),
     ("pairs", "ESM scoring of the candidates, chosen/rejected pairs in TRL's format", stage_pairs),
-    ("sft", "SFT warm start on the reversed dialogues (Ray Train + DeepSpeed)", None),
-    ("dpo", "DPO on the pairs (Ray Train + DeepSpeed ZeRO)", None),
+    ("sft", "SFT warm start on the reversed dialogues (Ray Train + DeepSpeed)", stage_sft),
+    ("dpo", "DPO on the pairs (Ray Train + DeepSpeed ZeRO)", stage_dpo),
     ("evaluate", "ESM, error categories and BFCL exact match, base vs aligned", stage_evaluate),
 ]
 

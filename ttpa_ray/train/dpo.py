@@ -1,0 +1,180 @@
+"""DPO on the TPS pairs: TRL's DPOTrainer, configured from the project config.
+
+Reference model, two ways (``train.dpo.reference``):
+
+- ``precomputed``: the reference log-probs of every pair are computed once, before training, by
+  :func:`precompute_reference_logps` (a no-grad pass of the initial policy on one process, with TRL's own
+  tokenisation and log-prob sum), or taken from the pairs' ``ref_chosen_logps``/``ref_rejected_logps``
+  columns (e.g. written by the vLLM replicas during sampling). The trainer gets those columns with
+  ``precompute_ref_log_probs=True`` and holds no reference model: no second DeepSpeed engine, which is
+  what failed under ZeRO-3 in the probe, and no second forward per step.
+- ``live``: TRL's reference model runs beside the policy (under ZeRO-3 it is sharded like the policy).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from transformers import PrinterCallback
+from trl import DPOConfig, DPOTrainer
+
+from ttpa_ray.config import DPOStageConfig
+from ttpa_ray.train.data import REF_COLUMNS, to_hf_dataset
+from ttpa_ray.train.metrics import SampleTracingMixin
+
+
+class TracedDPOTrainer(SampleTracingMixin, DPOTrainer):
+    """TRL's DPOTrainer that records which samples each step trained on and takes reference log-probs
+    from the dataset when it already has them."""
+
+    def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+        # TRL recomputes (and duplicates) the columns even when present; ours come from a pass made once
+        # before training, so no rank needs a DeepSpeed engine for the reference and a resume reuses them.
+        if all(column in dataset.column_names for column in REF_COLUMNS):
+            return dataset
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+
+def dpo_args(
+    stage: DPOStageConfig,
+    output_dir: Path,
+    *,
+    seed: int,
+    deepspeed: dict[str, Any] | None,
+    use_cpu: bool,
+    precomputed_reference: bool,
+    save_steps: int,
+    logging_steps: int = 1,
+    report_to: Sequence[str] = (),
+    gradient_checkpointing: bool = False,
+    bf16: bool | None = None,
+) -> DPOConfig:
+    """TRL's DPOConfig for one run (bf16 None: on GPUs only; DeepSpeed "auto" values resolve from these)."""
+    return DPOConfig(
+        output_dir=str(output_dir),
+        learning_rate=stage.learning_rate,
+        num_train_epochs=stage.num_epochs,
+        max_steps=stage.max_steps,
+        per_device_train_batch_size=stage.per_device_batch_size,
+        gradient_accumulation_steps=stage.gradient_accumulation_steps,
+        warmup_steps=stage.warmup_steps,
+        weight_decay=stage.weight_decay,
+        max_length=stage.max_length,
+        beta=stage.beta,
+        loss_type=[stage.loss_type],
+        precompute_ref_log_probs=precomputed_reference,
+        seed=seed,
+        data_seed=seed,
+        deepspeed=deepspeed,
+        use_cpu=use_cpu,
+        bf16=(not use_cpu) if bf16 is None else bf16,
+        save_strategy="steps",
+        save_steps=save_steps,
+        logging_steps=logging_steps,
+        report_to=list(report_to) or "none",
+        gradient_checkpointing=gradient_checkpointing,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        save_only_model=False,
+    )
+
+
+def build_dpo_trainer(
+    model: Any, tokenizer: Any, train_table: pa.Table, args: DPOConfig, callbacks: Sequence[Any] = ()
+) -> TracedDPOTrainer:
+    """A DPO trainer over a checked pairs table (with reference columns when ``args`` says precomputed)."""
+    if args.precompute_ref_log_probs and not all(c in train_table.column_names for c in REF_COLUMNS):
+        raise ValueError(
+            "precomputed reference: the pairs table has no ref_chosen_logps/ref_rejected_logps; "
+            "run precompute_reference_logps first"
+        )
+    trainer = TracedDPOTrainer(
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=to_hf_dataset(train_table),
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+    trainer.enable_sample_tracing()
+    # ConsoleMetrics prints a compact line per step; HF's printer would repeat the raw dict
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def precompute_reference_logps(
+    model_path: str | Path, train_table: pa.Table, *, max_length: int, batch_size: int = 8
+) -> pa.Table:
+    """The pairs table with ``ref_chosen_logps``/``ref_rejected_logps`` of the model at ``model_path``.
+
+    Runs TRL's tokenisation, collator and ``compute_ref_log_probs`` on one process, without DeepSpeed, so
+    the numbers are exactly the ones DPOTrainer would compute for a live reference model (same prompt
+    split, same truncation, sum of completion-token log-probs).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    table = train_table.drop_columns([c for c in REF_COLUMNS if c in train_table.column_names])
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
+    args = DPOConfig(
+        output_dir=str(Path(tempfile.gettempdir()) / "ttpa-ref-precompute"),
+        max_length=max_length,
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=batch_size,
+        disable_tqdm=True,
+    )
+    # TRL's own precompute on one process without DeepSpeed; the trainer is built for it and never trains.
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=to_hf_dataset(table), processing_class=tokenizer
+    )
+    done: Any = trainer.train_dataset
+    if done.num_rows != table.num_rows or done["sample_index"] != table.column("sample_index").to_pylist():
+        raise RuntimeError(f"reference pass returned {done.num_rows} rows for {table.num_rows} pairs")
+    chosen, rejected = done["ref_chosen_logps"], done["ref_rejected_logps"]
+    return table.append_column("ref_chosen_logps", pa.array(chosen, pa.float64())).append_column(
+        "ref_rejected_logps", pa.array(rejected, pa.float64())
+    )
+
+
+def implicit_reward_accuracy(
+    policy_path: str | Path,
+    reference_path: str | Path,
+    pairs_table: pa.Table,
+    *,
+    max_length: int,
+    reference_logps: pa.Table | None = None,
+) -> dict[str, float]:
+    """DPO's implicit reward accuracy of a policy on pairs: the share of pairs where
+    ``logp_policy(chosen) - logp_ref(chosen) > logp_policy(rejected) - logp_ref(rejected)``, ties counted
+    as half (so a policy equal to its reference scores exactly 0.5), plus the mean reward margin.
+    ``reference_logps`` (a table from :func:`precompute_reference_logps`) saves the reference pass."""
+    policy = precompute_reference_logps(policy_path, pairs_table, max_length=max_length)
+    reference = reference_logps or precompute_reference_logps(
+        reference_path, pairs_table, max_length=max_length
+    )
+    return reward_accuracy(policy, reference)
+
+
+def reward_accuracy(policy_logps: pa.Table, reference_logps: pa.Table) -> dict[str, float]:
+    """Implicit reward accuracy and mean margin from two log-prob tables over the same pairs."""
+    wins = 0.0
+    margins = []
+    for pc, pr, rc, rr in zip(
+        policy_logps.column("ref_chosen_logps").to_pylist(),
+        policy_logps.column("ref_rejected_logps").to_pylist(),
+        reference_logps.column("ref_chosen_logps").to_pylist(),
+        reference_logps.column("ref_rejected_logps").to_pylist(),
+        strict=True,
+    ):
+        margin = (pc - rc) - (pr - rr)
+        margins.append(margin)
+        wins += 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0
+    n = max(len(margins), 1)
+    return {"accuracy": wins / n, "mean_margin": sum(margins) / n, "pairs": float(len(margins))}

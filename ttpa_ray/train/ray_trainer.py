@@ -1,0 +1,348 @@
+"""The Ray Train shell: a TorchTrainer whose workers run TRL's SFTTrainer or DPOTrainer under DeepSpeed.
+
+The same code runs on CPUs (gloo, ``DS_ACCELERATOR=cpu``) and GPUs (NCCL). Checkpoints are TRL/HF
+trainer checkpoints (model, DeepSpeed ZeRO shards of every rank, optimizer, scheduler, RNG states,
+trainer state) reported to Ray Train, which keeps the last N in the run's storage. A restarted worker
+group resumes from the latest one through HF's ``resume_from_checkpoint``: the sampler is re-seeded and
+the consumed batches are skipped, so no sample is skipped or repeated. The last report carries the
+exported policy (``policy/``), which the driver copies next to the run's outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Stage = Literal["sft", "dpo"]
+HF_CHECKPOINT = "checkpoint"  # inside a Ray checkpoint: the HF trainer checkpoint folder
+POLICY = "policy"  # inside the final Ray checkpoint: the exported HF model folder
+
+
+@dataclass(frozen=True)
+class CrashOnce:
+    """Fault injection for resume tests: ``os._exit`` on ``rank`` right after ``step``, once per marker."""
+
+    step: int
+    rank: int
+    marker: str  # file created before exiting; its existence disarms the crash
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything a worker needs, picklable (plain values only): built by the driver, read by workers."""
+
+    stage: Stage
+    model_path: str
+    data_path: str  # Parquet of the checked training table (train/data.py)
+    work_dir: str  # node-local scratch for HF checkpoints before they are reported
+    stage_config: dict[str, Any]
+    deepspeed: dict[str, Any] | None
+    use_gpu: bool
+    seed: int
+    save_steps: int
+    logging_steps: int = 1
+    report_to: tuple[str, ...] = ()
+    tensorboard_dir: str | None = None
+    precomputed_reference: bool = True
+    gradient_checkpointing: bool = False
+    sample_log_dir: str | None = None
+    crash: CrashOnce | None = None
+    resume_path: str | None = None  # a previous run's checkpoint folder, used when Ray has none yet
+
+
+def _init_distributed(use_gpu: bool) -> None:
+    """DeepSpeed on top of the process group Ray Train created (gloo on CPU, NCCL on GPU)."""
+    if not use_gpu:
+        # must precede the first deepspeed import of this process
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+
+
+def _peak_rss_mib() -> float:
+    # ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _rss_anon_mib() -> float:
+    # resident anonymous memory now (tensors, optimizer states), without file-backed pages such as
+    # the memory-mapped safetensors, which the kernel can drop
+    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _callbacks(job: TrainJob, rank: int, local_rank: int) -> list[Any]:
+    """Ray reporting, console metrics and (when asked) fault injection; built inside the worker."""
+    import ray.train
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    from ttpa_ray.train.metrics import ConsoleMetrics
+
+    class ReportToRay(TrainerCallback):
+        """Report each HF checkpoint to Ray Train; one uploader per node (its local rank 0)."""
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # every rank has finished writing its ZeRO shards before any node uploads
+            if dist.is_initialized():
+                dist.barrier()
+            source = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            metrics = {"step": state.global_step, "peak_rss_mib": _peak_rss_mib()}
+            for log in state.log_history:
+                metrics.update({k: v for k, v in log.items() if isinstance(v, int | float)})
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = None
+                if local_rank == 0 and source.is_dir():
+                    shutil.copytree(source, Path(tmp) / HF_CHECKPOINT)
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(
+                    metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{state.global_step:06d}"
+                )
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            crash = job.crash
+            if crash and rank == crash.rank and state.global_step == crash.step:
+                marker = Path(crash.marker)
+                if not marker.exists():
+                    marker.write_text(f"crashed at step {state.global_step}\n", encoding="utf-8")
+                    print(f"[fault injection] rank {rank} exits at step {state.global_step}", flush=True)
+                    os._exit(1)
+
+    out: list[Any] = [ReportToRay(), ConsoleMetrics(prefix=f"[{job.stage}] ")]
+    if job.crash is not None:
+        out.append(Crash())
+    return out
+
+
+def train_loop(job_fields: dict[str, Any]) -> None:
+    """The per-worker function of the TorchTrainer (also callable directly on one process)."""
+    crash = job_fields.get("crash")
+    job = TrainJob(**{**job_fields, "crash": CrashOnce(**crash) if crash else None})
+    _init_distributed(job.use_gpu)
+
+    import pyarrow.parquet as pq
+    import ray.train
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ttpa_ray.config import DPOStageConfig, StageConfig
+    from ttpa_ray.train.metrics import ModelStateMeter, SampleLog, model_state_mib
+
+    context = ray.train.get_context()
+    rank, local_rank = context.get_world_rank(), context.get_local_rank()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and job.resume_path:
+        # a killed job run again: Ray Train V2 dropped resume_from_checkpoint, so the loop takes it
+        checkpoint = ray.train.Checkpoint.from_directory(job.resume_path)
+    resume_from: str | None = None
+    attempt = "fresh"
+    if checkpoint is not None:
+        root = Path(checkpoint.to_directory() if not Path(checkpoint.path).is_dir() else checkpoint.path)
+        if (root / POLICY).is_dir():
+            print(
+                f"[{job.stage}] this run already finished ({root}); to train again, use another "
+                "run.name or remove the run folder",
+                flush=True,
+            )
+            ray.train.report({"done": 1.0})
+            return
+        resume_from = str(root / HF_CHECKPOINT)
+        attempt = f"resume-{root.name}"
+    # a fresh scratch folder per attempt: a crashed attempt may have left half-written checkpoints
+    work_dir = Path(job.work_dir) / attempt
+
+    tokenizer = AutoTokenizer.from_pretrained(job.model_path)
+    table = pq.read_table(job.data_path)
+    use_cpu = not job.use_gpu
+    common: dict[str, Any] = {
+        "seed": job.seed,
+        "deepspeed": job.deepspeed,
+        "use_cpu": use_cpu,
+        "save_steps": job.save_steps,
+        "logging_steps": job.logging_steps,
+        "report_to": job.report_to,
+        "gradient_checkpointing": job.gradient_checkpointing,
+    }
+    if job.tensorboard_dir:
+        # transformers 5 reads the TensorBoard folder from the environment only
+        os.environ["TENSORBOARD_LOGGING_DIR"] = job.tensorboard_dir
+    # The args come first: with ZeRO-3 they register the DeepSpeed config so that from_pretrained
+    # partitions the weights while loading instead of materialising the whole model on every rank.
+    args: Any
+    if job.stage == "dpo":
+        from ttpa_ray.train.dpo import build_dpo_trainer, dpo_args
+
+        args = dpo_args(
+            DPOStageConfig(**job.stage_config),
+            work_dir,
+            precomputed_reference=job.precomputed_reference,
+            **common,
+        )
+    else:
+        from ttpa_ray.train.sft import build_sft_trainer, sft_args
+
+        args = sft_args(StageConfig(**job.stage_config), work_dir, **common)
+    dtype = torch.bfloat16 if job.use_gpu else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=dtype)
+    callbacks = _callbacks(job, rank, local_rank)
+    if job.stage == "dpo":
+        trainer: Any = build_dpo_trainer(model, tokenizer, table, args, callbacks)
+    else:
+        trainer = build_sft_trainer(model, tokenizer, table, args, callbacks)
+    if job.sample_log_dir:
+        trainer.add_callback(SampleLog(Path(job.sample_log_dir), rank, trainer))
+    trainer.add_callback(ModelStateMeter(trainer))
+
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    elapsed = time.perf_counter() - started
+    # before the export: under ZeRO-3 saving gathers the whole model on rank 0 once, after training
+    peak_training = _peak_rss_mib()
+    meter = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ModelStateMeter))
+    states = max(meter.peak_mib, model_state_mib(trainer))
+
+    from ttpa_ray.train.export import save_policy
+
+    console = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "ConsoleMetrics")
+    final = {
+        "step": trainer.state.global_step,
+        "train_loss": float(result.training_loss),
+        "train_seconds": elapsed,
+        "peak_rss_mib": peak_training,
+        "rss_anon_mib": _rss_anon_mib(),
+        "model_state_mib": states,
+        "num_tokens": float(trainer._total_train_tokens),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        # every rank joins: under ZeRO-3 the weights are gathered from all shards
+        save_policy(trainer, tokenizer, Path(tmp) / POLICY)
+        if rank == 0:
+            (Path(tmp) / "metrics.json").write_text(
+                json.dumps({"final": final, "history": console.history}, indent=1), encoding="utf-8"
+            )
+        # each rank adds its own numbers; Ray merges the ranks' files into one checkpoint folder
+        (Path(tmp) / f"worker-{rank}.json").write_text(json.dumps(final), encoding="utf-8")
+        ray.train.report(
+            {**final, "done": 1.0},
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name="final_policy",
+        )
+    shutil.rmtree(work_dir, ignore_errors=True)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run left: the exported policy, per-step metrics and the Ray run folder."""
+
+    policy_dir: Path | None
+    metrics: dict[str, Any]
+    history: list[dict[str, float]]
+    run_path: str
+    worker_peak_rss_mib: list[float] = field(default_factory=list)  # per rank, during training
+    worker_rss_anon_mib: list[float] = field(default_factory=list)  # per rank, right after training
+    worker_model_state_mib: list[float] = field(default_factory=list)  # per rank: params, grads, optimizer
+
+
+def run_torch_trainer(
+    job: TrainJob,
+    *,
+    num_workers: int,
+    cpus_per_worker: float,
+    run_name: str,
+    storage_path: str,
+    keep_checkpoints: int,
+    max_failures: int,
+    export_dir: Path | None,
+) -> TrainResult:
+    """Run ``job`` on a Ray TorchTrainer and copy the exported policy to ``export_dir``."""
+    from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    previous = latest_checkpoint(storage_path, run_name)
+    if previous is not None:
+        print(f"[{job.stage}] resuming run {run_name!r} from {previous}", flush=True)
+    job_fields = asdict(job) | {"resume_path": str(previous) if previous else None}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=job_fields,
+        scaling_config=ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=job.use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            # final_policy is reported last and is always among the kept ones
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints + 1),
+            failure_config=FailureConfig(max_failures=max_failures),
+            # Ray Train V2's RunConfig (the default in Ray 2.60); mypy sees the V1 class
+            worker_runtime_env={"env_vars": _worker_env(job.use_gpu)},  # type: ignore[call-arg]
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    metrics = dict(result.metrics or {})
+    history: list[dict[str, float]] = []
+    peaks: list[float] = []
+    anon: list[float] = []
+    states: list[float] = []
+    policy_dir = None
+    checkpoint = result.checkpoint
+    if previous is not None and (previous / POLICY).is_dir():
+        # the run had already finished: its final checkpoint is the result
+        checkpoint = Checkpoint.from_directory(str(previous))
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            summary = Path(folder) / "metrics.json"
+            if summary.is_file():
+                history = json.loads(summary.read_text(encoding="utf-8"))["history"]
+            workers = sorted(Path(folder).glob("worker-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+            finals = [json.loads(p.read_text(encoding="utf-8")) for p in workers]
+            peaks = [f["peak_rss_mib"] for f in finals]
+            anon = [f["rss_anon_mib"] for f in finals]
+            states = [f["model_state_mib"] for f in finals]
+            if export_dir is not None and (Path(folder) / POLICY).is_dir():
+                shutil.rmtree(export_dir, ignore_errors=True)
+                export_dir.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(Path(folder) / POLICY, export_dir)
+                policy_dir = export_dir
+    return TrainResult(policy_dir, metrics, history, str(result.path), peaks, anon, states)
+
+
+def latest_checkpoint(storage_path: str, run_name: str) -> Path | None:
+    """The newest checkpoint a previous run of ``run_name`` left in local storage (a killed job is resumed
+    by running it again); None for a new run. A finished run's last checkpoint holds its policy."""
+    if "://" in storage_path:
+        return None  # cloud storage: Ray Train's own run snapshot restores it
+    run_dir = Path(storage_path) / run_name
+    final = run_dir / "final_policy"
+    if (final / POLICY).is_dir():
+        return final
+    steps = sorted(
+        p for p in run_dir.glob("checkpoint_*") if (p / HF_CHECKPOINT / "trainer_state.json").is_file()
+    )
+    return steps[-1] if steps else None
+
+
+def _worker_env(use_gpu: bool) -> dict[str, str]:
+    env = {"TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    # workers import the project from the driver's tree when it is not installed
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    return env

@@ -1,0 +1,154 @@
+"""One training stage from the driver: check inputs, precompute the reference, train on Ray, export.
+
+``run_stage("dpo", train_config, policy=..., run_dir=...)`` reads the pairs (or, for "sft", the
+dialogues), writes the rows that fail the checks to ``<out>/rejected.parquet`` with their reasons,
+precomputes reference log-probs when configured, runs the TorchTrainer and copies the exported policy
+to ``<out>/policy``. Outputs land in ``<train.output_dir or run_dir/train>/<stage>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from ttpa_ray.config import TrainConfig, resolve_deepspeed_path
+from ttpa_ray.train.data import (
+    CheckedData,
+    chat_token_counter,
+    check_dialogues,
+    check_pairs,
+    read_rows,
+    write_rejected,
+)
+from ttpa_ray.train.ray_trainer import CrashOnce, Stage, TrainJob, TrainResult, run_torch_trainer
+
+POLICY_DIR = "policy"
+
+
+class TrainInputError(ValueError):
+    """No usable training rows, or an input the user must fix before training can start."""
+
+
+@dataclass
+class StageOutcome:
+    """The result of :func:`run_stage`: where things are and how many rows were used or rejected."""
+
+    stage: Stage
+    out_dir: Path
+    rows_used: int
+    rows_rejected: int
+    reject_counts: dict[str, int]
+    result: TrainResult
+
+
+def load_deepspeed(name_or_path: str | None) -> dict[str, Any] | None:
+    """The DeepSpeed config dict named by ``train.deepspeed`` ("auto" values are left to HF/accelerate)."""
+    if name_or_path is None:
+        return None
+    config: dict[str, Any] = json.loads(resolve_deepspeed_path(name_or_path).read_text(encoding="utf-8"))
+    return config
+
+
+def check_inputs(stage: Stage, rows: list[dict[str, Any]], tokenizer: Any, max_length: int) -> CheckedData:
+    """The pre-training checks of one stage (pairs for DPO, dialogues for SFT)."""
+    count = chat_token_counter(tokenizer)
+    if stage == "dpo":
+        return check_pairs(rows, count, max_length)
+    return check_dialogues(rows, count, max_length)
+
+
+def stage_dir(train: TrainConfig, run_dir: Path, stage: Stage) -> Path:
+    """Where a stage writes its outputs."""
+    return (train.output_dir or Path(run_dir) / "train") / stage
+
+
+def run_stage(
+    stage: Stage,
+    train: TrainConfig,
+    *,
+    policy: str,
+    run_dir: Path,
+    seed: int = 0,
+    run_name: str = "local",
+    input_path: Path | None = None,
+    sample_log: bool = True,
+    crash: CrashOnce | None = None,
+) -> StageOutcome:
+    """Check the inputs, precompute the DPO reference if asked, train on Ray Train and export."""
+    from transformers import AutoTokenizer
+
+    run_dir = Path(run_dir)
+    out = stage_dir(train, run_dir, stage)
+    out.mkdir(parents=True, exist_ok=True)
+    stage_cfg = train.dpo if stage == "dpo" else train.sft
+    model_path = policy
+    if stage == "dpo" and train.dpo.init_from_sft:
+        sft_policy = stage_dir(train, run_dir, "sft") / POLICY_DIR
+        if (sft_policy / "config.json").is_file():
+            model_path = str(sft_policy)
+    default_input = train.pairs if stage == "dpo" else train.dialogues
+    # The pairs stage's folder also holds scored candidates and rejected turns: read its pairs only.
+    source = (
+        input_path
+        or default_input
+        or (run_dir / "pairs" / "pairs.parquet" if stage == "dpo" else run_dir / "reverse")
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    checked = check_inputs(stage, read_rows(source), tokenizer, stage_cfg.max_length)
+    write_rejected(checked.rejected, out / "rejected.parquet")
+    print(f"[{stage}] input checks on {source}: {checked.summary()}", flush=True)
+    if checked.num_rows == 0:
+        raise TrainInputError(
+            f"{stage}: no usable rows in {source} ({checked.summary()}); see {out / 'rejected.parquet'}"
+        )
+    table = checked.table
+    precomputed = stage == "dpo" and train.dpo.reference == "precomputed"
+    if precomputed and "ref_chosen_logps" not in table.column_names:
+        from ttpa_ray.train.dpo import precompute_reference_logps
+
+        table = precompute_reference_logps(model_path, table, max_length=stage_cfg.max_length)
+        print(f"[{stage}] reference log-probs precomputed for {table.num_rows} pairs", flush=True)
+    data_path = out / "train_table.parquet"
+    pq.write_table(table, data_path)
+
+    storage = train.storage_path or str((out / "ray").resolve())
+    job = TrainJob(
+        stage=stage,
+        model_path=model_path,
+        data_path=str(data_path.resolve()),
+        work_dir=str(Path(tempfile.gettempdir()) / f"ttpa-train-{os.getpid()}-{run_name}-{stage}"),
+        stage_config=stage_cfg.model_dump(mode="json"),
+        deepspeed=load_deepspeed(train.deepspeed),
+        use_gpu=train.use_gpu,
+        seed=train.seed if train.seed is not None else seed,
+        save_steps=train.save_steps,
+        logging_steps=train.logging_steps,
+        report_to=tuple(train.report_to),
+        tensorboard_dir=str((out / "tensorboard").resolve()) if "tensorboard" in train.report_to else None,
+        precomputed_reference=precomputed,
+        gradient_checkpointing=train.gradient_checkpointing,
+        sample_log_dir=str((out / "samples").resolve()) if sample_log else None,
+        crash=crash,
+    )
+    result = run_torch_trainer(
+        job,
+        num_workers=train.num_workers,
+        cpus_per_worker=train.cpus_per_worker,
+        run_name=f"{run_name}-{stage}",
+        storage_path=storage,
+        keep_checkpoints=train.keep_checkpoints,
+        max_failures=train.max_failures,
+        export_dir=out / POLICY_DIR,
+    )
+    (out / "metrics.json").write_text(
+        json.dumps({"final": result.metrics, "history": result.history}, indent=1, default=str),
+        encoding="utf-8",
+    )
+    return StageOutcome(stage, out, checked.num_rows, len(checked.rejected), checked.reject_counts(), result)

@@ -1,0 +1,83 @@
+"""SFT on the reversed dialogues: TRL's SFTTrainer, loss on assistant turns only.
+
+The dialogues go through the policy's chat template with their tools; tool calls are rendered by the
+template, and ``assistant_only_loss`` masks everything outside its ``{% generation %}`` blocks (the
+tiny model's template has them; a real model's template must too, else TRL refuses to start).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from transformers import PrinterCallback
+from trl import SFTConfig, SFTTrainer
+
+from ttpa_ray.config import StageConfig
+from ttpa_ray.train.data import to_hf_dataset
+from ttpa_ray.train.metrics import SampleTracingMixin
+
+
+class TracedSFTTrainer(SampleTracingMixin, SFTTrainer):
+    """TRL's SFTTrainer that records which samples each step trained on."""
+
+
+def sft_args(
+    stage: StageConfig,
+    output_dir: Path,
+    *,
+    seed: int,
+    deepspeed: dict[str, Any] | None,
+    use_cpu: bool,
+    save_steps: int,
+    logging_steps: int = 1,
+    report_to: Sequence[str] = (),
+    gradient_checkpointing: bool = False,
+    bf16: bool | None = None,
+) -> SFTConfig:
+    """TRL's SFTConfig for one run (bf16 None: on GPUs only; DeepSpeed "auto" values resolve from these)."""
+    return SFTConfig(
+        output_dir=str(output_dir),
+        learning_rate=stage.learning_rate,
+        num_train_epochs=stage.num_epochs,
+        max_steps=stage.max_steps,
+        per_device_train_batch_size=stage.per_device_batch_size,
+        gradient_accumulation_steps=stage.gradient_accumulation_steps,
+        warmup_steps=stage.warmup_steps,
+        weight_decay=stage.weight_decay,
+        max_length=stage.max_length,
+        assistant_only_loss=True,
+        # the order of samples is the Trainer's seeded sampler's: resumable and recorded
+        shuffle_dataset=False,
+        seed=seed,
+        data_seed=seed,
+        deepspeed=deepspeed,
+        use_cpu=use_cpu,
+        bf16=(not use_cpu) if bf16 is None else bf16,
+        save_strategy="steps",
+        save_steps=save_steps,
+        logging_steps=logging_steps,
+        report_to=list(report_to) or "none",
+        gradient_checkpointing=gradient_checkpointing,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def build_sft_trainer(
+    model: Any, tokenizer: Any, train_table: pa.Table, args: SFTConfig, callbacks: Sequence[Any] = ()
+) -> TracedSFTTrainer:
+    """An SFT trainer over a checked dialogues table (``messages`` + ``tools`` + ``sample_index``)."""
+    trainer = TracedSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=to_hf_dataset(train_table),
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+    trainer.enable_sample_tracing()
+    # ConsoleMetrics prints a compact line per step; HF's printer would repeat the raw dict
+    trainer.remove_callback(PrinterCallback)
+    return trainer
