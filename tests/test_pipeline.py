@@ -24,30 +24,45 @@ def test_local_pipeline_small(ray_cluster, tiny_model_dir: Path, tmp_path: Path)
             "eval.categories=[simple_python, parallel]",
             "eval.limit_per_category=3",
             "eval.max_tokens=96",
+            "reverse.num_seeds=4",
+            "reverse.shard_size=4",
+            "tps.bfcl_limit=6",
+            "train.dpo.max_steps=4",
+            "train.save_steps=2",
         ],
     )
     console = Console(record=True, width=120)
     reports = run_pipeline(config, console)
-    built = [name for name, _, fn in STAGES if fn is not None]
-    assert [r.name for r in reports] == built
+    stages = [name for name, _, _ in STAGES]
+    assert [r.name for r in reports] == stages
     for report in reports:
         assert report.records_in == report.records_out + report.records_rejected, report
 
     run_dir = tmp_path / "run"
     summary = json.loads((run_dir / "pipeline.json").read_text())
-    assert [s["name"] for s in summary["stages_run"]] == built
-    assert set(summary["stages_not_built"]) == {name for name, _, fn in STAGES if fn is None}
+    assert [s["name"] for s in summary["stages_run"]] == stages
+    assert summary["stages_pending"] == []
+    by_name = {s["name"]: s for s in summary["stages_run"]}
+    assert by_name["reverse"]["records_in"] == 4
+    assert by_name["tps"]["records_in"] == 6 + by_name["reverse"]["records_out"]
+    assert by_name["pairs"]["records_in"] == by_name["tps"]["records_in"]
+    assert by_name["dpo"]["records_out"] > 0  # pairs were trained on
     report = json.loads((run_dir / "eval" / "report.json").read_text())
-    assert report["base"]["all"]["n"] == 6
-    assert set(report["base"]) == {"simple_python", "parallel", "all"}
-    assert 0.0 <= report["base"]["all"]["mean_esm"] <= 1.0
-    assert sum(report["base"]["all"]["esm_histogram"]) == 6
+    assert set(report) == {"base", "aligned"}  # the aligned model's numbers beside the base model's
+    for model in ("base", "aligned"):
+        assert report[model]["all"]["n"] == 6
+        assert set(report[model]) == {"simple_python", "parallel", "all"}
+        assert 0.0 <= report[model]["all"]["mean_esm"] <= 1.0
+        assert sum(report[model]["all"]["esm_histogram"]) == 6
     answers = (run_dir / "eval" / "answers.jsonl").read_text().splitlines()
-    assert len(answers) == 6
+    assert len(answers) == 12
     for name in ("esm_histogram.png", "error_categories.png"):
         assert (run_dir / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| base | all | 6 |" in (run_dir / "eval" / "report.md").read_text()
-    assert "stages not built yet" in console.export_text()
+    markdown = (run_dir / "eval" / "report.md").read_text()
+    assert "| base | all | 6 |" in markdown and "| aligned | all | 6 |" in markdown
+    assert (run_dir / "train" / "dpo" / "policy" / "config.json").exists()
+    shown = console.export_text()
+    assert f"[{len(stages)}/{len(stages)}] evaluate" in shown and "report:" in shown
 
 
 def test_evaluation_rejects_entries_with_unusable_ground_truth() -> None:

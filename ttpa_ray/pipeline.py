@@ -1,7 +1,8 @@
 """The main job: the method's stages in order, each reading the previous stage's output from the run dir.
 
-Only stages that are built are run; the others are listed as not built yet, so `ttpa run` never
-pretends. Every stage reports records in, out and rejected, and in = out + rejected must hold.
+Every stage reports records in, out and rejected, and in = out + rejected must hold; ``pipeline.json``
+in the run dir is rewritten after each stage, so a run that stops part way shows how far it got.
+A stage that finds its output already there (reverse shards, training checkpoints) resumes.
 """
 
 from __future__ import annotations
@@ -254,8 +255,8 @@ def stage_evaluate(ctx: RunContext) -> StageReport:
     )
 
 
-# The method's stages in order (DESIGN.md), with the function of those that are built.
-STAGES: list[tuple[str, str, StageFn | None]] = [
+# The method's stages in order (DESIGN.md).
+STAGES: list[tuple[str, str, StageFn]] = [
     (
         "prepare-models",
         "resolve policy and teacher; build the tiny local model if missing",
@@ -270,26 +271,29 @@ STAGES: list[tuple[str, str, StageFn | None]] = [
 ]
 
 
+def _write_summary(run_dir: Path, config: TTPAConfig, reports: list[StageReport]) -> None:
+    summary = {
+        "config_digest": config.digest(),
+        "stages_run": [asdict(r) for r in reports],
+        "stages_pending": [name for name, _, _ in STAGES[len(reports) :]],
+    }
+    (run_dir / "pipeline.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+
+
 def run_pipeline(config: TTPAConfig, console: Console | None = None) -> list[StageReport]:
-    """Run every built stage in order and write ``pipeline.json`` to the run dir."""
+    """Run every stage in order and write ``pipeline.json`` to the run dir."""
     console = console or Console()
     run_dir = Path(config.run.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
     ctx = RunContext(config=config, run_dir=run_dir, console=console)
 
-    built = [name for name, _, fn in STAGES if fn is not None]
-    missing = [name for name, _, fn in STAGES if fn is None]
     console.print(f"[bold]ttpa run[/bold] {config.run.name} -> {run_dir}")
-    console.print(f"stages built and run: {', '.join(built)}")
-    if missing:
-        console.print(f"[yellow]stages not built yet (skipped): {', '.join(missing)}[/yellow]")
+    console.print("stages: " + " -> ".join(name for name, _, _ in STAGES))
 
     reports: list[StageReport] = []
-    for name, description, fn in STAGES:
-        if fn is None:
-            continue
-        console.print(f"[bold cyan]>> {name}[/bold cyan]: {description}")
+    for number, (name, description, fn) in enumerate(STAGES, start=1):
+        console.print(f"[bold cyan]>> [{number}/{len(STAGES)}] {name}[/bold cyan]: {description}")
         start = time.perf_counter()
         report = fn(ctx)
         report.seconds = time.perf_counter() - start
@@ -299,6 +303,7 @@ def run_pipeline(config: TTPAConfig, console: Console | None = None) -> list[Sta
                 f"+ rejected {report.records_rejected}"
             )
         reports.append(report)
+        _write_summary(run_dir, config, reports)
 
     table = Table(title="stages")
     for column in ("stage", "in", "out", "rejected", "seconds"):
@@ -308,12 +313,6 @@ def run_pipeline(config: TTPAConfig, console: Console | None = None) -> list[Sta
             r.name, str(r.records_in), str(r.records_out), str(r.records_rejected), f"{r.seconds:.1f}"
         )
     console.print(table)
-    summary = {
-        "config_digest": config.digest(),
-        "stages_run": [asdict(r) for r in reports],
-        "stages_not_built": missing,
-    }
-    (run_dir / "pipeline.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     console.print(f"summary: {run_dir / 'pipeline.json'}")
     for report in reports:
         if "markdown" in report.outputs:
