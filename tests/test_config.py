@@ -86,3 +86,9 @@ def test_yaml_round_trip_and_digest() -> None:
     again = TTPAConfig.model_validate(__import__("yaml").safe_load(config.to_yaml()))
     assert again == config and again.digest() == config.digest()
     assert load_config(LOCAL, ["tps.top_k=2"]).digest() != config.digest()
+
+
+@pytest.mark.parametrize("path", sorted((LOCAL.parent).glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path) -> None:
+    config = load_config(path)
+    assert config.train.deepspeed in {"zero2", "zero3", None}

@@ -276,3 +276,13 @@ def test_killed_job_resumes_without_loss_or_duplicates(
         ids += [r.input_id for r in read_parquet(RejectedRow, shard["rejected"])]
         ids += [d.seed_id for d in read_parquet(Dialogue, shard["dialogues"])]
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 12
+
+
+def test_mixed_catalogue_seeds_use_both_kinds_of_tools() -> None:
+    catalogue = load_catalogue("builtin+bfcl:GorillaFileSystem")
+    config = load_config(None, ["reverse.num_seeds=6", "reverse.tool_window=5"]).reverse
+    seeds = make_seeds(catalogue, config, 0)
+    builtin = set(load_catalogue("builtin").names)
+    assert [bool(s.initial_config) for s in seeds] == [False, True] * 3
+    for seed in seeds:
+        assert (set(seed.tool_names) <= builtin) != bool(seed.initial_config)

@@ -103,10 +103,12 @@ def make_seeds(catalogue: Any, config: ReverseConfig, seed: int) -> list[Seed]:
     entries = _bfcl_entries(catalogue)
     names = sorted(catalogue.names)
     seeds = []
+    stateless = [n for n in names if getattr(catalogue.bindings[n], "class_name", None) is None]
     for i in range(config.num_seeds):
         initial: dict[str, Any] = {}
-        pool = names
-        if entries:
+        pool = stateless or names
+        # A mixed catalogue alternates: BFCL environments for odd seeds, the other tools for even ones.
+        if entries and (not stateless or i % 2 == 1):
             entry = entries[rng.randrange(len(entries))]
             classes = set(entry["involved_classes"])
             pool = [
