@@ -479,7 +479,7 @@ MALFORMED: list[tuple[Any, str]] = [
     ),
     ('{"name": "f", "arguments": {"x": NaN}}', "NaN is not valid JSON"),
     ('{"name": "f", "arguments": {"x": 1e999}}', "overflows a float"),
-    ('{"name": "f", "parameters": 3}', "parameters is not a JSON object (got number)"),
+    ('{"name": "f", "parameters": 3}', "parameters is not a JSON object (got integer)"),
     ('[{"name": "f", "arguments": {}}, "g"]', "tool_call 1: expected a JSON object, got string"),
     ("[1, 2", "truncated JSON"),
     ("[" * 5000 + "]" * 5000, "nested too deeply"),
@@ -503,7 +503,7 @@ def test_errors_count_calls_and_keep_the_good_ones() -> None:
     good = render_hermes([ToolCall("a", {"x": 1}), ToolCall("b")])
     bad = '\n<tool_call>\n{"name": "c", "arguments": 7}\n</tool_call>'
     result = parse_hermes(good + bad)
-    assert result.error == "tool_call 2: arguments is not a JSON object (got number)"
+    assert result.error == "tool_call 2: arguments is not a JSON object (got integer)"
     assert [c.name for c in result.calls] == ["a", "b"]
     llama = parse_llama31('{"name": "a", "parameters": {}}; {"name": "b", "parameters": {"x": ')
     assert llama.error is not None and llama.error.startswith("tool_call 1: truncated JSON")

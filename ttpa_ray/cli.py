@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from ttpa_ray.config import ConfigError, TTPAConfig, load_config
+from ttpa_ray.cli_options import ConfigOption, OverridesArg, console, load_or_exit
 from ttpa_ray.esm.cli import score_command
 from ttpa_ray.tools.cli import app as tools_app
 from ttpa_ray.tps_cli import pairs_command, sample_command
@@ -21,22 +20,6 @@ app.add_typer(tools_app, name="tools")
 app.command("score")(score_command)
 app.command("sample")(sample_command)
 app.command("pairs")(pairs_command)
-
-console = Console()
-
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="YAML config (default: built-in defaults)")
-]
-OverridesArg = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. tps.top_k=5")]
-
-
-def _load(config: Path | None, overrides: list[str] | None) -> TTPAConfig:
-    """Load a config or exit with one clear line per problem (no traceback)."""
-    try:
-        return load_config(config, overrides or [])
-    except ConfigError as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(2) from None
 
 
 @app.command("make-tiny-model")
@@ -54,14 +37,14 @@ def make_tiny_model_command(
 @config_app.command("show")
 def config_show(config: ConfigOption = None, overrides: OverridesArg = None) -> None:
     """Print the resolved config (defaults + file + overrides) as YAML."""
-    cfg = _load(config, overrides)
+    cfg = load_or_exit(config, overrides)
     typer.echo(cfg.to_yaml(), nl=False)
 
 
 @config_app.command("validate")
 def config_validate(config: ConfigOption = None, overrides: OverridesArg = None) -> None:
     """Validate a config; exit 2 with the offending keys if it is invalid."""
-    cfg = _load(config, overrides)
+    cfg = load_or_exit(config, overrides)
     console.print(f"[green]valid[/green] (digest {cfg.digest()})")
 
 
@@ -90,7 +73,7 @@ def run_command(config: ConfigOption = None, overrides: OverridesArg = None) -> 
     from ttpa_ray.engine import ModelNotFoundError
     from ttpa_ray.pipeline import run_pipeline
 
-    cfg = _load(config, overrides)
+    cfg = load_or_exit(config, overrides)
     try:
         run_pipeline(cfg, console)
     except ModelNotFoundError as err:
@@ -104,7 +87,7 @@ def reverse_command(config: ConfigOption = None, overrides: OverridesArg = None)
     from ttpa_ray.engine import ModelNotFoundError
     from ttpa_ray.pipeline import RunContext, stage_prepare_models, stage_reverse
 
-    cfg = _load(config, overrides)
+    cfg = load_or_exit(config, overrides)
     ctx = RunContext(config=cfg, run_dir=Path(cfg.run.run_dir), console=console)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -134,7 +117,7 @@ def eval_command(
     from ttpa_ray.evaluate import run_evaluation
     from ttpa_ray.pipeline import init_ray
 
-    cfg = _load(config, overrides)
+    cfg = load_or_exit(config, overrides)
     pairs = [m.partition("=") for m in model or [f"base={cfg.model.policy}"]]
     if any(not sep or not label for label, sep, _ in pairs):
         console.print("[red]--model takes LABEL=PATH_OR_HUB_ID, e.g. --model aligned=runs/local/policy[/red]")

@@ -430,12 +430,15 @@ def _skip_ws(text: str, pos: int) -> int:
     return match.end() if match else pos
 
 
-def _json_type(value: Any) -> str:
+def json_type_of(value: Any) -> str:
+    """The JSON type name of a Python value (a bool is ``boolean``, never ``integer``)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "boolean"
-    if isinstance(value, int | float):
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
         return "number"
     if isinstance(value, str):
         return "string"
@@ -462,16 +465,16 @@ def _call_from_obj(obj: Any, where: str) -> ToolCall | str:
     if isinstance(obj, ToolCall):
         return obj
     if not isinstance(obj, dict):
-        return f"{where}: expected a JSON object, got {_json_type(obj)}"
+        return f"{where}: expected a JSON object, got {json_type_of(obj)}"
     if "name" not in obj and "function" in obj:
         obj = obj["function"]
         if not isinstance(obj, dict):
-            return f"{where}: 'function' is {_json_type(obj)}, not a JSON object"
+            return f"{where}: 'function' is {json_type_of(obj)}, not a JSON object"
     if "name" not in obj:
         return f"{where}: missing 'name'"
     name = obj["name"]
     if not isinstance(name, str):
-        return f"{where}: 'name' is {_json_type(name)}, not a string"
+        return f"{where}: 'name' is {json_type_of(name)}, not a string"
     if not name.strip():
         return f"{where}: empty 'name'"
     key = "arguments" if "arguments" in obj else "parameters"
@@ -488,7 +491,7 @@ def _call_from_obj(obj: Any, where: str) -> ToolCall | str:
     if args is None:  # missing or null: a call without arguments
         args = {}
     if not isinstance(args, dict):
-        return f"{where}: {key} is not a JSON object (got {_json_type(args)})"
+        return f"{where}: {key} is not a JSON object (got {json_type_of(args)})"
     return ToolCall(name=name, arguments=args)
 
 
@@ -527,12 +530,12 @@ def _parse_obj(obj: Any, fmt: str) -> ParseResult:
             if not tool_calls:
                 return _fail([], "message has no tool_calls", fmt)
             if not isinstance(tool_calls, list | tuple):
-                return _fail([], f"tool_calls is {_json_type(tool_calls)}, not a list", fmt)
+                return _fail([], f"tool_calls is {json_type_of(tool_calls)}, not a list", fmt)
             return _parse_items(tool_calls, fmt)
         return _parse_items([obj], fmt)
     if isinstance(obj, list | tuple):
         return _parse_items(obj, fmt)
-    return _fail([], f"expected a call object, a message or a list of calls, got {_json_type(obj)}", fmt)
+    return _fail([], f"expected a call object, a message or a list of calls, got {json_type_of(obj)}", fmt)
 
 
 def _parse_openai(obj: Any) -> ParseResult:

@@ -23,14 +23,6 @@ from ttpa_ray.engine import tool_call_schema
 from ttpa_ray.esm import CATEGORIES, ESMWeights, score_calls
 from ttpa_ray.records import RejectedRow, reject, write_parquet
 
-DEFAULT_CATEGORIES = (
-    "simple_python",
-    "multiple",
-    "parallel",
-    "parallel_multiple",
-    "live_simple",
-    "live_multiple",
-)
 MAX_CALLS_PER_TURN = 4
 HISTOGRAM_BINS = 10
 

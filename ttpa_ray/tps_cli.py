@@ -11,24 +11,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from ttpa_ray.config import ConfigError, TTPAConfig, load_config
-
-console = Console()
-
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="YAML config (default: built-in defaults)")
-]
-OverridesArg = Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. tps.top_k=5")]
-
-
-def _load(config: Path | None, overrides: list[str] | None) -> TTPAConfig:
-    try:
-        return load_config(config, overrides or [])
-    except ConfigError as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(2) from None
+from ttpa_ray.cli_options import ConfigOption, OverridesArg, console, load_or_exit
 
 
 def _reasons(reasons: dict[str, int]) -> str:
@@ -53,7 +37,7 @@ def sample_command(
     from ttpa_ray.pipeline import init_ray
     from ttpa_ray.tps import SampleReport, bfcl_dialogues, read_dialogues, run_sample_stage
 
-    cfg = _load(config, overrides)
+    cfg = load_or_exit(config, overrides)
     run_dir = Path(cfg.run.run_dir)
     try:
         model = resolve_model(cfg.model.policy, cfg.model)
@@ -88,7 +72,7 @@ def pairs_command(config: ConfigOption = None, overrides: OverridesArg = None) -
     from ttpa_ray.pairs import run_pairs_stage
     from ttpa_ray.pipeline import init_ray
 
-    cfg = _load(config, overrides)
+    cfg = load_or_exit(config, overrides)
     run_dir = Path(cfg.run.run_dir)
     if not (run_dir / "tps" / "turns.parquet").exists():
         console.print(f"[red]{run_dir / 'tps' / 'turns.parquet'} not found: run `ttpa sample` first[/red]")

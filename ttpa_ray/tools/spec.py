@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ttpa_ray.codec import json_type_of
+
 if TYPE_CHECKING:
     from ttpa_ray.records import ToolSpec
 
@@ -82,25 +84,6 @@ class ToolResult:
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (for JSON output and logs)."""
         return dataclasses.asdict(self)
-
-
-def json_type_of(value: Any) -> str:
-    """The JSON type name of a Python value (a bool is ``boolean``, never ``integer``)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int):
-        return "integer"
-    if isinstance(value, float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list | tuple):
-        return "array"
-    if isinstance(value, dict):
-        return "object"
-    return type(value).__name__
 
 
 def matches_json_type(value: Any, type_name: str) -> bool:
