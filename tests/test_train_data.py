@@ -152,3 +152,22 @@ def test_console_line_and_sample_log(tmp_path: Path) -> None:
     records = [(1, [0, 1]), (2, [2, 3]), (2, [9, 9]), (3, [4, 5])]  # step 2 redone after a resume
     log.write_text("".join(json.dumps({"step": s, "rank": 0, "samples": x}) + "\n" for s, x in records))
     assert read_sample_log(tmp_path) == {0: {1: [0, 1], 2: [9, 9], 3: [4, 5]}}
+
+
+def test_read_rows_takes_only_the_wanted_record_from_a_stage_folder(tmp_path: Path) -> None:
+    """The pairs stage's folder holds pairs, scored candidates and rejected turns: DPO reads pairs only."""
+    from ttpa_ray.codec import ToolCall
+    from ttpa_ray.records import Candidate, PreferencePair, ScoredCandidate, reject, write_parquet
+    from ttpa_ray.train.data import bfcl_preference_pairs, read_rows
+
+    pairs = bfcl_preference_pairs("simple_python")[:3]
+    write_parquet(pairs, tmp_path / "pairs.parquet")
+    candidate = Candidate(
+        candidate_id="c", turn_id="t", calls=(ToolCall("f", {}),), raw_text="", sampler="tps"
+    )
+    write_parquet(
+        [ScoredCandidate(candidate, 0.5, {"name": 1.0}, ("value_mismatch",))], tmp_path / "scored.parquet"
+    )
+    write_parquet([reject("t2", "pairs", "no_candidates", "none", {})], tmp_path / "rejected.parquet")
+    rows = read_rows(tmp_path, PreferencePair)
+    assert [r["pair_id"] for r in rows] == [p.pair_id for p in pairs]

@@ -215,18 +215,29 @@ def check_dialogues(
     return CheckedData(_json_table(kept, schema), rejected)
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Raw rows of a Parquet file, or of every Parquet file in a directory except rejected-row files
-    (stages write ``<shard>.dialogues.parquet`` beside ``<shard>.rejected.parquet``)."""
+def read_rows(path: str | Path, record: type | None = None) -> list[dict[str, Any]]:
+    """Raw rows of a Parquet file, or of the Parquet files of a directory that hold ``record``.
+
+    A stage's folder holds several records (the pairs stage writes pairs, scored candidates and
+    rejected turns; reverse shards write dialogues beside rejected seeds): in a directory, a file
+    whose schema names another record type is skipped, and so is any ``rejected`` file. Files
+    without the project's metadata (data from elsewhere) are read as they are.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"training input {path} does not exist: run the stage that writes it first")
     if path.is_file():
         files = [path]
     else:
-        files = sorted(p for p in path.rglob("*.parquet") if "rejected" not in p.name)
+        wanted = record.SCHEMA.metadata.get(b"ttpa.record") if record is not None else None  # type: ignore[attr-defined]
+        files = []
+        for file in sorted(path.rglob("*.parquet")):
+            found = (pq.read_schema(file).metadata or {}).get(b"ttpa.record")
+            if "rejected" in file.name or (wanted is not None and found is not None and found != wanted):
+                continue
+            files.append(file)
         if not files:
-            raise FileNotFoundError(f"training input {path} holds no Parquet files")
+            raise FileNotFoundError(f"training input {path} holds no Parquet files of the right record")
     rows: list[dict[str, Any]] = []
     for file in files:
         rows.extend(pq.read_table(file).to_pylist())

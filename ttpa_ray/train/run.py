@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from ttpa_ray.config import TrainConfig, resolve_deepspeed_path
+from ttpa_ray.records import Dialogue, PreferencePair
 from ttpa_ray.train.data import (
     CheckedData,
     chat_token_counter,
@@ -93,15 +94,11 @@ def run_stage(
         if (sft_policy / "config.json").is_file():
             model_path = str(sft_policy)
     default_input = train.pairs if stage == "dpo" else train.dialogues
-    # The pairs stage's folder also holds scored candidates and rejected turns: read its pairs only.
-    source = (
-        input_path
-        or default_input
-        or (run_dir / "pairs" / "pairs.parquet" if stage == "dpo" else run_dir / "reverse")
-    )
+    source = input_path or default_input or run_dir / ("pairs" if stage == "dpo" else "reverse")
+    record = PreferencePair if stage == "dpo" else Dialogue
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    checked = check_inputs(stage, read_rows(source), tokenizer, stage_cfg.max_length)
+    checked = check_inputs(stage, read_rows(source, record), tokenizer, stage_cfg.max_length)
     write_rejected(checked.rejected, out / "rejected.parquet")
     print(f"[{stage}] input checks on {source}: {checked.summary()}", flush=True)
     if checked.num_rows == 0:
