@@ -23,6 +23,7 @@ from transformers import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
 from ttpa_ray.config import DPOStageConfig
+from ttpa_ray.train.arguments import common_arguments
 from ttpa_ray.train.data import REF_COLUMNS, to_hf_dataset
 from ttpa_ray.train.metrics import SampleTracingMixin
 
@@ -55,31 +56,21 @@ def dpo_args(
 ) -> DPOConfig:
     """TRL's DPOConfig for one run (bf16 None: on GPUs only; DeepSpeed "auto" values resolve from these)."""
     return DPOConfig(
-        output_dir=str(output_dir),
-        learning_rate=stage.learning_rate,
-        num_train_epochs=stage.num_epochs,
-        max_steps=stage.max_steps,
-        per_device_train_batch_size=stage.per_device_batch_size,
-        gradient_accumulation_steps=stage.gradient_accumulation_steps,
-        warmup_steps=stage.warmup_steps,
-        weight_decay=stage.weight_decay,
-        max_length=stage.max_length,
+        **common_arguments(
+            stage,
+            output_dir,
+            seed=seed,
+            deepspeed=deepspeed,
+            use_cpu=use_cpu,
+            save_steps=save_steps,
+            logging_steps=logging_steps,
+            report_to=report_to,
+            gradient_checkpointing=gradient_checkpointing,
+            bf16=bf16,
+        ),
         beta=stage.beta,
         loss_type=[stage.loss_type],
         precompute_ref_log_probs=precomputed_reference,
-        seed=seed,
-        data_seed=seed,
-        deepspeed=deepspeed,
-        use_cpu=use_cpu,
-        bf16=(not use_cpu) if bf16 is None else bf16,
-        save_strategy="steps",
-        save_steps=save_steps,
-        logging_steps=logging_steps,
-        report_to=list(report_to) or "none",
-        gradient_checkpointing=gradient_checkpointing,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        save_only_model=False,
     )
 
 
