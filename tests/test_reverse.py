@@ -195,6 +195,28 @@ def test_builder_on_tiny_model_with_bfcl_environment(vllm_engine) -> None:
             assert any(e.dialogue_id == row.input_id and e.tool == call["name"] and e.result.ok for e in log)
 
 
+def test_scheduling_does_not_change_the_dialogues(vllm_engine) -> None:
+    """Continuous batching and lockstep steps sample every step with the same seed: same records."""
+    outputs = []
+    for scheduling in ("continuous", "lockstep"):
+        config = load_config(
+            None, ["reverse.num_seeds=6", "reverse.max_tokens=128", f"reverse.scheduling={scheduling}"]
+        )
+        catalogue = load_catalogue(config.reverse.catalogue)
+        done_order: list[str] = []
+        with ToolRegistry(catalogue) as registry:
+            builder = ReverseBuilder(vllm_engine, registry, config.reverse)
+            dialogues, rejected = builder.run(
+                make_seeds(catalogue, config.reverse, 0),
+                on_done=lambda seed, _, order=done_order: order.append(seed.seed_id),
+            )
+        assert sorted(done_order) == sorted({*done_order}) and len(done_order) == 6  # each seed once
+        outputs.append(
+            ([d.to_row() for d in dialogues], [(r.input_id, r.reason, r.payload) for r in rejected])
+        )
+    assert outputs[0] == outputs[1]
+
+
 def _config(tmp_path: Path, tiny_model_dir: Path, run: str, seeds: int = 8):
     return load_config(
         ROOT / "configs" / "local.yaml",
@@ -249,6 +271,7 @@ def test_killed_job_resumes_without_loss_or_duplicates(
             f"model.policy={tiny_model_dir}",
             "reverse.num_seeds=12",
             "reverse.shard_size=4",
+            "reverse.max_concurrent_dialogues=4",  # seeds flow in order: shards end one after another
             "reverse.max_tokens=256",
             "vllm.gpu_memory_utilization=0.1",
             f"ray.address={address}",

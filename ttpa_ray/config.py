@@ -92,6 +92,9 @@ class ReverseConfig(_Section):
     nudge_when_left: int = Field(default=1, ge=0)  # remind the teacher to answer with this many calls left
     max_parse_retries: int = Field(default=2, ge=0)
     max_concurrent_dialogues: int = Field(default=32, ge=1)  # dialogues sharing one engine
+    # continuous: a dialogue submits its next step the moment its last one finished (the engine's batch
+    # stays full); lockstep: every dialogue in flight takes one step per engine.generate call
+    scheduling: Literal["continuous", "lockstep"] = "continuous"
     shard_size: int = Field(default=16, ge=1)  # seeds per output shard (the unit of resume)
     temperature: float = Field(default=0.7, ge=0)
     max_tokens: int = Field(default=512, ge=16)  # per teacher step

@@ -228,6 +228,44 @@ class Engine:
             for o in outputs
         ]
 
+    # -- continuous batching: requests join the running batch as soon as they are known ----------
+    def submit(self, request_id: str, prompt: list[int], params: Any) -> None:
+        """Add one request to the engine's running batch without waiting for anything.
+
+        With :meth:`poll` this is vLLM's continuous batching driven by the caller: a dialogue whose
+        step finished submits its next step while the others are still decoding, instead of the
+        whole batch waiting for its slowest member (what :meth:`generate` does).
+        """
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params.output_kind = RequestOutputKind.FINAL_ONLY  # only finished requests come back
+        # One decode of the finished ids (in poll) instead of vLLM's per-token incremental detokenizer.
+        params.detokenize = False
+        self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt)), params)
+
+    def poll(self) -> list[tuple[str, Completion]]:
+        """Run one engine step; the requests that finished in it, as (request id, completion)."""
+        finished = []
+        for output in self.llm.llm_engine.step():
+            if output.finished:
+                first = output.outputs[0]  # type: ignore[index]  # a generate request's output
+                finished.append(
+                    (
+                        str(output.request_id),
+                        Completion(
+                            self.tokenizer.decode(first.token_ids, skip_special_tokens=True),
+                            list(first.token_ids),
+                            first.finish_reason,
+                        ),
+                    )
+                )
+        return finished
+
+    def has_unfinished(self) -> bool:
+        """Whether any submitted request is still running."""
+        return bool(self.llm.llm_engine.has_unfinished_requests())
+
     def close(self) -> None:
         """Stop the engine's background process now rather than at interpreter exit."""
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)

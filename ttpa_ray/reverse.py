@@ -31,7 +31,7 @@ import random
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,6 +214,10 @@ class ReverseBuilder:
         self.stats: Counter[str] = Counter()
         self.busy_seconds = 0.0
         self.generated_tokens = 0
+        self.requests = 0  # teacher steps sent to the engine
+        self._pending: deque[Seed] = deque()
+        self._finished: dict[str, Dialogue | RejectedRow] = {}
+        self._on_done: Callable[[Seed, Dialogue | RejectedRow], None] | None = None
 
     # -- prompts -----------------------------------------------------------------------------------
     def _scene_request(self, state: DialogueState) -> tuple[list[int], dict[str, Any]]:
@@ -473,45 +477,99 @@ class ReverseBuilder:
         )
 
     # -- driver ------------------------------------------------------------------------------------
-    def run(self, seeds: Sequence[Seed]) -> tuple[list[Dialogue], list[RejectedRow]]:
+    def run(
+        self, seeds: Sequence[Seed], on_done: Callable[[Seed, Dialogue | RejectedRow], None] | None = None
+    ) -> tuple[list[Dialogue], list[RejectedRow]]:
         """Build every seed; a finished dialogue's slot is refilled by the next seed at once.
 
-        Results come back in seed order: the same seeds and config give the same records.
+        ``config.scheduling`` picks how dialogues share the engine (both measured by bench/reverse.py):
+        ``continuous`` submits a dialogue's next step as soon as its previous one finished, so the
+        engine's batch never waits for the slowest dialogue; ``lockstep`` sends one step of every
+        dialogue in flight per ``generate`` call. Results come back in seed order; on the CPU build
+        the same seeds and config give the same records (each step samples with its own seed).
+        ``on_done(seed, result)`` is called as each seed ends (the replica writes a shard as soon as
+        its last seed is done).
         """
-        pending = deque(seeds)
+        self._pending = deque(seeds)
+        self._finished = {}
+        self._on_done = on_done
+        if self.config.scheduling == "lockstep":
+            self._run_lockstep()
+        else:
+            self._run_continuous()
+        results = [self._finished[s.seed_id] for s in seeds]
+        dialogues = [r for r in results if isinstance(r, Dialogue)]
+        return dialogues, [r for r in results if isinstance(r, RejectedRow)]
+
+    def _start_next(self) -> tuple[DialogueState, Any] | None:
+        """The next seed as a dialogue in flight (with its tool session), or None when none is left."""
+        while self._pending:
+            seed = self._pending.popleft()
+            tools = [self.specs[n] for n in seed.tool_names if n in self.specs]
+            state = DialogueState(seed=seed, tools=tools)
+            if tools:
+                return state, self.registry.session(seed.seed_id, seed.initial_config)
+            self._reject(state, "no_tools", f"none of {list(seed.tool_names)[:5]} is in the catalogue")
+            self._record(state)
+        return None
+
+    def _step_done(self, state: DialogueState, session: Any, completion: Completion) -> bool:
+        """Apply a finished step; True when the dialogue is over (its result recorded, session closed)."""
+        self.generated_tokens += len(completion.token_ids)
+        self.advance(state, completion, session)
+        if state.phase != "done":
+            return False
+        session.close()
+        self._record(state)
+        return True
+
+    def _record(self, state: DialogueState) -> None:
+        result = state.result
+        assert result is not None, "a dialogue ends with a record"
+        self._finished[state.seed.seed_id] = result
+        if self._on_done is not None:
+            self._on_done(state.seed, result)
+
+    def _run_continuous(self) -> None:
+        in_flight: dict[str, tuple[DialogueState, Any]] = {}
+
+        def submit(state: DialogueState, session: Any) -> None:
+            request_id = f"{state.seed.seed_id}/{state.step}"
+            prompt, params = self._request(state)
+            in_flight[request_id] = (state, session)
+            self.engine.submit(request_id, prompt, params)
+            self.requests += 1
+
+        while True:
+            while len(in_flight) < self.config.max_concurrent_dialogues and (started := self._start_next()):
+                submit(*started)
+            if not in_flight:
+                return
+            start = time.perf_counter()
+            finished = self.engine.poll()
+            self.busy_seconds += time.perf_counter() - start
+            for request_id, completion in finished:
+                state, session = in_flight.pop(request_id)
+                if not self._step_done(state, session, completion):
+                    submit(state, session)
+
+    def _run_lockstep(self) -> None:
         active: list[tuple[DialogueState, Any]] = []
-        finished: dict[str, Dialogue | RejectedRow] = {}
-        while pending or active:
-            while pending and len(active) < self.config.max_concurrent_dialogues:
-                seed = pending.popleft()
-                tools = [self.specs[n] for n in seed.tool_names if n in self.specs]
-                state = DialogueState(seed=seed, tools=tools)
-                if not tools:
-                    self._reject(
-                        state, "no_tools", f"none of {list(seed.tool_names)[:5]} is in the catalogue"
-                    )
-                    finished[seed.seed_id] = state.result  # type: ignore[assignment]
-                    continue
-                active.append((state, self.registry.session(seed.seed_id, seed.initial_config)))
+        while True:
+            while len(active) < self.config.max_concurrent_dialogues and (started := self._start_next()):
+                active.append(started)
             if not active:
-                break
+                return
             requests = [self._request(state) for state, _ in active]
             start = time.perf_counter()
             completions = self.engine.generate([p for p, _ in requests], [q for _, q in requests])
+            self.requests += len(requests)
             self.busy_seconds += time.perf_counter() - start
-            self.generated_tokens += sum(len(c.token_ids) for c in completions)
-            still = []
-            for (state, session), completion in zip(active, completions, strict=True):
-                self.advance(state, completion, session)
-                if state.phase == "done":
-                    session.close()
-                    finished[state.seed.seed_id] = state.result  # type: ignore[assignment]
-                else:
-                    still.append((state, session))
-            active = still
-        dialogues = [r for s in seeds if isinstance(r := finished[s.seed_id], Dialogue)]
-        rejected = [r for s in seeds if isinstance(r := finished[s.seed_id], RejectedRow)]
-        return dialogues, rejected
+            active = [
+                (state, session)
+                for (state, session), completion in zip(active, completions, strict=True)
+                if not self._step_done(state, session, completion)
+            ]
 
 
 # ----------------------------------------------------------------------------------------- Ray shell
@@ -543,24 +601,69 @@ class ReverseReplica:
         self.teacher = model
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, list[Any]] = {k: [] for k in SHARD_SUMMARY_KEYS}
+        """Build the batch's shards as one stream of dialogues; a row per shard, in batch order.
+
+        All seeds of the batch's unfinished shards share the engine (``max_concurrent_dialogues`` in
+        flight), so a shard's slowest dialogue does not hold the engine back; each shard is written,
+        with its ``.done`` marker, the moment its last seed ends. Shards finished by an earlier
+        attempt (a retried batch after a crash) are read back from their marker, not rebuilt.
+        """
+        done: dict[str, dict[str, Any]] = {}
+        todo: dict[str, list[Seed]] = {}
         for shard_id, seeds_json in zip(batch["shard_id"], batch["seeds"], strict=True):
             paths = shard_paths(self.out_dir, str(shard_id))
-            if paths["done"].exists():  # a retried batch: the shard was finished before the crash
-                done = json.loads(paths["done"].read_text())
+            if paths["done"].exists():
+                done[str(shard_id)] = json.loads(paths["done"].read_text())
             else:
-                done = self._build_shard(
-                    str(shard_id), [Seed.from_json(s) for s in json.loads(seeds_json)], paths
-                )
+                todo[str(shard_id)] = [Seed.from_json(s) for s in json.loads(seeds_json)]
+        if todo:
+            done.update(self._build_shards(todo))
+        out: dict[str, list[Any]] = {k: [] for k in SHARD_SUMMARY_KEYS}
+        for shard_id in batch["shard_id"]:
             for key in out:
-                out[key].append(json.dumps(done[key]) if key == "reasons" else done[key])
+                value = done[str(shard_id)][key]
+                out[key].append(json.dumps(value) if key == "reasons" else value)
         return out
 
-    def _build_shard(self, shard_id: str, seeds: list[Seed], paths: dict[str, Path]) -> dict[str, Any]:
+    def _build_shards(self, shards: dict[str, list[Seed]]) -> dict[str, dict[str, Any]]:
         builder = ReverseBuilder(self.engine, self.registry, self.config.reverse, teacher=self.teacher)
+        shard_of = {seed.seed_id: shard_id for shard_id, seeds in shards.items() for seed in seeds}
+        results: dict[str, dict[str, Dialogue | RejectedRow]] = {shard_id: {} for shard_id in shards}
+        written: dict[str, dict[str, Any]] = {}
         start = time.perf_counter()
-        dialogues, rejected = builder.run(seeds)
-        tokens = builder.generated_tokens
+        marks = {"tokens": 0, "requests": 0, "busy": 0.0, "time": start}  # totals at the last shard written
+
+        def on_done(seed: Seed, result: Dialogue | RejectedRow) -> None:
+            shard_id = shard_of[seed.seed_id]
+            results[shard_id][seed.seed_id] = result
+            if len(results[shard_id]) < len(shards[shard_id]):
+                return
+            # The work since the previous shard was written is this shard's share of the stream.
+            now = time.perf_counter()
+            usage = {
+                "tokens": builder.generated_tokens - int(marks["tokens"]),
+                "requests": builder.requests - int(marks["requests"]),
+                "busy": builder.busy_seconds - marks["busy"],
+                "seconds": now - marks["time"],
+            }
+            marks.update(
+                tokens=builder.generated_tokens,
+                requests=builder.requests,
+                busy=builder.busy_seconds,
+                time=now,
+            )
+            ordered = [results[shard_id][s.seed_id] for s in shards[shard_id]]
+            written[shard_id] = self._write_shard(shard_id, shards[shard_id], ordered, usage)
+
+        builder.run([seed for seeds in shards.values() for seed in seeds], on_done=on_done)
+        return written
+
+    def _write_shard(
+        self, shard_id: str, seeds: list[Seed], results: list[Dialogue | RejectedRow], usage: dict[str, Any]
+    ) -> dict[str, Any]:
+        paths = shard_paths(self.out_dir, shard_id)
+        dialogues = [r for r in results if isinstance(r, Dialogue)]
+        rejected = [r for r in results if isinstance(r, RejectedRow)]
         paths["done"].parent.mkdir(parents=True, exist_ok=True)
         # Write to temporary names, then rename: a crash never leaves a half-written shard behind.
         for key, records, cls in (("dialogues", dialogues, Dialogue), ("rejected", rejected, RejectedRow)):
@@ -571,9 +674,7 @@ class ReverseReplica:
             "shard_id": shard_id,
             "dialogues": len(dialogues),
             "rejected": len(rejected),
-            "tokens": tokens,
-            "seconds": time.perf_counter() - start,
-            "busy": builder.busy_seconds,
+            **usage,
             "reasons": dict(Counter(r.reason for r in rejected)),
             "seed_ids": [s.seed_id for s in seeds],
         }
@@ -607,6 +708,16 @@ def _shards(seeds: Sequence[Seed], size: int) -> list[tuple[str, list[Seed]]]:
     return [(f"shard-{i // size:05d}", list(seeds[i : i + size])) for i in range(0, len(seeds), size)]
 
 
+def shards_per_call(config: TTPAConfig, shards: int) -> int:
+    """Shards a replica builds as one stream: enough seeds to keep ``max_concurrent_dialogues`` in
+    flight four times over (the stream's tail, when its last dialogues run alone, is then a small
+    share), but never so many that a replica of ``replicas_max`` is left without a batch."""
+    reverse = config.reverse
+    wanted = -(-4 * reverse.max_concurrent_dialogues // reverse.shard_size)
+    fair = -(-shards // config.vllm.replicas_max)
+    return max(1, min(wanted, fair))
+
+
 def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any = None) -> ReverseReport:
     """Build dialogues for ``config.reverse.num_seeds`` seeds with vLLM replicas on Ray Data.
 
@@ -631,14 +742,15 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
     if todo:
         vllm = config.vllm
         rows = [{"shard_id": sid, "seeds": json.dumps([x.to_json() for x in s])} for sid, s in todo]
-        ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        per_call = shards_per_call(config, len(todo))
+        ds = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // per_call)).map_batches(
             ReverseReplica,
             fn_constructor_kwargs={
                 "model": teacher,
                 "config": config.model_dump(mode="json"),
                 "out_dir": str(out_dir),
             },
-            batch_size=1,
+            batch_size=per_call,
             batch_format="numpy",
             concurrency=replica_concurrency(vllm),
             max_restarts=vllm.max_restarts,
