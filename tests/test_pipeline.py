@@ -9,13 +9,18 @@ import pytest
 from rich.console import Console
 
 from ttpa_ray.config import load_config
+from ttpa_ray.evaluate import HELDOUT_CATEGORY
 from ttpa_ray.pipeline import STAGES, run_pipeline
 
 LOCAL = Path(__file__).parent.parent / "configs" / "local.yaml"
 
 
 @pytest.mark.slow
-def test_local_pipeline_small(ray_cluster, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_local_pipeline_small(
+    ray_cluster, tiny_model_dir: Path, tmp_path: Path, heldout_dialogues_file: Path
+) -> None:
+    # The random tiny teacher's dialogues never pass the filters, so the run's own held-out split is
+    # empty: the evaluation is pointed at two dialogues of really executed built-in calls instead.
     config = load_config(
         LOCAL,
         [
@@ -29,6 +34,7 @@ def test_local_pipeline_small(ray_cluster, tiny_model_dir: Path, tmp_path: Path)
             "tps.bfcl_limit=6",
             "train.dpo.max_steps=4",
             "train.save_steps=2",
+            f"eval.heldout_dialogues={heldout_dialogues_file}",
         ],
     )
     console = Console(record=True, width=120)
@@ -44,22 +50,29 @@ def test_local_pipeline_small(ray_cluster, tiny_model_dir: Path, tmp_path: Path)
     assert summary["stages_pending"] == []
     by_name = {s["name"]: s for s in summary["stages_run"]}
     assert by_name["reverse"]["records_in"] == 4
+    split = by_name["reverse"]["notes"]
+    assert split["train_dialogues"] + split["heldout_dialogues"] == by_name["reverse"]["records_out"]
+    assert (run_dir / "dialogues" / "train.parquet").exists()
+    assert (run_dir / "dialogues" / "heldout.parquet").exists()
     assert by_name["tps"]["records_in"] == 6 + by_name["reverse"]["records_out"]
     assert by_name["pairs"]["records_in"] == by_name["tps"]["records_in"]
     assert by_name["dpo"]["records_out"] > 0  # pairs were trained on
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     assert set(report) == {"base", "aligned"}  # the aligned model's numbers beside the base model's
-    for model in ("base", "aligned"):
-        assert report[model]["all"]["n"] == 6
-        assert set(report[model]) == {"simple_python", "parallel", "all"}
+    for model in ("base", "aligned"):  # 6 BFCL entries + 4 held-out turns
+        assert report[model]["all"]["n"] == 10
+        assert set(report[model]) == {"simple_python", "parallel", HELDOUT_CATEGORY, "all"}
+        assert report[model][HELDOUT_CATEGORY]["n"] == 4
         assert 0.0 <= report[model]["all"]["mean_esm"] <= 1.0
-        assert sum(report[model]["all"]["esm_histogram"]) == 6
-    answers = (run_dir / "eval" / "answers.jsonl").read_text().splitlines()
-    assert len(answers) == 12
+        assert sum(report[model]["all"]["esm_histogram"]) == 10
+    answers = [json.loads(line) for line in (run_dir / "eval" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 20
+    heldout_ids = {a["id"] for a in answers if a["category"] == HELDOUT_CATEGORY}
+    assert heldout_ids == {"dlg-0/0", "dlg-0/1", "dlg-1/0", "dlg-1/1"}
     for name in ("esm_histogram.png", "error_categories.png"):
         assert (run_dir / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (run_dir / "eval" / "report.md").read_text()
-    assert "| base | all | 6 |" in markdown and "| aligned | all | 6 |" in markdown
+    assert "| base | all | 10 |" in markdown and "| aligned | all | 10 |" in markdown
     assert (run_dir / "train" / "dpo" / "policy" / "config.json").exists()
     shown = console.export_text()
     assert f"[{len(stages)}/{len(stages)}] evaluate" in shown and "report:" in shown

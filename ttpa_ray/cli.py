@@ -112,7 +112,10 @@ def eval_command(
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="report folder (default: <run_dir>/eval)")] = None,
 ) -> None:
-    """Evaluate one or more models on BFCL's AST categories: ESM, error categories, exact match."""
+    """Evaluate models on BFCL's AST categories and held-out reversed dialogues: ESM, errors, exact match.
+
+    Held-out dialogues: eval.heldout_dialogues, else <run_dir>/dialogues/heldout.parquet if it exists.
+    """
     from ttpa_ray.engine import ModelNotFoundError, resolve_model
     from ttpa_ray.evaluate import run_evaluation
     from ttpa_ray.pipeline import init_ray
@@ -132,7 +135,7 @@ def eval_command(
     for label, summary in run.summaries.items():
         console.print(
             f"{label}: mean ESM {summary['all'].mean_esm:.3f}, exact match {summary['all'].exact_match:.3f} "
-            f"over {summary['all'].n} entries"
+            f"over {summary['all'].n} items ({run.heldout_turns} of them held-out dialogue turns)"
         )
     console.print(f"report: {run.paths['markdown']}")
 

@@ -241,6 +241,11 @@ class EvalConfig(_Section):
     ]
     limit_per_category: int | None = Field(default=None, ge=1)  # None: every entry
     max_tokens: int = Field(default=256, ge=16)
+    # Share of the reversed dialogues held out of TPS and SFT and evaluated (turn by turn) instead.
+    heldout_fraction: float = Field(default=0.1, ge=0, lt=1)
+    # Held-out dialogues to evaluate (a Parquet file of Dialogue records); None: the run's own split,
+    # <run_dir>/dialogues/heldout.parquet, when it exists.
+    heldout_dialogues: Path | None = None
 
 
 class TTPAConfig(_Section):

@@ -1,10 +1,12 @@
-"""Fine-grained evaluation (DESIGN.md stage 5) on BFCL v4's AST categories.
+"""Fine-grained evaluation (DESIGN.md stage 5) on BFCL v4's AST categories and held-out dialogues.
 
-A model (base or aligned) answers each BFCL entry through vLLM replicas in Ray Data, with the entry's
-functions as its tools and structured outputs constraining the answer to a list of calls of those
-tools. Each answer is scored with ESM against BFCL's possible answers (alternatives) and checked by
-BFCL's own ``ast_checker`` (exact match). The report gives, per category and model: mean ESM and its
-histogram, the rate of each error category, and exact-match accuracy; as JSON, Markdown and PNG.
+A model (base or aligned) answers each item through vLLM replicas in Ray Data, with the item's tools
+and structured outputs constraining the answer to a list of calls of those tools. Items are BFCL
+entries (scored with ESM against BFCL's possible answers, exact match by BFCL's own ``ast_checker``)
+and the tool-call turns of the reversed dialogues held out of TPS and SFT (category
+``reversed_heldout``: ESM against the executed calls, exact match = ESM 1.0). The report gives, per
+category and model: mean ESM and its histogram, the rate of each error category, and exact-match
+accuracy; as JSON, Markdown and PNG.
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from ttpa_ray.bfcl import BfclEntry, ast_check, load_entries
-from ttpa_ray.codec import parse_any
+from ttpa_ray.codec import ToolCall, parse_any
 from ttpa_ray.config import TTPAConfig
 from ttpa_ray.engine import tool_call_schema
-from ttpa_ray.esm import CATEGORIES, ESMWeights, score_calls
-from ttpa_ray.records import RejectedRow, reject, write_parquet
+from ttpa_ray.esm import CATEGORIES, ESMWeights, prepare_reference, prepare_tools, score_calls
+from ttpa_ray.records import Dialogue, RejectedRow, read_parquet, reject, write_parquet
+from ttpa_ray.reverse import SPLIT_DIR
+from ttpa_ray.tps import turns_from_dialogue
 
 MAX_CALLS_PER_TURN = 4
 HISTOGRAM_BINS = 10
+HELDOUT_CATEGORY = "reversed_heldout"  # turns of the held-out reversed dialogues
 
 
 def answer_schema(tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -41,23 +46,59 @@ def select_entries(categories: Sequence[str], limit: int | None) -> list[BfclEnt
     return entries
 
 
-def prompt_rows(entries: Sequence[BfclEntry], *, max_tokens: int, seed: int) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class EvalItem:
+    """One question put to the model: a BFCL entry, or one tool-call turn of a held-out dialogue.
+
+    BFCL: ESM against the entry's possible answers (alternatives), exact match by BFCL's ast_checker.
+    Held-out turn: ESM against the dialogue's executed call(s), exact match = ESM 1.0 (every call
+    matched with the same name, keys, types and values; there are no alternatives to consult).
+    """
+
+    id: str
+    category: str
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]]
+    entry: BfclEntry | None = None
+    reference: tuple[ToolCall, ...] = ()
+
+
+def bfcl_items(entries: Sequence[BfclEntry]) -> list[EvalItem]:
+    """Single-turn BFCL entries: the first (only) question turn's messages, the entry's functions."""
+    return [EvalItem(e.id, e.category, list(e.question[0]), e.tools, entry=e) for e in entries]
+
+
+def heldout_items(dialogues: Sequence[Dialogue]) -> list[EvalItem]:
+    """Every assistant tool-call turn of the held-out dialogues, with the conversation before it."""
+    items = []
+    for dialogue in dialogues:
+        for turn in turns_from_dialogue(dialogue):
+            items.append(
+                EvalItem(
+                    turn.turn_id,
+                    HELDOUT_CATEGORY,
+                    [m.to_openai() for m in turn.context],
+                    [t.to_openai() for t in turn.tools],
+                    reference=turn.reference_calls,
+                )
+            )
+    return items
+
+
+def prompt_rows(items: Sequence[EvalItem], *, max_tokens: int, seed: int) -> list[dict[str, Any]]:
     """Prompt rows for :func:`ttpa_ray.replica.generate_dataset` (greedy: evaluation is deterministic)."""
-    rows = []
-    for entry in entries:
-        messages = entry.question[0]  # single-turn categories: the first (only) turn's messages
-        rows.append(
-            {
-                "row_id": entry.id,
-                "messages": json.dumps(messages, ensure_ascii=False),
-                "tools": json.dumps(entry.tools, ensure_ascii=False),
-                "json_schema": json.dumps(answer_schema(entry.tools), ensure_ascii=False),
-                "max_tokens": max_tokens,
-                "temperature": 0.0,
-                "seed": seed,
-            }
-        )
-    return rows
+    return [
+        {
+            "row_id": item.id,
+            "messages": json.dumps(item.messages, ensure_ascii=False),
+            "tools": json.dumps(item.tools, ensure_ascii=False),
+            "json_schema": json.dumps(answer_schema(item.tools), ensure_ascii=False),
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "seed": seed,
+        }
+        for item in items
+    ]
 
 
 @dataclass
@@ -73,29 +114,35 @@ class EntryResult:
 
 
 def score_answers(
-    entries: Sequence[BfclEntry], completions: dict[str, str], weights: ESMWeights
+    items: Sequence[EvalItem | BfclEntry], completions: dict[str, str], weights: ESMWeights
 ) -> tuple[list[EntryResult], list[RejectedRow]]:
-    """ESM and BFCL exact match of each entry's completion; an entry with no completion scores 0.
+    """ESM and exact match of each item's completion; an item with no completion scores 0.
 
-    An entry whose own ground truth is unusable (BFCL lists no acceptable value for a required
+    An item whose own reference is unusable (BFCL lists no acceptable value for a required
     argument in a few live entries) becomes a rejected row with the reason, not a crash.
     """
     results = []
     rejected = []
-    for entry in entries:
-        text = completions.get(entry.id, "")
+    for raw in items:
+        item = raw if isinstance(raw, EvalItem) else bfcl_items([raw])[0]
+        text = completions.get(item.id, "")
         try:
-            index = entry.tool_index()
-            reference = entry.reference(index)
+            index = prepare_tools(item.tools)
+            if item.entry is not None:
+                reference = item.entry.reference(index)
+            else:
+                reference = prepare_reference([c.to_dict() for c in item.reference], tools=index)
         except ValueError as err:
-            rejected.append(
-                reject(entry.id, "evaluate", "invalid_ground_truth", str(err), {"completion": text})
-            )
+            reason = "invalid_ground_truth" if item.entry is not None else "invalid_reference"
+            rejected.append(reject(item.id, "evaluate", reason, str(err), {"completion": text}))
             continue
         esm = score_calls(text, reference, index, weights)
-        parsed = parse_any(text)
-        exact = bool(parsed.ok and ast_check(entry, parsed.calls).get("valid", False))
-        results.append(EntryResult(entry.id, entry.category, text, esm.score, list(esm.errors), exact))
+        if item.entry is not None:
+            parsed = parse_any(text)
+            exact = bool(parsed.ok and ast_check(item.entry, parsed.calls).get("valid", False))
+        else:
+            exact = esm.score == 1.0
+        results.append(EntryResult(item.id, item.category, text, esm.score, list(esm.errors), exact))
     return results, rejected
 
 
@@ -111,7 +158,7 @@ class CategorySummary:
 
 
 def summarize(results: Sequence[EntryResult]) -> dict[str, CategorySummary]:
-    """Per-category summaries plus an ``all`` row."""
+    """Per-category summaries plus an ``all`` row (BFCL entries and held-out turns together)."""
     groups: dict[str, list[EntryResult]] = {}
     for result in results:
         groups.setdefault(result.category, []).append(result)
@@ -134,40 +181,55 @@ def summarize(results: Sequence[EntryResult]) -> dict[str, CategorySummary]:
 
 
 def evaluate_model(
-    config: TTPAConfig, model: str, entries: Sequence[BfclEntry], *, max_tokens: int
+    config: TTPAConfig, model: str, items: Sequence[EvalItem], *, max_tokens: int
 ) -> tuple[list[EntryResult], list[RejectedRow]]:
     """Generate answers with vLLM replicas on Ray Data and score them."""
     import ray
 
     from ttpa_ray.replica import generate_dataset
 
-    rows = prompt_rows(entries, max_tokens=max_tokens, seed=config.run.seed)
+    rows = prompt_rows(items, max_tokens=max_tokens, seed=config.run.seed)
     ds = generate_dataset(ray.data.from_items(rows), model, config)
     completions = {
         row["row_id"]: row["completion"] for row in ds.select_columns(["row_id", "completion"]).take_all()
     }
-    return score_answers(entries, completions, ESMWeights.from_config(config.esm.weights))
+    return score_answers(items, completions, ESMWeights.from_config(config.esm.weights))
 
 
 @dataclass
 class EvaluationRun:
-    """What :func:`run_evaluation` did: entries asked, answers scored, summaries, report files."""
+    """What :func:`run_evaluation` did: items asked, answers scored, summaries, report files."""
 
     entries: int
     answers_scored: int
     answers_rejected: int
     summaries: dict[str, dict[str, CategorySummary]]
     paths: dict[str, Path]
+    heldout_turns: int = 0
+
+
+def heldout_source(config: TTPAConfig) -> Path | None:
+    """The held-out dialogues to evaluate: ``eval.heldout_dialogues``, else the run's own split."""
+    if config.eval.heldout_dialogues is not None:
+        path = Path(config.eval.heldout_dialogues)
+        if not path.is_file():
+            raise FileNotFoundError(f"eval.heldout_dialogues: {path} is not a file")
+        return path
+    own = Path(config.run.run_dir) / SPLIT_DIR / "heldout.parquet"
+    return own if own.is_file() else None
 
 
 def run_evaluation(config: TTPAConfig, models: dict[str, str], out_dir: Path) -> EvaluationRun:
-    """Evaluate each labelled model on the configured BFCL entries and write the report."""
-    entries = select_entries(config.eval.categories, config.eval.limit_per_category)
+    """Evaluate each labelled model on the BFCL entries and the held-out turns; write the report."""
+    items = bfcl_items(select_entries(config.eval.categories, config.eval.limit_per_category))
+    source = heldout_source(config)
+    heldout = heldout_items(read_parquet(Dialogue, source)) if source is not None else []
+    items += heldout
     results: dict[str, list[EntryResult]] = {}
     rejected: list[RejectedRow] = []
     for label, model in models.items():
         results[label], model_rejected = evaluate_model(
-            config, model, entries, max_tokens=config.eval.max_tokens
+            config, model, items, max_tokens=config.eval.max_tokens
         )
         rejected += model_rejected
     summaries = {label: summarize(rows) for label, rows in results.items()}
@@ -175,7 +237,12 @@ def run_evaluation(config: TTPAConfig, models: dict[str, str], out_dir: Path) ->
     paths["rejected"] = out_dir / "rejected.parquet"
     write_parquet(rejected, paths["rejected"], RejectedRow)
     return EvaluationRun(
-        len(entries), sum(len(rows) for rows in results.values()), len(rejected), summaries, paths
+        len(items),
+        sum(len(rows) for rows in results.values()),
+        len(rejected),
+        summaries,
+        paths,
+        heldout_turns=len(heldout),
     )
 
 
@@ -205,7 +272,7 @@ def render_markdown(summaries: dict[str, dict[str, CategorySummary]]) -> str:
     lines = [
         "# Evaluation report",
         "",
-        "ESM (mean), BFCL exact match (ast_checker) and error-category rates.",
+        "ESM (mean), exact match (BFCL: ast_checker; held-out turns: ESM = 1) and error-category rates.",
         "",
     ]
     header = ["model", "category", "n", "mean ESM", "exact match", *CATEGORIES]

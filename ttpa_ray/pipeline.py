@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ttpa_ray.config import TTPAConfig
+from ttpa_ray.records import Dialogue
 
 
 @dataclass
@@ -102,12 +103,17 @@ class ShardProgress:
 
 def stage_reverse(ctx: RunContext) -> StageReport:
     """Reversed construction: seeds -> dialogues + rejected rows (Parquet shards + manifest)."""
-    from ttpa_ray.reverse import run_reverse
+    from ttpa_ray.reverse import run_reverse, write_split
 
     init_ray(ctx.config)
     out_dir = ctx.run_dir / "reverse"
     report = run_reverse(ctx.config, ctx.models["teacher"], out_dir, ShardProgress(ctx.console, "reverse"))
     ctx.console.print(f"   rejected by reason: {report.reasons}")
+    split = write_split(out_dir, ctx.run_dir, ctx.config.eval.heldout_fraction, ctx.config.run.seed)
+    ctx.console.print(
+        f"   {split.train} dialogues for TPS and SFT, {split.heldout} held out for the evaluation"
+        f" ({split.paths['heldout']})"
+    )
     return StageReport(
         "reverse",
         records_in=report.seeds,
@@ -118,17 +124,18 @@ def stage_reverse(ctx: RunContext) -> StageReport:
             "reasons": report.reasons,
             "generated_tokens": report.generated_tokens,
             "engine_busy_fraction": round(report.busy_fraction, 3),
+            "train_dialogues": split.train,
+            "heldout_dialogues": split.heldout,
         },
     )
 
 
 def stage_tps(ctx: RunContext) -> StageReport:
     """Token-level preference sampling: dialogues -> turns -> candidates from the policy."""
-    from ttpa_ray.reverse import read_dialogues
     from ttpa_ray.tps import bfcl_dialogues, run_sample_stage, turns_from_dialogues
 
     init_ray(ctx.config)
-    dialogues = read_dialogues(ctx.run_dir / "reverse")
+    dialogues = training_dialogues(ctx.run_dir)  # the held-out ones never reach TPS
     tps = ctx.config.tps
     if tps.bfcl_limit:
         dialogues += bfcl_dialogues(tps.bfcl_category, tps.bfcl_limit, start=tps.bfcl_offset)
@@ -147,6 +154,17 @@ def stage_tps(ctx: RunContext) -> StageReport:
             "reasons": report.reasons,
         },
     )
+
+
+def training_dialogues(run_dir: Path) -> list[Dialogue]:
+    """The reversed dialogues that are not held out (the reverse stage's split)."""
+    from ttpa_ray.records import read_parquet
+    from ttpa_ray.reverse import SPLIT_DIR
+
+    path = run_dir / SPLIT_DIR / "train.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run the reverse stage first")
+    return read_parquet(Dialogue, path)
 
 
 def count_sampled_inputs(sample_dir: Path) -> int:
@@ -181,7 +199,7 @@ def stage_pairs(ctx: RunContext) -> StageReport:
     )
 
 
-def _train(ctx: RunContext, stage: str) -> StageReport:
+def _train(ctx: RunContext, stage: str, input_path: Path | None = None) -> StageReport:
     from ttpa_ray.train.run import run_stage
 
     init_ray(ctx.config)
@@ -192,6 +210,7 @@ def _train(ctx: RunContext, stage: str) -> StageReport:
         run_dir=ctx.run_dir,
         seed=ctx.config.run.seed,
         run_name=ctx.config.run.name,
+        input_path=input_path,
     )
     ctx.models["aligned"] = str(outcome.result.policy_dir)
     return StageReport(
@@ -206,15 +225,17 @@ def _train(ctx: RunContext, stage: str) -> StageReport:
 
 def stage_sft(ctx: RunContext) -> StageReport:
     """SFT warm start on the reversed dialogues (Ray Train + DeepSpeed); skipped when there are none."""
-    from ttpa_ray.reverse import read_dialogues
+    from ttpa_ray.reverse import SPLIT_DIR
 
     if not ctx.config.train.sft.enabled:
         ctx.console.print("   train.sft.enabled is false: skipped")
         return StageReport("sft", 0, 0, 0, notes={"skipped": "disabled"})
-    if not read_dialogues(ctx.run_dir / "reverse"):
+    if ctx.config.train.dialogues is not None:  # the user named the SFT data
+        return _train(ctx, "sft")
+    if not training_dialogues(ctx.run_dir):
         ctx.console.print("   no reversed dialogue passed the filters: nothing to fine-tune on, skipped")
         return StageReport("sft", 0, 0, 0, notes={"skipped": "no dialogues"})
-    return _train(ctx, "sft")
+    return _train(ctx, "sft", ctx.run_dir / SPLIT_DIR / "train.parquet")  # held-out ones excluded
 
 
 def stage_dpo(ctx: RunContext) -> StageReport:
@@ -234,15 +255,19 @@ def stage_dpo(ctx: RunContext) -> StageReport:
 
 
 def stage_evaluate(ctx: RunContext) -> StageReport:
-    """Evaluate the policy (and the aligned policy, once training exists) on BFCL's AST categories."""
+    """Evaluate the policy (and the aligned one) on BFCL's AST categories and the held-out dialogues."""
     from ttpa_ray.evaluate import run_evaluation
 
     init_ray(ctx.config)
     models = {"base": ctx.models["policy"]}
     if "aligned" in ctx.models:
         models["aligned"] = ctx.models["aligned"]
-    ctx.console.print(f"   evaluating {', '.join(f'{k} ({v})' for k, v in models.items())} on BFCL")
+    ctx.console.print(f"   evaluating {', '.join(f'{k} ({v})' for k, v in models.items())}")
     run = run_evaluation(ctx.config, models, ctx.run_dir / "eval")
+    ctx.console.print(
+        f"   {run.entries - run.heldout_turns} BFCL entries and {run.heldout_turns} turns of held-out"
+        " reversed dialogues per model"
+    )
     overall = {label: round(s["all"].mean_esm, 4) for label, s in run.summaries.items()}
     # An entry the model failed to answer is still scored (0, category parse): none is dropped.
     return StageReport(
