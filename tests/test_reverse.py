@@ -237,7 +237,14 @@ def test_stage_counts_and_determinism(ray_cluster, tiny_model_dir: Path, tmp_pat
     for run in ("a", "b"):
         config = _config(tmp_path, tiny_model_dir, run)
         out_dir = tmp_path / run / "reverse"
-        report = run_reverse(config, str(tiny_model_dir), out_dir)
+        seen: list[tuple[str, int]] = []
+        report = run_reverse(
+            config,
+            str(tiny_model_dir),
+            out_dir,
+            lambda done, _totals, n, seen=seen: seen.append((done["shard_id"], n)),
+        )
+        assert sorted(seen) == [("shard-00000", 2), ("shard-00001", 2)]  # each shard reported once
         assert report.seeds == 8 == report.dialogues + report.rejected
         assert sum(report.reasons.values()) == report.rejected
         manifest = json.loads((out_dir / "manifest.json").read_text())

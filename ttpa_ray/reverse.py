@@ -724,7 +724,7 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
 
     Shards already marked done in ``out_dir`` (by an earlier, maybe crashed, run) are skipped; the
     manifest is rebuilt from every shard's marker, and seeds = dialogues + rejected is checked.
-    ``progress(done_summary, totals)`` is called as each shard finishes.
+    ``progress(done_summary, totals, shards)`` is called as each shard finishes (from a watcher thread).
     """
     import ray
 
@@ -758,13 +758,57 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
             max_task_retries=vllm.max_restarts,
             **replica_resources(vllm),
         )
-        totals: Counter[str] = Counter()
-        for row in ds.iter_rows():
-            totals.update({"shards": 1, "dialogues": int(row["dialogues"]), "rejected": int(row["rejected"])})
-            totals["tokens"] += int(row["tokens"])
-            if progress is not None:
-                progress(row, totals, len(todo))
+        watcher = _ShardWatcher(out_dir, [sid for sid, _ in todo], progress)
+        watcher.start()
+        try:
+            finished = sum(1 for _ in ds.iter_rows())  # a row per shard, once its replica call returns
+        finally:
+            watcher.stop()
+        if finished != len(todo):
+            raise RuntimeError(f"reverse: {finished} shard rows came back for {len(todo)} shards")
     return write_manifest(out_dir, seeds, shards, time.perf_counter() - start)
+
+
+class _ShardWatcher:
+    """Reports each shard to ``progress`` the moment its ``.done`` marker appears.
+
+    A replica call builds several shards and returns their rows together, so progress follows the
+    markers (the run directory is shared by the driver and the replicas) rather than the rows.
+    """
+
+    def __init__(self, out_dir: Path, shard_ids: Sequence[str], progress: Any, interval: float = 1.0) -> None:
+        import threading
+
+        self.markers = {sid: shard_paths(out_dir, sid)["done"] for sid in shard_ids}
+        self.progress = progress
+        self.interval = interval
+        self.totals: Counter[str] = Counter()
+        self.reported: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reverse-progress", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()  # the shards that ended since the last look
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def poll(self) -> None:
+        for sid, marker in self.markers.items():
+            if sid in self.reported or not marker.exists():
+                continue
+            self.reported.add(sid)
+            done = json.loads(marker.read_text())
+            self.totals.update({"shards": 1, "dialogues": done["dialogues"], "rejected": done["rejected"]})
+            self.totals["tokens"] += int(done["tokens"])
+            if self.progress is not None:
+                self.progress(done, self.totals, len(self.markers))
 
 
 def write_manifest(
