@@ -68,8 +68,18 @@ def _init_distributed(use_gpu: bool) -> None:
 
 
 def _peak_rss_mib() -> float:
-    # ru_maxrss is in KiB on Linux
+    # ru_maxrss is in KiB on Linux (the high-water mark, reset by reset_peak_rss)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def reset_peak_rss() -> bool:
+    """Restart this process's RSS high-water mark from its current RSS (Linux ``clear_refs`` 5), so that
+    a later :func:`_peak_rss_mib` covers only what came after; False where the kernel does not allow it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5", encoding="utf-8")
+    except OSError:
+        return False
+    return True
 
 
 def _rss_anon_mib() -> float:
@@ -79,6 +89,24 @@ def _rss_anon_mib() -> float:
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def _peak_rss_callback() -> Any:
+    from transformers import TrainerCallback
+
+    class PeakRss(TrainerCallback):
+        """Split the peak RSS at the first step: set-up (model loading, DeepSpeed engine) and steps."""
+
+        def __init__(self) -> None:
+            self.setup_peak_mib = float("nan")
+            self.reset = False
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # HF calls this once the DeepSpeed engine is built, before the first step
+            self.setup_peak_mib = _peak_rss_mib()
+            self.reset = reset_peak_rss()
+
+    return PeakRss()
 
 
 def _callbacks(job: TrainJob, rank: int, local_rank: int) -> list[Any]:
@@ -202,14 +230,17 @@ def train_loop(job_fields: dict[str, Any]) -> None:
         trainer = build_sft_trainer(model, tokenizer, table, args, callbacks)
     if job.sample_log_dir:
         trainer.add_callback(SampleLog(Path(job.sample_log_dir), rank, trainer))
-    trainer.add_callback(ModelStateMeter(trainer))
+
+    meter = ModelStateMeter(trainer)
+    trainer.add_callback(meter)
+    rss = _peak_rss_callback()
+    trainer.add_callback(rss)
 
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     elapsed = time.perf_counter() - started
     # before the export: under ZeRO-3 saving gathers the whole model on rank 0 once, after training
-    peak_training = _peak_rss_mib()
-    meter = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ModelStateMeter))
+    peak_steps = _peak_rss_mib()
     states = max(meter.peak_mib, model_state_mib(trainer))
 
     from ttpa_ray.train.export import save_policy
@@ -219,7 +250,11 @@ def train_loop(job_fields: dict[str, Any]) -> None:
         "step": trainer.state.global_step,
         "train_loss": float(result.training_loss),
         "train_seconds": elapsed,
-        "peak_rss_mib": peak_training,
+        # the process's peak RSS over setup and training; the two phases apart (the setup peak covers model
+        # loading and the DeepSpeed engine's construction, the steps peak the training steps only)
+        "peak_rss_mib": max(rss.setup_peak_mib, peak_steps),
+        "setup_peak_rss_mib": rss.setup_peak_mib,
+        "steps_peak_rss_mib": peak_steps if rss.reset else float("nan"),
         "rss_anon_mib": _rss_anon_mib(),
         "model_state_mib": states,
         "num_tokens": float(trainer._total_train_tokens),
@@ -249,7 +284,9 @@ class TrainResult:
     metrics: dict[str, Any]
     history: list[dict[str, float]]
     run_path: str
-    worker_peak_rss_mib: list[float] = field(default_factory=list)  # per rank, during training
+    worker_peak_rss_mib: list[float] = field(default_factory=list)  # per rank, set-up and training
+    worker_setup_peak_rss_mib: list[float] = field(default_factory=list)  # per rank, before the first step
+    worker_steps_peak_rss_mib: list[float] = field(default_factory=list)  # per rank, during the steps
     worker_rss_anon_mib: list[float] = field(default_factory=list)  # per rank, right after training
     worker_model_state_mib: list[float] = field(default_factory=list)  # per rank: params, grads, optimizer
 
@@ -297,9 +334,7 @@ def run_torch_trainer(
         raise result.error
     metrics = dict(result.metrics or {})
     history: list[dict[str, float]] = []
-    peaks: list[float] = []
-    anon: list[float] = []
-    states: list[float] = []
+    finals: list[dict[str, Any]] = []
     policy_dir = None
     checkpoint = result.checkpoint
     if previous is not None and (previous / POLICY).is_dir():
@@ -312,15 +347,26 @@ def run_torch_trainer(
                 history = json.loads(summary.read_text(encoding="utf-8"))["history"]
             workers = sorted(Path(folder).glob("worker-*.json"), key=lambda p: int(p.stem.split("-")[1]))
             finals = [json.loads(p.read_text(encoding="utf-8")) for p in workers]
-            peaks = [f["peak_rss_mib"] for f in finals]
-            anon = [f["rss_anon_mib"] for f in finals]
-            states = [f["model_state_mib"] for f in finals]
             if export_dir is not None and (Path(folder) / POLICY).is_dir():
                 shutil.rmtree(export_dir, ignore_errors=True)
                 export_dir.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copytree(Path(folder) / POLICY, export_dir)
                 policy_dir = export_dir
-    return TrainResult(policy_dir, metrics, history, str(result.path), peaks, anon, states)
+
+    def per_rank(key: str) -> list[float]:
+        return [float(f.get(key, float("nan"))) for f in finals]
+
+    return TrainResult(
+        policy_dir,
+        metrics,
+        history,
+        str(result.path),
+        worker_peak_rss_mib=per_rank("peak_rss_mib"),
+        worker_setup_peak_rss_mib=per_rank("setup_peak_rss_mib"),
+        worker_steps_peak_rss_mib=per_rank("steps_peak_rss_mib"),
+        worker_rss_anon_mib=per_rank("rss_anon_mib"),
+        worker_model_state_mib=per_rank("model_state_mib"),
+    )
 
 
 def latest_checkpoint(storage_path: str, run_name: str) -> Path | None:
