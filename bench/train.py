@@ -3,19 +3,28 @@ time of DPO with precomputed reference log-probs against a live reference model.
 
     .venv/bin/python bench/train.py [--quick]
 
-One model and one set of pairs for every run: a Qwen2 made by ``make_tiny_model`` with a larger config
-than the test model (overheads dominate the 0.34 M-parameter one), and BFCL pairs (ground-truth call vs
-a mutated call). Runs, each DPO for the same number of steps:
+One model and one set of pairs for every run: a Qwen2 made by ``make_tiny_model`` (hidden 1024, 8 layers,
+~72 M parameters; --quick: hidden 768, 6 layers), deeper than wide so that ZeRO-3 gathers a small share
+of the model at a time as it does for a 7B model, and BFCL pairs (ground-truth call vs a mutated call).
+The reference log-probs are computed once, before the runs, and given to the precomputed runs as pair
+columns; the live runs get the same pairs without them. Runs, each DPO for the same steps and batches:
   1. Ray Train, 2 workers, ZeRO-2, precomputed reference   (memory, tokens/s, step time)
-  2. Ray Train, 2 workers, ZeRO-3, precomputed reference   (memory)
-  3. Ray Train, 2 workers, ZeRO-2, live reference          (step time)
-  4. TRL in this process, 1 process, no DeepSpeed, precomputed reference (tokens/s)
+  2. Ray Train, 2 workers, ZeRO-3, precomputed reference   (memory, step time)
+  3. Ray Train, 2 workers, ZeRO-3, live reference          (step time: the headline's denominator)
+  4. Ray Train, 2 workers, ZeRO-2, live reference          (step time; not with --quick)
+  5. TRL in this process, 1 process, no DeepSpeed, precomputed reference (tokens/s)
+ZeRO-3 runs use configs/deepspeed/zero3.json with two bench overrides: stage3_max_live_parameters and
+stage3_max_reuse_distance set to one decoder layer's parameters. DeepSpeed's defaults (1e9 parameters)
+are sized for billion-parameter models; here they exceed the whole model, so ZeRO-3 would never release
+a gathered parameter within a step.
 Memory, per worker: the peak model-state memory (parameters, gradients, optimizer buffers and states
-held by the rank, measured inside DeepSpeed's step, where ZeRO-2 still holds its gradient partitions),
-and the process's peak RSS (which adds activations, communication buffers, libraries). Step time and
-tokens/s are measured between the first and the last logged step, so start-up and the first (warm-up)
-step are left out.
-The last line is the headline: ``precomputed_over_live_step_time = <ratio>``.
+held by the rank, measured inside DeepSpeed's step), and the process's peak RSS, split into set-up
+(model loading and DeepSpeed engine construction, up to the first step) and training steps (which add
+activations, gathered parameters, communication buffers). Step time is the median of per-step times
+(the first, warm-up step left out); tokens/s is measured between the first and the last logged step.
+The headline (last line) is measured in the configuration the project recommends for large models,
+ZeRO-3 at 2 workers: ``precomputed_over_live_step_time = <ratio>``, the median over steps of the
+precomputed run's step time over the live run's step time for the same step (same seed, same batches).
 """
 
 from __future__ import annotations
@@ -78,48 +87,96 @@ def _single_process(model_dir: Path, table: Any, steps: int, batch: int, max_len
     return console.history
 
 
+def _pairs(model_dir: Path, count: int, max_length: int, work: Path) -> tuple[Path, Path, Path]:
+    """The first ``count`` BFCL pairs that pass the training checks, written twice: without and with
+        reference log-probs (computed once here, by the same pass run_stage would make); and the checked
+    training table with those log-probs, for the single-process run."""
+    import dataclasses
+
+    from transformers import AutoTokenizer
+
+    from ttpa_ray.records import write_parquet
+    from ttpa_ray.train.data import bfcl_preference_pairs
+    from ttpa_ray.train.dpo import precompute_reference_logps
+    from ttpa_ray.train.run import check_inputs
+
+    pairs = bfcl_preference_pairs("simple_python")[: count * 2]
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    checked = check_inputs("dpo", [p.to_row() for p in pairs], tokenizer, max_length)
+    keep = checked.table.column("pair_id").to_pylist()[:count]
+    if len(keep) < count:
+        raise RuntimeError(f"only {len(keep)} BFCL pairs fit max_length {max_length}; {count} needed")
+    pairs = [p for p in pairs if p.pair_id in set(keep)]
+    plain = write_parquet(pairs, work / "pairs.parquet")
+    table = checked.table.slice(0, count)
+    ref = precompute_reference_logps(model_dir, table, max_length=max_length)
+    chosen = ref.column("ref_chosen_logps").to_pylist()
+    rejected = ref.column("ref_rejected_logps").to_pylist()
+    logps = dict(zip(ref.column("pair_id").to_pylist(), zip(chosen, rejected, strict=True), strict=True))
+    with_ref = [
+        dataclasses.replace(p, ref_chosen_logps=logps[p.pair_id][0], ref_rejected_logps=logps[p.pair_id][1])
+        for p in pairs
+    ]
+    import pyarrow.parquet as pq
+
+    pq.write_table(ref, work / "table.parquet")
+    return plain, write_parquet(with_ref, work / "pairs_with_reference.parquet"), work / "table.parquet"
+
+
 def main() -> None:
-    """Run the four trainings and print the figures."""
+    """Run the trainings and print the figures."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="fewer steps and a smaller model (< 5 min)")
     opts = parser.parse_args()
-    # Wide and shallow: model states (params, grads, Adam) weigh more than activations, as in large
-    # models, while a step stays affordable on 2 CPU cores.
-    hidden, layers, steps, pairs_n = (1536, 2, 5, 40) if opts.quick else (2048, 2, 12, 96)
-    batch, max_length = 2, 384
+    hidden, layers, steps = (768, 6, 6) if opts.quick else (1024, 8, 10)
+    batch, max_length, workers = 2, 384, 2
+
+    import json
 
     import ray
 
-    from ttpa_ray.config import TrainConfig
-    from ttpa_ray.records import write_parquet
+    from ttpa_ray.config import TrainConfig, resolve_deepspeed_path
     from ttpa_ray.tiny_model import make_tiny_model
-    from ttpa_ray.train.data import bfcl_preference_pairs
     from ttpa_ray.train.run import run_stage
 
     work = Path(tempfile.mkdtemp(prefix="ttpa-bench-train-"))
-    model_dir = make_tiny_model(
-        work / "model", seed=0, hidden_size=hidden, num_layers=layers, num_heads=hidden // 64
-    )
-    pairs_file = write_parquet(bfcl_preference_pairs("simple_python")[:pairs_n], work / "pairs.parquet")
     heads = hidden // 64
+    model_dir = make_tiny_model(
+        work / "model", seed=0, hidden_size=hidden, num_layers=layers, num_heads=heads
+    )
+    pairs_n = steps * workers * batch  # every run sees each pair once
+    plain_pairs, ref_pairs, table = _pairs(model_dir, pairs_n, max_length, work)
+    # one decoder layer: q and o (h*h), k and v (h*64 each, one KV head), MLP (3 * h * 2h)
+    layer_params = 2 * hidden * hidden + 2 * hidden * 64 + 6 * hidden * hidden
+    zero3 = json.loads(resolve_deepspeed_path("zero3").read_text(encoding="utf-8"))
+    zero3["zero_optimization"].update(
+        stage3_max_live_parameters=layer_params, stage3_max_reuse_distance=layer_params
+    )
+    zero3_path = work / "zero3_bench.json"
+    zero3_path.write_text(json.dumps(zero3), encoding="utf-8")
     print(
         f"model: Qwen2 hidden={hidden} layers={layers} heads={heads} (make_tiny_model), {pairs_n} BFCL pairs"
     )
-    print(f"each run: DPO, {steps} steps, {batch} pairs per worker per step, max_length {max_length}")
+    print(
+        f"each run: DPO, {steps} steps, {batch} pairs per worker per step, max_length {max_length}; "
+        f"ZeRO-3: zero3.json with stage3_max_live_parameters = stage3_max_reuse_distance = {layer_params}"
+    )
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     results: dict[str, Any] = {}
     runs = {
         "zero2_precomputed": ("zero2", "precomputed"),
-        "zero3_precomputed": ("zero3", "precomputed"),
-        "zero2_live": ("zero2", "live"),
+        "zero3_precomputed": (str(zero3_path), "precomputed"),
+        "zero3_live": (str(zero3_path), "live"),
     }
+    if not opts.quick:
+        runs["zero2_live"] = ("zero2", "live")
     for name, (zero, reference) in runs.items():
         started = time.perf_counter()
         train = TrainConfig(
-            num_workers=2,
+            num_workers=workers,
             deepspeed=zero,
             save_steps=10**6,
             dpo={
@@ -131,12 +188,19 @@ def main() -> None:
             },
         )
         outcome = run_stage(
-            "dpo", train, policy=str(model_dir), run_dir=work / name, run_name=name, input_path=pairs_file
+            "dpo",
+            train,
+            policy=str(model_dir),
+            run_dir=work / name,
+            run_name=name,
+            input_path=ref_pairs if reference == "precomputed" else plain_pairs,
         )
         step_s, tokens_s = _rates(outcome.result.history)
         res = outcome.result
         results[name] = {
             "peak_rss_mib": res.worker_peak_rss_mib,
+            "setup_rss_mib": res.worker_setup_peak_rss_mib,
+            "steps_rss_mib": res.worker_steps_peak_rss_mib,
             "model_state_mib": res.worker_model_state_mib,
             "step_s": step_s,
             "tok_s": tokens_s,
@@ -144,28 +208,41 @@ def main() -> None:
         }
         print(
             f"{name}: per worker peak model states {[round(m) for m in res.worker_model_state_mib]} MiB, "
-            f"peak RSS {[round(m) for m in res.worker_peak_rss_mib]} MiB; "
-            f"step {step_s:.3f} s, {tokens_s:.0f} tokens/s ({time.perf_counter() - started:.0f} s)",
+            f"peak RSS {[round(m) for m in res.worker_peak_rss_mib]} MiB (set-up "
+            f"{[round(m) for m in res.worker_setup_peak_rss_mib]}, steps "
+            f"{[round(m) for m in res.worker_steps_peak_rss_mib]}); step {step_s:.3f} s "
+            f"(per step {[round(g, 2) for g in _gaps(res.history)]}), {tokens_s:.0f} tokens/s "
+            f"({time.perf_counter() - started:.0f} s)",
             flush=True,
         )
+        shutil.rmtree(work / name, ignore_errors=True)  # checkpoints: GBs per run
     ray.shutdown()
 
-    table = work / "zero2_precomputed" / "train" / "dpo" / "train_table.parquet"
-    history = _single_process(model_dir, table, steps, batch * 2, max_length, work / "single")
+    history = _single_process(model_dir, table, steps, batch * workers, max_length, work / "single")
     single_step, single_tokens = _rates(history)
     print(f"single_process_trl: step {single_step:.3f} s, {single_tokens:.0f} tokens/s (same global batch)")
 
+    def paired(pre: str, live: str) -> float:
+        # same seed, same data order: step i of both runs sees the same batch, so compare step by step
+        ratios = [p / q for p, q in zip(results[pre]["gaps"], results[live]["gaps"], strict=True)]
+        return statistics.median(ratios)
+
     z2, z3 = results["zero2_precomputed"], results["zero3_precomputed"]
-    print(f"peak_model_state_mib_per_worker_zero2 = {max(z2['model_state_mib']):.0f}")
-    print(f"peak_model_state_mib_per_worker_zero3 = {max(z3['model_state_mib']):.0f}")
-    print(f"zero3_model_states_below_zero2 = {max(z3['model_state_mib']) < max(z2['model_state_mib'])}")
-    print(f"peak_rss_mib_per_worker_zero2 = {max(z2['peak_rss_mib']):.0f}")
-    print(f"peak_rss_mib_per_worker_zero3 = {max(z3['peak_rss_mib']):.0f}")
+    for key, label in (
+        ("model_state_mib", "peak_model_state_mib"),
+        ("setup_rss_mib", "setup_peak_rss_mib"),
+        ("steps_rss_mib", "steps_peak_rss_mib"),
+        ("peak_rss_mib", "peak_rss_mib"),
+    ):
+        print(f"{label}_per_worker_zero2 = {max(z2[key]):.0f}")
+        print(f"{label}_per_worker_zero3 = {max(z3[key]):.0f}")
+        print(f"zero3_{label}_below_zero2 = {max(z3[key]) < max(z2[key])}")
     print(f"ray_zero2_2workers_over_single_process_tokens_per_s = {z2['tok_s'] / single_tokens:.3f}")
-    # same seed, same data order: step i of both runs sees the same batch, so compare step by step
-    per_step = [p / q for p, q in zip(z2["gaps"], results["zero2_live"]["gaps"], strict=True)]
-    ratio = statistics.median(per_step)
+    if "zero2_live" in results:
+        print(f"zero2_precomputed_over_live_step_time = {paired('zero2_precomputed', 'zero2_live'):.3f}")
+    ratio = paired("zero3_precomputed", "zero3_live")
     shutil.rmtree(work, ignore_errors=True)
+    print("headline configuration: ZeRO-3, 2 workers (the configuration recommended for large models)")
     print(f"precomputed_over_live_step_time = {ratio:.3f}")
 
 
