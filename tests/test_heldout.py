@@ -56,3 +56,20 @@ def test_heldout_turns_are_scored_against_the_executed_calls(heldout_dialogues_f
     assert "unknown_key" in by_id["dlg-1/0"].esm_errors  # get_city_info takes no date/days
     summary = summarize(results)
     assert summary[HELDOUT_CATEGORY].n == 4 and summary[HELDOUT_CATEGORY].exact_match == 0.25
+
+
+def test_sft_trains_on_the_train_split_not_the_heldout_one(tmp_path: Path) -> None:
+    from ttpa_ray.train.run import default_source
+
+    assert default_source("sft", tmp_path) == tmp_path / "reverse"  # before any split exists
+    dialogues = [Dialogue(f"dlg-{i}", f"seed-{i}", (Message("user", "q"),)) for i in range(10)]
+    train, heldout = split_dialogues(dialogues, 0.2, seed=0)
+    from ttpa_ray.records import write_parquet
+
+    write_parquet(train, tmp_path / "dialogues" / "train.parquet", Dialogue)
+    write_parquet(heldout, tmp_path / "dialogues" / "heldout.parquet", Dialogue)
+    source = default_source("sft", tmp_path)
+    assert source == tmp_path / "dialogues" / "train.parquet"
+    ids = {d.dialogue_id for d in read_parquet(Dialogue, source)}
+    assert len(ids) == 8 and ids.isdisjoint(d.dialogue_id for d in heldout)
+    assert default_source("dpo", tmp_path) == tmp_path / "pairs"

@@ -199,7 +199,7 @@ def stage_pairs(ctx: RunContext) -> StageReport:
     )
 
 
-def _train(ctx: RunContext, stage: str, input_path: Path | None = None) -> StageReport:
+def _train(ctx: RunContext, stage: str) -> StageReport:
     from ttpa_ray.train.run import run_stage
 
     init_ray(ctx.config)
@@ -210,7 +210,6 @@ def _train(ctx: RunContext, stage: str, input_path: Path | None = None) -> Stage
         run_dir=ctx.run_dir,
         seed=ctx.config.run.seed,
         run_name=ctx.config.run.name,
-        input_path=input_path,
     )
     ctx.models["aligned"] = str(outcome.result.policy_dir)
     return StageReport(
@@ -225,17 +224,14 @@ def _train(ctx: RunContext, stage: str, input_path: Path | None = None) -> Stage
 
 def stage_sft(ctx: RunContext) -> StageReport:
     """SFT warm start on the reversed dialogues (Ray Train + DeepSpeed); skipped when there are none."""
-    from ttpa_ray.reverse import SPLIT_DIR
-
     if not ctx.config.train.sft.enabled:
         ctx.console.print("   train.sft.enabled is false: skipped")
         return StageReport("sft", 0, 0, 0, notes={"skipped": "disabled"})
-    if ctx.config.train.dialogues is not None:  # the user named the SFT data
-        return _train(ctx, "sft")
-    if not training_dialogues(ctx.run_dir):
+    # Unless train.dialogues names other data, SFT reads the split's train part (no held-out dialogue).
+    if ctx.config.train.dialogues is None and not training_dialogues(ctx.run_dir):
         ctx.console.print("   no reversed dialogue passed the filters: nothing to fine-tune on, skipped")
         return StageReport("sft", 0, 0, 0, notes={"skipped": "no dialogues"})
-    return _train(ctx, "sft", ctx.run_dir / SPLIT_DIR / "train.parquet")  # held-out ones excluded
+    return _train(ctx, "sft")
 
 
 def stage_dpo(ctx: RunContext) -> StageReport:

@@ -69,6 +69,17 @@ def stage_dir(train: TrainConfig, run_dir: Path, stage: Stage) -> Path:
     return (train.output_dir or Path(run_dir) / "train") / stage
 
 
+def default_source(stage: Stage, run_dir: Path) -> Path:
+    """What a stage trains on when nothing is named: the pairs, or the reversed dialogues that are not
+    held out for the evaluation (the reverse stage's split; the whole reverse output before it)."""
+    from ttpa_ray.reverse import SPLIT_DIR
+
+    if stage == "dpo":
+        return run_dir / "pairs"
+    split = run_dir / SPLIT_DIR / "train.parquet"
+    return split if split.is_file() else run_dir / "reverse"
+
+
 def run_stage(
     stage: Stage,
     train: TrainConfig,
@@ -94,7 +105,7 @@ def run_stage(
         if (sft_policy / "config.json").is_file():
             model_path = str(sft_policy)
     default_input = train.pairs if stage == "dpo" else train.dialogues
-    source = input_path or default_input or run_dir / ("pairs" if stage == "dpo" else "reverse")
+    source = input_path or default_input or default_source(stage, run_dir)
     record = PreferencePair if stage == "dpo" else Dialogue
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
