@@ -288,7 +288,7 @@ STAGES: list[tuple[str, str, StageFn]] = [
     ("pairs", "ESM scoring of the candidates, chosen/rejected pairs in TRL's format", stage_pairs),
     ("sft", "SFT warm start on the reversed dialogues (Ray Train + DeepSpeed)", stage_sft),
     ("dpo", "DPO on the pairs (Ray Train + DeepSpeed ZeRO)", stage_dpo),
-    ("evaluate", "ESM, error categories and BFCL exact match, base vs aligned", stage_evaluate),
+    ("evaluate", "ESM, errors and exact match on BFCL and held-out dialogues", stage_evaluate),
 ]
 
 
