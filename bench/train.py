@@ -72,13 +72,13 @@ def _single_process(model_dir: Path, table: Any, steps: int, batch: int, max_len
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ttpa_ray.config import DPOStageConfig
+    from ttpa_ray.train.arguments import RunSettings
     from ttpa_ray.train.dpo import build_dpo_trainer, dpo_args
     from ttpa_ray.train.metrics import ConsoleMetrics
 
     stage = DPOStageConfig(max_steps=steps, per_device_batch_size=batch, max_length=max_length)
-    args = dpo_args(
-        stage, out, seed=0, deepspeed=None, use_cpu=True, precomputed_reference=True, save_steps=10**6
-    )
+    settings = RunSettings(seed=0, deepspeed=None, use_cpu=True, save_steps=10**6)
+    args = dpo_args(stage, out, settings, precomputed_reference=True)
     console = ConsoleMetrics(prefix="[single] ")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

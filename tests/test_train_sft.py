@@ -33,12 +33,13 @@ def _dialogues(n: int) -> list[Dialogue]:
 def test_sft_loss_covers_assistant_turns_only(tiny_model_dir: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ttpa_ray.train.arguments import RunSettings
     from ttpa_ray.train.sft import build_sft_trainer, sft_args
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     dialogues = [d.to_row() for d in _dialogues(4)]
     table = check_dialogues(dialogues, chat_token_counter(tokenizer), 1024).table
-    args = sft_args(StageConfig(), tmp_path, seed=0, deepspeed=None, use_cpu=True, save_steps=10)
+    args = sft_args(StageConfig(), tmp_path, RunSettings(seed=0, deepspeed=None, use_cpu=True, save_steps=10))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     trainer = build_sft_trainer(model, tokenizer, table, args)
     row = trainer.train_dataset[0]

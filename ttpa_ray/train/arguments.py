@@ -4,27 +4,29 @@ device, checkpoints and logging."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ttpa_ray.config import StageConfig
 
 
-def common_arguments(
-    stage: StageConfig,
-    output_dir: Path,
-    *,
-    seed: int,
-    deepspeed: dict[str, Any] | None,
-    use_cpu: bool,
-    save_steps: int,
-    logging_steps: int,
-    report_to: Sequence[str],
-    gradient_checkpointing: bool,
-    bf16: bool | None,
-) -> dict[str, Any]:
-    """Keyword arguments for TRL's SFTConfig and DPOConfig (bf16 None: on GPUs only; DeepSpeed "auto"
-    values resolve from these)."""
+@dataclass(frozen=True)
+class RunSettings:
+    """What a training run sets beside its stage config; the same for SFT and DPO."""
+
+    seed: int
+    deepspeed: dict[str, Any] | None
+    use_cpu: bool
+    save_steps: int
+    logging_steps: int = 1
+    report_to: Sequence[str] = ()
+    gradient_checkpointing: bool = False
+    bf16: bool | None = None  # None: on GPUs only
+
+
+def common_arguments(stage: StageConfig, output_dir: Path, run: RunSettings) -> dict[str, Any]:
+    """Keyword arguments for TRL's SFTConfig and DPOConfig (DeepSpeed "auto" values resolve from these)."""
     return {
         "output_dir": str(output_dir),
         "learning_rate": stage.learning_rate,
@@ -35,16 +37,16 @@ def common_arguments(
         "warmup_steps": stage.warmup_steps,
         "weight_decay": stage.weight_decay,
         "max_length": stage.max_length,
-        "seed": seed,
-        "data_seed": seed,
-        "deepspeed": deepspeed,
-        "use_cpu": use_cpu,
-        "bf16": (not use_cpu) if bf16 is None else bf16,
+        "seed": run.seed,
+        "data_seed": run.seed,
+        "deepspeed": run.deepspeed,
+        "use_cpu": run.use_cpu,
+        "bf16": (not run.use_cpu) if run.bf16 is None else run.bf16,
         "save_strategy": "steps",
-        "save_steps": save_steps,
-        "logging_steps": logging_steps,
-        "report_to": list(report_to) or "none",
-        "gradient_checkpointing": gradient_checkpointing,
+        "save_steps": run.save_steps,
+        "logging_steps": run.logging_steps,
+        "report_to": list(run.report_to) or "none",
+        "gradient_checkpointing": run.gradient_checkpointing,
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
     }

@@ -23,7 +23,7 @@ from transformers import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
 from ttpa_ray.config import DPOStageConfig
-from ttpa_ray.train.arguments import common_arguments
+from ttpa_ray.train.arguments import RunSettings, common_arguments
 from ttpa_ray.train.data import REF_COLUMNS, to_hf_dataset
 from ttpa_ray.train.metrics import SampleTracingMixin
 
@@ -41,33 +41,11 @@ class TracedDPOTrainer(SampleTracingMixin, DPOTrainer):
 
 
 def dpo_args(
-    stage: DPOStageConfig,
-    output_dir: Path,
-    *,
-    seed: int,
-    deepspeed: dict[str, Any] | None,
-    use_cpu: bool,
-    precomputed_reference: bool,
-    save_steps: int,
-    logging_steps: int = 1,
-    report_to: Sequence[str] = (),
-    gradient_checkpointing: bool = False,
-    bf16: bool | None = None,
+    stage: DPOStageConfig, output_dir: Path, run: RunSettings, *, precomputed_reference: bool
 ) -> DPOConfig:
-    """TRL's DPOConfig for one run (bf16 None: on GPUs only; DeepSpeed "auto" values resolve from these)."""
+    """TRL's DPOConfig for one run."""
     return DPOConfig(
-        **common_arguments(
-            stage,
-            output_dir,
-            seed=seed,
-            deepspeed=deepspeed,
-            use_cpu=use_cpu,
-            save_steps=save_steps,
-            logging_steps=logging_steps,
-            report_to=report_to,
-            gradient_checkpointing=gradient_checkpointing,
-            bf16=bf16,
-        ),
+        **common_arguments(stage, output_dir, run),
         beta=stage.beta,
         loss_type=[stage.loss_type],
         precompute_ref_log_probs=precomputed_reference,

@@ -165,6 +165,7 @@ def train_loop(job_fields: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ttpa_ray.config import DPOStageConfig, StageConfig
+    from ttpa_ray.train.arguments import RunSettings
     from ttpa_ray.train.metrics import ModelStateMeter, SampleLog, model_state_mib
 
     context = ray.train.get_context()
@@ -193,15 +194,15 @@ def train_loop(job_fields: dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(job.model_path)
     table = pq.read_table(job.data_path)
     use_cpu = not job.use_gpu
-    common: dict[str, Any] = {
-        "seed": job.seed,
-        "deepspeed": job.deepspeed,
-        "use_cpu": use_cpu,
-        "save_steps": job.save_steps,
-        "logging_steps": job.logging_steps,
-        "report_to": job.report_to,
-        "gradient_checkpointing": job.gradient_checkpointing,
-    }
+    settings = RunSettings(
+        seed=job.seed,
+        deepspeed=job.deepspeed,
+        use_cpu=use_cpu,
+        save_steps=job.save_steps,
+        logging_steps=job.logging_steps,
+        report_to=job.report_to,
+        gradient_checkpointing=job.gradient_checkpointing,
+    )
     if job.tensorboard_dir:
         # transformers 5 reads the TensorBoard folder from the environment only
         os.environ["TENSORBOARD_LOGGING_DIR"] = job.tensorboard_dir
@@ -214,13 +215,13 @@ def train_loop(job_fields: dict[str, Any]) -> None:
         args = dpo_args(
             DPOStageConfig(**job.stage_config),
             work_dir,
+            settings,
             precomputed_reference=job.precomputed_reference,
-            **common,
         )
     else:
         from ttpa_ray.train.sft import build_sft_trainer, sft_args
 
-        args = sft_args(StageConfig(**job.stage_config), work_dir, **common)
+        args = sft_args(StageConfig(**job.stage_config), work_dir, settings)
     dtype = torch.bfloat16 if job.use_gpu else torch.float32
     model = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=dtype)
     callbacks = _callbacks(job, rank, local_rank)

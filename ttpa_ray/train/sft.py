@@ -16,7 +16,7 @@ from transformers import PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
 from ttpa_ray.config import StageConfig
-from ttpa_ray.train.arguments import common_arguments
+from ttpa_ray.train.arguments import RunSettings, common_arguments
 from ttpa_ray.train.data import to_hf_dataset
 from ttpa_ray.train.metrics import SampleTracingMixin
 
@@ -25,33 +25,10 @@ class TracedSFTTrainer(SampleTracingMixin, SFTTrainer):
     """TRL's SFTTrainer that records which samples each step trained on."""
 
 
-def sft_args(
-    stage: StageConfig,
-    output_dir: Path,
-    *,
-    seed: int,
-    deepspeed: dict[str, Any] | None,
-    use_cpu: bool,
-    save_steps: int,
-    logging_steps: int = 1,
-    report_to: Sequence[str] = (),
-    gradient_checkpointing: bool = False,
-    bf16: bool | None = None,
-) -> SFTConfig:
-    """TRL's SFTConfig for one run (bf16 None: on GPUs only; DeepSpeed "auto" values resolve from these)."""
+def sft_args(stage: StageConfig, output_dir: Path, run: RunSettings) -> SFTConfig:
+    """TRL's SFTConfig for one run."""
     return SFTConfig(
-        **common_arguments(
-            stage,
-            output_dir,
-            seed=seed,
-            deepspeed=deepspeed,
-            use_cpu=use_cpu,
-            save_steps=save_steps,
-            logging_steps=logging_steps,
-            report_to=report_to,
-            gradient_checkpointing=gradient_checkpointing,
-            bf16=bf16,
-        ),
+        **common_arguments(stage, output_dir, run),
         assistant_only_loss=True,
         # the order of samples is the Trainer's seeded sampler's: resumable and recorded
         shuffle_dataset=False,
