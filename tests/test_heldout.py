@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ttpa_ray.esm import ESMWeights
 from ttpa_ray.evaluate import HELDOUT_CATEGORY, heldout_items, score_answers, summarize
-from ttpa_ray.records import Dialogue, Message, read_parquet
+from ttpa_ray.records import Dialogue, Message, read_parquet, write_parquet
 from ttpa_ray.reverse import split_dialogues
 
 
@@ -64,8 +64,6 @@ def test_sft_trains_on_the_train_split_not_the_heldout_one(tmp_path: Path) -> No
     assert default_source("sft", tmp_path) == tmp_path / "reverse"  # before any split exists
     dialogues = [Dialogue(f"dlg-{i}", f"seed-{i}", (Message("user", "q"),)) for i in range(10)]
     train, heldout = split_dialogues(dialogues, 0.2, seed=0)
-    from ttpa_ray.records import write_parquet
-
     write_parquet(train, tmp_path / "dialogues" / "train.parquet", Dialogue)
     write_parquet(heldout, tmp_path / "dialogues" / "heldout.parquet", Dialogue)
     source = default_source("sft", tmp_path)

@@ -82,11 +82,11 @@ def test_evaluation_rejects_entries_with_unusable_ground_truth() -> None:
     """BFCL's live_simple_106-63-0 lists no acceptable value for a required argument."""
     from ttpa_ray.bfcl import load_entries
     from ttpa_ray.esm import ESMWeights
-    from ttpa_ray.evaluate import score_answers
+    from ttpa_ray.evaluate import bfcl_items, score_answers
 
     wanted = {"live_simple_0-0-0", "live_simple_106-63-0"}
     entries = [e for e in load_entries("live_simple") if e.id in wanted]
-    results, rejected = score_answers(entries, {}, ESMWeights())
+    results, rejected = score_answers(bfcl_items(entries), {}, ESMWeights())
     assert [r.id for r in results] == ["live_simple_0-0-0"]
     assert results[0].esm_score == 0.0 and "parse" in results[0].esm_errors  # no answer: scored, not dropped
     assert [(r.input_id, r.reason) for r in rejected] == [("live_simple_106-63-0", "invalid_ground_truth")]

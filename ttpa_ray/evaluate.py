@@ -24,7 +24,7 @@ from ttpa_ray.config import TTPAConfig
 from ttpa_ray.engine import tool_call_schema
 from ttpa_ray.esm import CATEGORIES, ESMWeights, prepare_reference, prepare_tools, score_calls
 from ttpa_ray.records import Dialogue, RejectedRow, read_parquet, reject, write_parquet
-from ttpa_ray.reverse import SPLIT_DIR
+from ttpa_ray.reverse import split_paths
 from ttpa_ray.tps import turns_from_dialogue
 
 MAX_CALLS_PER_TURN = 4
@@ -114,7 +114,7 @@ class EntryResult:
 
 
 def score_answers(
-    items: Sequence[EvalItem | BfclEntry], completions: dict[str, str], weights: ESMWeights
+    items: Sequence[EvalItem], completions: dict[str, str], weights: ESMWeights
 ) -> tuple[list[EntryResult], list[RejectedRow]]:
     """ESM and exact match of each item's completion; an item with no completion scores 0.
 
@@ -123,8 +123,7 @@ def score_answers(
     """
     results = []
     rejected = []
-    for raw in items:
-        item = raw if isinstance(raw, EvalItem) else bfcl_items([raw])[0]
+    for item in items:
         text = completions.get(item.id, "")
         try:
             index = prepare_tools(item.tools)
@@ -215,7 +214,7 @@ def heldout_source(config: TTPAConfig) -> Path | None:
         if not path.is_file():
             raise FileNotFoundError(f"eval.heldout_dialogues: {path} is not a file")
         return path
-    own = Path(config.run.run_dir) / SPLIT_DIR / "heldout.parquet"
+    own = split_paths(Path(config.run.run_dir))["heldout"]
     return own if own.is_file() else None
 
 

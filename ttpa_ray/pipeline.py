@@ -159,9 +159,9 @@ def stage_tps(ctx: RunContext) -> StageReport:
 def training_dialogues(run_dir: Path) -> list[Dialogue]:
     """The reversed dialogues that are not held out (the reverse stage's split)."""
     from ttpa_ray.records import read_parquet
-    from ttpa_ray.reverse import SPLIT_DIR
+    from ttpa_ray.reverse import split_paths
 
-    path = run_dir / SPLIT_DIR / "train.parquet"
+    path = split_paths(run_dir)["train"]
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run the reverse stage first")
     return read_parquet(Dialogue, path)

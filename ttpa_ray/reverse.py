@@ -903,11 +903,15 @@ def split_dialogues(
     )
 
 
+def split_paths(run_dir: Path) -> dict[str, Path]:
+    """Where a run's split lives: ``train`` (TPS and SFT read it) and ``heldout`` (the evaluation's)."""
+    return {part: run_dir / SPLIT_DIR / f"{part}.parquet" for part in ("train", "heldout")}
+
+
 def write_split(reverse_dir: Path, run_dir: Path, fraction: float, seed: int) -> SplitReport:
-    """Split a finished reverse run's dialogues into ``<run_dir>/dialogues/{train,heldout}.parquet``."""
+    """Split a finished reverse run's dialogues into :func:`split_paths`."""
     train, heldout = split_dialogues(read_dialogues(reverse_dir), fraction, seed)
-    out = run_dir / SPLIT_DIR
-    paths = {"train": out / "train.parquet", "heldout": out / "heldout.parquet"}
+    paths = split_paths(run_dir)
     write_parquet(train, paths["train"], Dialogue)
     write_parquet(heldout, paths["heldout"], Dialogue)
     return SplitReport(len(train), len(heldout), paths)

@@ -72,11 +72,11 @@ def stage_dir(train: TrainConfig, run_dir: Path, stage: Stage) -> Path:
 def default_source(stage: Stage, run_dir: Path) -> Path:
     """What a stage trains on when nothing is named: the pairs, or the reversed dialogues that are not
     held out for the evaluation (the reverse stage's split; the whole reverse output before it)."""
-    from ttpa_ray.reverse import SPLIT_DIR
+    from ttpa_ray.reverse import split_paths
 
     if stage == "dpo":
         return run_dir / "pairs"
-    split = run_dir / SPLIT_DIR / "train.parquet"
+    split = split_paths(run_dir)["train"]
     return split if split.is_file() else run_dir / "reverse"
 
 
