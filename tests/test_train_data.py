@@ -145,6 +145,23 @@ def test_train_config_and_deepspeed_files() -> None:
     assert load_deepspeed(None) is None
 
 
+def test_zero3_live_parameters_are_one_decoder_layer(tiny_model_dir: Path) -> None:
+    # DeepSpeed's 1e9 default would keep a small model gathered for the whole step; "auto" means one layer
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    assert 0 < layer < sum(p.numel() for p in model.parameters()) // 2
+    config = load_deepspeed("zero3", tiny_model_dir)
+    assert config is not None
+    zero = config["zero_optimization"]
+    assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == layer
+    # without a model, DeepSpeed's defaults (no "auto" string is left for DeepSpeed to reject)
+    bare = load_deepspeed("zero3")
+    assert bare is not None and "stage3_max_live_parameters" not in bare["zero_optimization"]
+    assert "stage3_max_live_parameters" not in load_deepspeed("zero2")["zero_optimization"]  # type: ignore[index]
+
+
 def test_console_line_and_sample_log(tmp_path: Path) -> None:
     line = format_step(3, 10, {"loss": 0.5, "rewards/accuracies": 0.75, "rewards/margins": 0.2}, 1234.0)
     assert line == "step 3/10 loss=0.5 r_acc=0.75 margin=0.2 tok/s=1234"
