@@ -7,16 +7,26 @@ One model and one set of pairs for every run: a Qwen2 made by ``make_tiny_model`
 ~72 M parameters; --quick: hidden 768, 6 layers), deeper than wide so that ZeRO-3 gathers a small share
 of the model at a time as it does for a 7B model, and BFCL pairs (ground-truth call vs a mutated call).
 The reference log-probs are computed once, before the runs, and given to the precomputed runs as pair
-columns; the live runs get the same pairs without them. Runs, each DPO for the same steps and batches:
+columns; the live runs get the same pairs without them.
+Every run trains as the project recommends for large models (configs/qwen2.5-7b-gpu.yaml) in one respect:
+gradient accumulation (2 micro-batches of 2 pairs per worker per optimizer step; the 7B config uses 4).
+That matters for the memory comparison: ZeRO-3 keeps a gradient partition buffer for the whole run,
+while ZeRO-2 allocates its gradient partition in the backward and frees it after the optimizer step, so
+at 2 workers and without accumulation ZeRO-3's saving on parameters (half of them) is offset by that
+buffer exactly where the peak is, at the end of the forward; with accumulation ZeRO-2 carries its
+gradient partition through the later micro-batches' forwards too. The 7B config's gradient checkpointing
+is not used: it would make each policy step ~4 forwards' worth of compute instead of ~3, so the live
+reference's one forward would weigh less (the step-time ratio would move towards 0.8 by construction).
+Runs, each DPO for the same steps and batches:
   1. Ray Train, 2 workers, ZeRO-2, precomputed reference   (memory, tokens/s, step time)
   2. Ray Train, 2 workers, ZeRO-3, precomputed reference   (memory, step time)
   3. Ray Train, 2 workers, ZeRO-3, live reference          (step time: the headline's denominator)
   4. Ray Train, 2 workers, ZeRO-2, live reference          (step time; not with --quick)
   5. TRL in this process, 1 process, no DeepSpeed, precomputed reference (tokens/s)
-ZeRO-3 runs use configs/deepspeed/zero3.json with two bench overrides: stage3_max_live_parameters and
-stage3_max_reuse_distance set to one decoder layer's parameters. DeepSpeed's defaults (1e9 parameters)
-are sized for billion-parameter models; here they exceed the whole model, so ZeRO-3 would never release
-a gathered parameter within a step.
+ZeRO-3 runs use configs/deepspeed/zero3.json as shipped: its "auto" stage3_max_live_parameters and
+stage3_max_reuse_distance become one decoder layer's parameters (ttpa_ray.train.run.load_deepspeed);
+DeepSpeed's default, 1e9 parameters, exceeds this whole model, and ZeRO-3 would then keep every
+gathered parameter through the step.
 Memory, per worker: the peak model-state memory (parameters, gradients, optimizer buffers and states
 held by the rank, measured inside DeepSpeed's step), and the process's peak RSS, split into set-up
 (model loading and DeepSpeed engine construction, up to the first step) and training steps (which add
@@ -66,7 +76,9 @@ def _rates(history: list[dict[str, float]]) -> tuple[float, float]:
     return statistics.median(gaps), tokens / (steps[-1]["time_s"] - steps[0]["time_s"])
 
 
-def _single_process(model_dir: Path, table: Any, steps: int, batch: int, max_length: int, out: Path) -> Any:
+def _single_process(
+    model_dir: Path, table: Any, steps: int, batch: int, accumulation: int, max_length: int, out: Path
+) -> Any:
     """TRL's DPOTrainer in this process, without Ray or DeepSpeed: the baseline for tokens/s."""
     import pyarrow.parquet as pq
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -76,7 +88,12 @@ def _single_process(model_dir: Path, table: Any, steps: int, batch: int, max_len
     from ttpa_ray.train.dpo import build_dpo_trainer, dpo_args
     from ttpa_ray.train.metrics import ConsoleMetrics
 
-    stage = DPOStageConfig(max_steps=steps, per_device_batch_size=batch, max_length=max_length)
+    stage = DPOStageConfig(
+        max_steps=steps,
+        per_device_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_length=max_length,
+    )
     settings = RunSettings(seed=0, deepspeed=None, use_cpu=True, save_steps=10**6)
     args = dpo_args(stage, out, settings, precomputed_reference=True)
     console = ConsoleMetrics(prefix="[single] ")
@@ -130,46 +147,41 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="fewer steps and a smaller model (< 5 min)")
     opts = parser.parse_args()
-    hidden, layers, steps = (768, 6, 6) if opts.quick else (1024, 8, 10)
-    batch, max_length, workers = 2, 384, 2
-
-    import json
+    hidden, layers, steps = (768, 6, 4) if opts.quick else (1024, 8, 7)
+    batch, accumulation, max_length, workers = 2, 2, 384, 2
 
     import ray
 
-    from ttpa_ray.config import TrainConfig, resolve_deepspeed_path
+    from ttpa_ray.config import TrainConfig
     from ttpa_ray.tiny_model import make_tiny_model
-    from ttpa_ray.train.run import run_stage
+    from ttpa_ray.train.run import load_deepspeed, run_stage
 
     work = Path(tempfile.mkdtemp(prefix="ttpa-bench-train-"))
     heads = hidden // 64
     model_dir = make_tiny_model(
         work / "model", seed=0, hidden_size=hidden, num_layers=layers, num_heads=heads
     )
-    pairs_n = steps * workers * batch  # every run sees each pair once
+    pairs_n = steps * workers * batch * accumulation  # every run sees each pair once
     plain_pairs, ref_pairs, table = _pairs(model_dir, pairs_n, max_length, work)
-    # one decoder layer: q and o (h*h), k and v (h*64 each, one KV head), MLP (3 * h * 2h)
-    layer_params = 2 * hidden * hidden + 2 * hidden * 64 + 6 * hidden * hidden
-    zero3 = json.loads(resolve_deepspeed_path("zero3").read_text(encoding="utf-8"))
-    zero3["zero_optimization"].update(
-        stage3_max_live_parameters=layer_params, stage3_max_reuse_distance=layer_params
-    )
-    zero3_path = work / "zero3_bench.json"
-    zero3_path.write_text(json.dumps(zero3), encoding="utf-8")
+    zero3 = load_deepspeed("zero3", model_dir)
+    assert zero3 is not None
+    live = zero3["zero_optimization"]["stage3_max_live_parameters"]
     print(
         f"model: Qwen2 hidden={hidden} layers={layers} heads={heads} (make_tiny_model), {pairs_n} BFCL pairs"
     )
     print(
-        f"each run: DPO, {steps} steps, {batch} pairs per worker per step, max_length {max_length}; "
-        f"ZeRO-3: zero3.json with stage3_max_live_parameters = stage3_max_reuse_distance = {layer_params}"
+        f"each run: DPO, {steps} optimizer steps of {accumulation} accumulated micro-batches "
+        f"of {batch} pairs per worker, max_length {max_length}, no gradient checkpointing; "
+        f"ZeRO-3: zero3.json as shipped (stage3_max_live_parameters = stage3_max_reuse_distance "
+        f"= one decoder layer = {live})"
     )
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     results: dict[str, Any] = {}
     runs = {
         "zero2_precomputed": ("zero2", "precomputed"),
-        "zero3_precomputed": (str(zero3_path), "precomputed"),
-        "zero3_live": (str(zero3_path), "live"),
+        "zero3_precomputed": ("zero3", "precomputed"),
+        "zero3_live": ("zero3", "live"),
     }
     if not opts.quick:
         runs["zero2_live"] = ("zero2", "live")
@@ -183,6 +195,7 @@ def main() -> None:
                 "reference": reference,
                 "max_steps": steps,
                 "per_device_batch_size": batch,
+                "gradient_accumulation_steps": accumulation,
                 "max_length": max_length,
                 "init_from_sft": False,
             },
@@ -218,7 +231,9 @@ def main() -> None:
         shutil.rmtree(work / name, ignore_errors=True)  # checkpoints: GBs per run
     ray.shutdown()
 
-    history = _single_process(model_dir, table, steps, batch * workers, max_length, work / "single")
+    history = _single_process(
+        model_dir, table, steps, batch * workers, accumulation, max_length, work / "single"
+    )
     single_step, single_tokens = _rates(history)
     print(f"single_process_trl: step {single_step:.3f} s, {single_tokens:.0f} tokens/s (same global batch)")
 
