@@ -3,21 +3,25 @@
 The stage is measured as Ray Data runs it, without Ray's start-up: one ``ReverseReplica`` (the class
 Ray Data hosts) in this process is called with the shard batches ``run_reverse`` would send it
 (``shards_per_call``), so the figure includes prompt rendering, structured outputs, real tool
-execution, the quality filters and the Parquet shard writes. Its generated tokens/s is compared with
-raw ``LLM.generate`` on the same engine (same settings, one replica):
+execution, the quality filters and the Parquet shard writes.
 
-* raw: flat batches of ``max_concurrent_dialogues`` prompts (the stage's own scene prompts, a new
-  set of seeds per batch, so the prefix cache helps raw as much as it helps the stage), each request
-  producing the stage's mean tokens per request (``ignore_eos``), until the same total of generated
-  tokens; plain sampling, no grammar. Timed before and after the stage, the mean is used, so drift
-  in the machine's load weighs on both sides.
-* the stage twice, same seeds: ``scheduling=lockstep`` (one step of every dialogue per generate
-  call) and ``scheduling=continuous`` (a dialogue's next step joins the running batch as soon as its
-  previous step finished): the configured default is the headline.
+Raw is the same work without the stage: every request the stage sent to the engine (its prompt
+token ids, recorded as they were submitted) given to one ``LLM.generate`` call as a flat batch, each
+producing exactly as many tokens as the stage's request did (``ignore_eos``), plain sampling, no
+grammar. Same engine, same settings (``max_num_seqs`` slots, prefix caching), same total of generated
+tokens. So the ratio prices exactly what the stage adds: steps that wait on the previous step and on
+its tool, the grammars, rendering, filters and writes. (A batch of short, unrelated prompts would
+measure a different load: the stage's prompts carry the tool list and the dialogue so far.)
 
-Also printed: the same flat batch under the scene step's JSON-schema grammar (the grammar's own
-cost on the CPU, which no scheduling can remove), and the engine's busy fraction (time the stage
-waited on the engine / wall time).
+Order, on one engine after a warm-up with other seeds: the stage with ``scheduling=continuous`` (the
+default: a dialogue's next step joins the running batch as soon as its previous step ended), raw,
+the stage with ``scheduling=lockstep`` (one step of every dialogue in flight per generate call), raw
+again. The prefix cache is emptied before each of the four, so every run starts cold, as a real run
+does; raw is the mean of its two runs, so drift in the machine's load weighs on both sides.
+
+Also printed: the engine's busy fraction (time the stage waited on the engine / wall time), and a
+flat batch under the scene step's JSON-schema grammar against the same batch without (the grammar's
+own cost on this CPU, which no scheduling can remove).
 
     .venv/bin/python bench/reverse.py [--quick]
 Last line: ``reverse_over_raw_tokens_per_second = <ratio>`` (target >= 0.8 with one replica).
@@ -26,7 +30,6 @@ Last line: ``reverse_over_raw_tokens_per_second = <ratio>`` (target >= 0.8 with 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import tempfile
@@ -37,10 +40,36 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
+class Recorder:
+    """Wraps an engine's ``submit``/``poll`` to keep every request: prompt ids and tokens generated."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.requests: dict[str, tuple[list[int], int]] = {}
+        self._submit, self._poll = engine.submit, engine.poll
+        engine.submit, engine.poll = self.submit, self.poll
+
+    def submit(self, request_id: str, prompt: list[int], params: Any) -> None:
+        self.requests[request_id] = (list(prompt), 0)
+        self._submit(request_id, prompt, params)
+
+    def poll(self) -> list[Any]:
+        finished = self._poll()
+        for request_id, completion in finished:
+            self.requests[request_id] = (self.requests[request_id][0], len(completion.token_ids))
+        return finished
+
+    def stop(self) -> list[tuple[list[int], int]]:
+        """Restore the engine; the requests in submission order."""
+        self.engine.submit, self.engine.poll = self._submit, self._poll
+        return list(self.requests.values())
+
+
 def _stage(replica: Any, config: Any, shards: list[tuple[str, list[Any]]], out: Path) -> dict[str, float]:
     """Run the replica over every shard, batches as run_reverse sends them; totals and wall time."""
     from ttpa_ray.reverse import shards_per_call
 
+    replica.engine.llm.reset_prefix_cache()
     replica.out_dir = out
     replica.config = config
     per_call = shards_per_call(config, len(shards))
@@ -62,114 +91,107 @@ def _stage(replica: Any, config: Any, shards: list[tuple[str, list[Any]]], out: 
     return {**totals, "seconds": seconds, "rate": totals["tokens"] / seconds}
 
 
-def _raw(
-    engine: Any, batches: list[list[list[int]]], per_prompt: int, total: int, temperature: float
-) -> float:
-    """Tokens/s of plain flat batches (cycling over ``batches``) producing ``total`` tokens."""
-    params = engine.sampling_params(max_tokens=per_prompt, temperature=temperature, seed=None)
-    params.ignore_eos = True  # every request really produces per_prompt tokens
-    made, seconds = 0, 0.0
-    for prompts in itertools.cycle(batches):
-        if made >= total:
-            break
-        start = time.perf_counter()
-        completions = engine.generate(prompts, params)
-        seconds += time.perf_counter() - start
-        made += sum(len(c.token_ids) for c in completions)
+def _raw(engine: Any, requests: list[tuple[list[int], int]], temperature: float) -> float:
+    """Tokens/s of one flat ``generate`` over ``requests``, each making exactly its recorded tokens."""
+    engine.llm.reset_prefix_cache()
+    params = []
+    for _, tokens in requests:
+        p = engine.sampling_params(max_tokens=tokens, temperature=temperature, seed=None)
+        p.ignore_eos = True  # every request really produces its tokens
+        params.append(p)
+    start = time.perf_counter()
+    completions = engine.generate([prompt for prompt, _ in requests], params)
+    seconds = time.perf_counter() - start
+    made = sum(len(c.token_ids) for c in completions)
+    if made != sum(tokens for _, tokens in requests):
+        raise RuntimeError(f"raw made {made} tokens, the stage {sum(t for _, t in requests)}")
     return made / seconds
+
+
+def _grammar_share(engine: Any, builder: Any, seeds: list[Any], temperature: float) -> float:
+    """A flat batch of scene steps under their grammars, over the same batch without (tokens/s)."""
+    from ttpa_ray.reverse import DialogueState
+
+    requests = [
+        builder._request(DialogueState(seed=s, tools=[builder.specs[n] for n in s.tool_names])) for s in seeds
+    ]
+    start = time.perf_counter()
+    constrained = engine.generate([p for p, _ in requests], [q for _, q in requests])
+    rate = sum(len(c.token_ids) for c in constrained) / (time.perf_counter() - start)
+    plain = [([p for p, _ in requests][i], len(c.token_ids)) for i, c in enumerate(constrained)]
+    return rate / _raw(engine, [(p, max(1, n)) for p, n in plain], temperature)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer seeds (under 5 minutes)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. vllm.max_num_seqs=32",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
     from ttpa_ray.config import load_config
-    from ttpa_ray.reverse import DialogueState, ReverseBuilder, ReverseReplica, _shards, make_seeds
+    from ttpa_ray.reverse import ReverseBuilder, ReverseReplica, _shards, make_seeds
     from ttpa_ray.tiny_model import make_tiny_model
     from ttpa_ray.tools.registry import load_catalogue
 
     seeds_n = 96 if args.quick else 256
     work = Path(tempfile.mkdtemp(prefix="bench-reverse-"))
     model = make_tiny_model(work / "tiny", seed=0)
+    # The project's local settings (configs/local.yaml) for the engine and the dialogues in flight.
     config = load_config(
         ROOT / "configs" / "local.yaml",
-        [
-            f"model.policy={model}",
-            f"reverse.num_seeds={seeds_n}",
-            "reverse.max_concurrent_dialogues=32",
-            "reverse.max_tokens=256",
-        ],
+        [f"model.policy={model}", f"reverse.num_seeds={seeds_n}", "reverse.max_tokens=256", *args.set],
     )
-    seeds = make_seeds(load_catalogue(config.reverse.catalogue), config.reverse, config.run.seed)
+    catalogue = load_catalogue(config.reverse.catalogue)
+    seeds = make_seeds(catalogue, config.reverse, config.run.seed)
     shards = _shards(seeds, config.reverse.shard_size)
     replica = ReverseReplica(str(model), config.model_dump(mode="json"), str(work / "warm"))
     engine = replica.engine
     replica.registry.warm()
-    _stage(replica, config, _shards(seeds[:8], 4), work / "warm")  # grammar caches, sandbox workers
+    # Warm-up on other seeds: the sandbox workers start, common grammars compile, as in a long run.
+    other = make_seeds(catalogue, config.reverse.model_copy(update={"num_seeds": 8}), config.run.seed + 1)
+    _stage(replica, config, _shards(other, 4), work / "warm")
 
-    builder = ReverseBuilder(engine, replica.registry, config.reverse)
-    width = config.reverse.max_concurrent_dialogues
-    scene_prompts = [
-        builder._scene_request(DialogueState(seed=s, tools=[builder.specs[n] for n in s.tool_names]))[0]
-        for s in seeds
-    ]
-    batches = [scene_prompts[i : i + width] for i in range(0, len(seeds) - width + 1, width)]
-    first, prompts = seeds[:width], batches[0]
-
-    def lockstep_config() -> Any:
-        return config.model_copy(
-            update={"reverse": config.reverse.model_copy(update={"scheduling": "lockstep"})}
-        )
-
-    lockstep = _stage(replica, lockstep_config(), shards, work / "lockstep")
-    # Raw is timed around the headline stage run: before it and after it.
-    total = int(lockstep["tokens"])
-    per_prompt = max(1, round(lockstep["tokens"] / lockstep["requests"]))
-    engine.generate(prompts[:2], engine.sampling_params(max_tokens=8))  # warm-up
-    raw_before = _raw(engine, batches, per_prompt, total, config.reverse.temperature)
+    recorder = Recorder(engine)
     stage = _stage(replica, config, shards, work / "continuous")
-    raw_after = _raw(engine, batches, per_prompt, total, config.reverse.temperature)
-    raw_rate = (raw_before + raw_after) / 2
-
-    # The same flat batch under the scene step's grammar: the grammar's share of the cost.
-    requests = [
-        builder._request(DialogueState(seed=s, tools=[builder.specs[n] for n in s.tool_names])) for s in first
-    ]
-    start = time.perf_counter()
-    constrained = engine.generate([p for p, _ in requests], [q for _, q in requests])
-    constrained_rate = sum(len(c.token_ids) for c in constrained) / (time.perf_counter() - start)
-    grammar_ref = _raw(
-        engine,
-        [prompts],
-        max(1, round(sum(len(c.token_ids) for c in constrained) / len(first))),
-        1,
-        config.reverse.temperature,
+    requests = recorder.stop()
+    raw_first = _raw(engine, requests, config.reverse.temperature)
+    lockstep_config = config.model_copy(
+        update={"reverse": config.reverse.model_copy(update={"scheduling": "lockstep"})}
     )
+    lockstep = _stage(replica, lockstep_config, shards, work / "lockstep")
+    raw_second = _raw(engine, requests, config.reverse.temperature)
+    raw_rate = (raw_first + raw_second) / 2
+    builder = ReverseBuilder(engine, replica.registry, config.reverse)
+    grammar = _grammar_share(engine, builder, seeds[: config.vllm.max_num_seqs], config.reverse.temperature)
     engine.close()
 
-    n = len(seeds)
+    prompt_mean = sum(len(p) for p, _ in requests) / len(requests)
     print(f"load average at the end (2 cores): {os.getloadavg()[0]:.2f}")
     print(
-        f"seeds {n} in {len(shards)} shards: {stage['dialogues']:.0f} dialogues,"
-        f" {stage['rejected']:.0f} rejected"
+        f"engine: max_num_seqs {config.vllm.max_num_seqs}; dialogues in flight "
+        f"{config.reverse.max_concurrent_dialogues}; seeds {len(seeds)} in {len(shards)} shards:"
+        f" {stage['dialogues']:.0f} dialogues, {stage['rejected']:.0f} rejected"
     )
-    print(f"teacher requests {stage['requests']:.0f}, mean {per_prompt} generated tokens each")
-    for name, run in (("lockstep", lockstep), ("continuous", stage)):
+    print(
+        f"teacher requests {len(requests)}: mean prompt {prompt_mean:.0f} tokens,"
+        f" mean {stage['tokens'] / len(requests):.0f} generated tokens"
+    )
+    for name, run in (("continuous", stage), ("lockstep", lockstep)):
         print(
             f"stage, {name:<10}: {run['tokens']:.0f} tokens in {run['seconds']:.2f} s"
-            f" = {run['rate']:,.0f} tok/s,"
-            f" engine busy {run['busy'] / run['seconds']:.3f}, {run['rate'] / raw_rate:.3f} of raw"
+            f" = {run['rate']:,.0f} tok/s, engine busy {run['busy'] / run['seconds']:.3f},"
+            f" {run['rate'] / raw_rate:.3f} of raw"
         )
-    print(
-        f"raw LLM.generate, {len(prompts)} x {per_prompt} tokens per batch: {raw_before:,.0f} tok/s before,"
-        f" {raw_after:,.0f} after"
-    )
-    print(
-        f"flat batch under the scene grammar: {constrained_rate / grammar_ref:.3f} of the same batch without"
-    )
+    print(f"raw LLM.generate of the stage's requests: {raw_first:,.0f} tok/s, then {raw_second:,.0f}")
+    print(f"flat batch under the scene grammar: {grammar:.3f} of the same batch without")
     if stage["tokens"] != lockstep["tokens"] or stage["dialogues"] != lockstep["dialogues"]:
         print("MISMATCH: the two schedulings built different dialogues")
     headline = stage if config.reverse.scheduling == "continuous" else lockstep

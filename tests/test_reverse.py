@@ -21,6 +21,7 @@ from ttpa_ray.reverse import (
     ReverseBuilder,
     Seed,
     answer_is_grounded,
+    dialogues_in_flight,
     make_seeds,
     names_a_tool,
     read_dialogues,
@@ -30,6 +31,17 @@ from ttpa_ray.reverse import (
 from ttpa_ray.tools.registry import ToolRegistry, load_catalogue
 
 ROOT = Path(__file__).parent.parent
+
+
+def test_dialogues_in_flight_default_keeps_a_waiting_queue() -> None:
+    config = load_config(ROOT / "configs" / "local.yaml")
+    assert config.reverse.max_concurrent_dialogues is None
+    # unset: more dialogues than engine slots, so a freed slot is refilled from vLLM's waiting queue
+    assert dialogues_in_flight(config.reverse, config.vllm.max_num_seqs) == 2 * config.vllm.max_num_seqs
+    pinned = config.reverse.model_copy(update={"max_concurrent_dialogues": 5})
+    assert dialogues_in_flight(pinned, config.vllm.max_num_seqs) == 5
+    with pytest.raises(ValueError, match="max_concurrent_dialogues"):
+        load_config(ROOT / "configs" / "local.yaml", ["reverse.max_concurrent_dialogues=0"])
 
 
 def test_answer_grounding_and_tool_names() -> None:

@@ -91,7 +91,9 @@ class ReverseConfig(_Section):
     max_chosen_tools: int = Field(default=4, ge=1)
     nudge_when_left: int = Field(default=1, ge=0)  # remind the teacher to answer with this many calls left
     max_parse_retries: int = Field(default=2, ge=0)
-    max_concurrent_dialogues: int = Field(default=32, ge=1)  # dialogues sharing one engine
+    # Dialogues in flight on one engine; unset: twice the engine's max_num_seqs, so that while the driver
+    # handles a finished step (tool call, next prompt) the engine's waiting queue refills the free slot.
+    max_concurrent_dialogues: int | None = Field(default=None, ge=1)
     # continuous: a dialogue submits its next step the moment its last one finished (the engine's batch
     # stays full); lockstep: every dialogue in flight takes one step per engine.generate call
     scheduling: Literal["continuous", "lockstep"] = "continuous"

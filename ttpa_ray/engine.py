@@ -156,6 +156,7 @@ class Engine:
         from vllm import LLM
 
         self.model = model
+        self.max_num_seqs = vllm.max_num_seqs  # requests the engine runs at once
         self.llm = LLM(**engine_kwargs(model, vllm, dtype=dtype, seed=seed))
         self.tokenizer = self.llm.get_tokenizer()
 

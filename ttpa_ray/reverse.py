@@ -220,6 +220,11 @@ class ReverseBuilder:
         self._finished: dict[str, Dialogue | RejectedRow] = {}
         self._on_done: Callable[[Seed, Dialogue | RejectedRow], None] | None = None
 
+    @property
+    def in_flight(self) -> int:
+        """Dialogues sharing the engine at once (config, or twice the engine's slots)."""
+        return dialogues_in_flight(self.config, self.engine.max_num_seqs)
+
     # -- prompts -----------------------------------------------------------------------------------
     def _scene_request(self, state: DialogueState) -> tuple[list[int], dict[str, Any]]:
         low, high = self.config.info_items
@@ -542,7 +547,7 @@ class ReverseBuilder:
             self.requests += 1
 
         while True:
-            while len(in_flight) < self.config.max_concurrent_dialogues and (started := self._start_next()):
+            while len(in_flight) < self.in_flight and (started := self._start_next()):
                 submit(*started)
             if not in_flight:
                 return
@@ -557,7 +562,7 @@ class ReverseBuilder:
     def _run_lockstep(self) -> None:
         active: list[tuple[DialogueState, Any]] = []
         while True:
-            while len(active) < self.config.max_concurrent_dialogues and (started := self._start_next()):
+            while len(active) < self.in_flight and (started := self._start_next()):
                 active.append(started)
             if not active:
                 return
@@ -604,8 +609,8 @@ class ReverseReplica:
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Build the batch's shards as one stream of dialogues; a row per shard, in batch order.
 
-        All seeds of the batch's unfinished shards share the engine (``max_concurrent_dialogues`` in
-        flight), so a shard's slowest dialogue does not hold the engine back; each shard is written,
+        All seeds of the batch's unfinished shards share the engine (:func:`dialogues_in_flight` at
+        once), so a shard's slowest dialogue does not hold the engine back; each shard is written,
         with its ``.done`` marker, the moment its last seed ends. Shards finished by an earlier
         attempt (a retried batch after a crash) are read back from their marker, not rebuilt.
         """
@@ -709,12 +714,20 @@ def _shards(seeds: Sequence[Seed], size: int) -> list[tuple[str, list[Seed]]]:
     return [(f"shard-{i // size:05d}", list(seeds[i : i + size])) for i in range(0, len(seeds), size)]
 
 
+def dialogues_in_flight(reverse: ReverseConfig, max_num_seqs: int) -> int:
+    """``reverse.max_concurrent_dialogues``, or when unset twice the engine's ``max_num_seqs``: more
+    dialogues than slots keeps a waiting queue, so a slot freed by a finished step is refilled at the
+    engine's next step instead of after the driver's round trip (tool call, next prompt)."""
+    return reverse.max_concurrent_dialogues or 2 * max_num_seqs
+
+
 def shards_per_call(config: TTPAConfig, shards: int) -> int:
-    """Shards a replica builds as one stream: enough seeds to keep ``max_concurrent_dialogues`` in
-    flight four times over (the stream's tail, when its last dialogues run alone, is then a small
-    share), but never so many that a replica of ``replicas_max`` is left without a batch."""
+    """Shards a replica builds as one stream: enough seeds to keep the dialogues in flight
+    (:func:`dialogues_in_flight`) four times over (the stream's tail, when its last dialogues run
+    alone, is then a small share), but never so many that a replica of ``replicas_max`` is left
+    without a batch."""
     reverse = config.reverse
-    wanted = -(-4 * reverse.max_concurrent_dialogues // reverse.shard_size)
+    wanted = -(-4 * dialogues_in_flight(reverse, config.vllm.max_num_seqs) // reverse.shard_size)
     fair = -(-shards // config.vllm.replicas_max)
     return max(1, min(wanted, fair))
 
