@@ -10,6 +10,7 @@ exported policy (``policy/``), which the driver copies next to the run's outputs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -282,6 +283,8 @@ def train_loop(job_fields: dict[str, Any]) -> None:
             checkpoint_dir_name="final_policy",
         )
     shutil.rmtree(work_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the run's scratch root, once no rank's attempt is left in it
+        work_dir.parent.rmdir()
 
 
 @dataclass
