@@ -13,11 +13,12 @@ tokens. So the ratio prices exactly what the stage adds: steps that wait on the 
 its tool, the grammars, rendering, filters and writes. (A batch of short, unrelated prompts would
 measure a different load: the stage's prompts carry the tool list and the dialogue so far.)
 
-Order, on one engine after a warm-up with other seeds: the stage with ``scheduling=continuous`` (the
-default: a dialogue's next step joins the running batch as soon as its previous step ended), raw,
-the stage with ``scheduling=lockstep`` (one step of every dialogue in flight per generate call), raw
-again. The prefix cache is emptied before each of the four, so every run starts cold, as a real run
-does; raw is the mean of its two runs, so drift in the machine's load weighs on both sides.
+Order, on one engine after a warm-up with other seeds: the stage with ``scheduling=continuous`` (a
+dialogue's next step joins the running batch as soon as its previous step ended), raw, the stage with
+``scheduling=lockstep`` (one step of every dialogue in flight per generate call), raw again. The
+headline is the configured scheduling (``auto``: lockstep on the CPU build, where it measured faster).
+The prefix cache is emptied before each of the four, so every run starts cold, as a real run does;
+raw is the mean of its two runs, so drift in the machine's load weighs on both sides.
 
 Also printed: the engine's busy fraction (time the stage waited on the engine / wall time), and a
 flat batch under the scene step's JSON-schema grammar against the same batch without (the grammar's
@@ -137,7 +138,14 @@ def main() -> None:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
     from ttpa_ray.config import load_config
-    from ttpa_ray.reverse import ReverseBuilder, ReverseReplica, _shards, make_seeds
+    from ttpa_ray.reverse import (
+        ReverseBuilder,
+        ReverseReplica,
+        _shards,
+        dialogues_in_flight,
+        make_seeds,
+        scheduling_mode,
+    )
     from ttpa_ray.tiny_model import make_tiny_model
     from ttpa_ray.tools.registry import load_catalogue
 
@@ -159,25 +167,26 @@ def main() -> None:
     other = make_seeds(catalogue, config.reverse.model_copy(update={"num_seeds": 8}), config.run.seed + 1)
     _stage(replica, config, _shards(other, 4), work / "warm")
 
+    def scheduled(mode: str) -> Any:
+        return config.model_copy(update={"reverse": config.reverse.model_copy(update={"scheduling": mode})})
+
     recorder = Recorder(engine)
-    stage = _stage(replica, config, shards, work / "continuous")
+    stage = _stage(replica, scheduled("continuous"), shards, work / "continuous")
     requests = recorder.stop()
     raw_first = _raw(engine, requests, config.reverse.temperature)
-    lockstep_config = config.model_copy(
-        update={"reverse": config.reverse.model_copy(update={"scheduling": "lockstep"})}
-    )
-    lockstep = _stage(replica, lockstep_config, shards, work / "lockstep")
+    lockstep = _stage(replica, scheduled("lockstep"), shards, work / "lockstep")
     raw_second = _raw(engine, requests, config.reverse.temperature)
     raw_rate = (raw_first + raw_second) / 2
     builder = ReverseBuilder(engine, replica.registry, config.reverse)
     grammar = _grammar_share(engine, builder, seeds[: config.vllm.max_num_seqs], config.reverse.temperature)
     engine.close()
 
+    in_flight = dialogues_in_flight(config.reverse, config.vllm.max_num_seqs)
     prompt_mean = sum(len(p) for p, _ in requests) / len(requests)
     print(f"load average at the end (2 cores): {os.getloadavg()[0]:.2f}")
     print(
-        f"engine: max_num_seqs {config.vllm.max_num_seqs}; dialogues in flight "
-        f"{config.reverse.max_concurrent_dialogues}; seeds {len(seeds)} in {len(shards)} shards:"
+        f"engine: max_num_seqs {config.vllm.max_num_seqs}; dialogues in flight {in_flight};"
+        f" seeds {len(seeds)} in {len(shards)} shards:"
         f" {stage['dialogues']:.0f} dialogues, {stage['rejected']:.0f} rejected"
     )
     print(
@@ -194,7 +203,9 @@ def main() -> None:
     print(f"flat batch under the scene grammar: {grammar:.3f} of the same batch without")
     if stage["tokens"] != lockstep["tokens"] or stage["dialogues"] != lockstep["dialogues"]:
         print("MISMATCH: the two schedulings built different dialogues")
-    headline = stage if config.reverse.scheduling == "continuous" else lockstep
+    headline = stage if scheduling_mode(config.reverse) == "continuous" else lockstep
+    mode = scheduling_mode(config.reverse)
+    print(f"headline: the configured scheduling ({config.reverse.scheduling}: {mode})")
     print(f"reverse_over_raw_tokens_per_second = {headline['rate'] / raw_rate:.3f}")
 
 

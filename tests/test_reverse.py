@@ -26,6 +26,7 @@ from ttpa_ray.reverse import (
     names_a_tool,
     read_dialogues,
     run_reverse,
+    scheduling_mode,
     shard_paths,
 )
 from ttpa_ray.tools.registry import ToolRegistry, load_catalogue
@@ -33,13 +34,17 @@ from ttpa_ray.tools.registry import ToolRegistry, load_catalogue
 ROOT = Path(__file__).parent.parent
 
 
-def test_dialogues_in_flight_default_keeps_a_waiting_queue() -> None:
+def test_in_flight_and_scheduling_defaults() -> None:
     config = load_config(ROOT / "configs" / "local.yaml")
     assert config.reverse.max_concurrent_dialogues is None
     # unset: more dialogues than engine slots, so a freed slot is refilled from vLLM's waiting queue
     assert dialogues_in_flight(config.reverse, config.vllm.max_num_seqs) == 2 * config.vllm.max_num_seqs
     pinned = config.reverse.model_copy(update={"max_concurrent_dialogues": 5})
     assert dialogues_in_flight(pinned, config.vllm.max_num_seqs) == 5
+    # auto: lockstep on the CPU build (measured faster there by bench/reverse.py); explicit values kept
+    assert scheduling_mode(config.reverse) == "lockstep"
+    continuous = config.reverse.model_copy(update={"scheduling": "continuous"})
+    assert scheduling_mode(continuous) == "continuous"
     with pytest.raises(ValueError, match="max_concurrent_dialogues"):
         load_config(ROOT / "configs" / "local.yaml", ["reverse.max_concurrent_dialogues=0"])
 

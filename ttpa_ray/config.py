@@ -95,8 +95,9 @@ class ReverseConfig(_Section):
     # handles a finished step (tool call, next prompt) the engine's waiting queue refills the free slot.
     max_concurrent_dialogues: int | None = Field(default=None, ge=1)
     # continuous: a dialogue submits its next step the moment its last one finished (the engine's batch
-    # stays full); lockstep: every dialogue in flight takes one step per engine.generate call
-    scheduling: Literal["continuous", "lockstep"] = "continuous"
+    # stays full); lockstep: every dialogue in flight takes one step per engine.generate call; auto:
+    # lockstep on the CPU build, continuous on GPUs (see reverse.scheduling_mode for why)
+    scheduling: Literal["auto", "continuous", "lockstep"] = "auto"
     shard_size: int = Field(default=16, ge=1)  # seeds per output shard (the unit of resume)
     temperature: float = Field(default=0.7, ge=0)
     max_tokens: int = Field(default=512, ge=16)  # per teacher step

@@ -39,7 +39,7 @@ from typing import Any
 
 from ttpa_ray.codec import ToolCall, parse_any
 from ttpa_ray.config import ReverseConfig, TTPAConfig
-from ttpa_ray.engine import Completion, Engine, bounded_schema, tool_call_schema
+from ttpa_ray.engine import Completion, Engine, bounded_schema, has_cuda, tool_call_schema
 from ttpa_ray.records import Dialogue, Message, RejectedRow, ToolSpec, reject, write_parquet
 
 STAGE = "reverse"
@@ -488,7 +488,8 @@ class ReverseBuilder:
     ) -> tuple[list[Dialogue], list[RejectedRow]]:
         """Build every seed; a finished dialogue's slot is refilled by the next seed at once.
 
-        ``config.scheduling`` picks how dialogues share the engine (both measured by bench/reverse.py):
+        ``config.scheduling`` (:func:`scheduling_mode`) picks how dialogues share the engine (both
+        measured by bench/reverse.py):
         ``continuous`` submits a dialogue's next step as soon as its previous one finished, so the
         engine's batch never waits for the slowest dialogue; ``lockstep`` sends one step of every
         dialogue in flight per ``generate`` call. Results come back in seed order; on the CPU build
@@ -499,7 +500,7 @@ class ReverseBuilder:
         self._pending = deque(seeds)
         self._finished = {}
         self._on_done = on_done
-        if self.config.scheduling == "lockstep":
+        if scheduling_mode(self.config) == "lockstep":
             self._run_lockstep()
         else:
             self._run_continuous()
@@ -719,6 +720,21 @@ def dialogues_in_flight(reverse: ReverseConfig, max_num_seqs: int) -> int:
     dialogues than slots keeps a waiting queue, so a slot freed by a finished step is refilled at the
     engine's next step instead of after the driver's round trip (tool call, next prompt)."""
     return reverse.max_concurrent_dialogues or 2 * max_num_seqs
+
+
+def scheduling_mode(reverse: ReverseConfig) -> str:
+    """``reverse.scheduling``, with ``auto`` resolved: ``lockstep`` on the CPU build, ``continuous`` on GPUs.
+
+    Measured by bench/reverse.py on the CPU build (2 cores, 256 seeds, twice the engine's slots in
+    flight): lockstep 0.78-0.80 of raw vLLM, continuous 0.63-0.70. There vLLM's engine core and its model
+    worker are two processes that spin while they wait on each other, and the driver is a third on the
+    same cores: in continuous mode its work (tool calls, next prompts) runs beside the engine and slows
+    it, in lockstep it runs between generate calls. On a GPU node the model runs on the GPU and the
+    driver has cores of its own, so continuous overlaps its work with decoding instead.
+    """
+    if reverse.scheduling != "auto":
+        return reverse.scheduling
+    return "continuous" if has_cuda() else "lockstep"
 
 
 def shards_per_call(config: TTPAConfig, shards: int) -> int:
