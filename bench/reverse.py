@@ -116,11 +116,13 @@ def _grammar_share(engine: Any, builder: Any, seeds: list[Any], temperature: flo
     requests = [
         builder._request(DialogueState(seed=s, tools=[builder.specs[n] for n in s.tool_names])) for s in seeds
     ]
+    prompts = [prompt for prompt, _ in requests]
+    engine.llm.reset_prefix_cache()  # cold, as _raw starts the unconstrained batch
     start = time.perf_counter()
-    constrained = engine.generate([p for p, _ in requests], [q for _, q in requests])
+    constrained = engine.generate(prompts, [params for _, params in requests])
     rate = sum(len(c.token_ids) for c in constrained) / (time.perf_counter() - start)
-    plain = [([p for p, _ in requests][i], len(c.token_ids)) for i, c in enumerate(constrained)]
-    return rate / _raw(engine, [(p, max(1, n)) for p, n in plain], temperature)
+    same_lengths = [(p, max(1, len(c.token_ids))) for p, c in zip(prompts, constrained, strict=True)]
+    return rate / _raw(engine, same_lengths, temperature)
 
 
 def main() -> None:
