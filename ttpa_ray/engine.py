@@ -6,13 +6,19 @@ vLLM's CPU build here and the CUDA build on a cluster: only the engine arguments
 
 from __future__ import annotations
 
+import json
+import logging
 import os
-from collections.abc import Sequence
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ttpa_ray.config import ModelConfig, VLLMConfig
+
+log = logging.getLogger(__name__)
 
 
 class ModelNotFoundError(ValueError):
@@ -139,6 +145,109 @@ def tool_call_schema(tools: Sequence[dict[str, Any]], *, bounded: bool = True) -
     return branches[0] if len(branches) == 1 else {"anyOf": branches}
 
 
+class SegmentEncoder:
+    """Token ids of rendered prompts, each stretch of text between special tokens encoded once.
+
+    A fast tokenizer splits its input at added tokens before it normalises and pre-tokenises, so the
+    ids of a prompt are the ids of its stretches between special tokens, joined with the special tokens'
+    own ids. The stretches repeat: every step of a dialogue re-renders the system turn with its tool
+    list and all earlier turns, so each is looked up instead of encoded again (reverse construction
+    renders hundreds of ~1,000-token prompts per shard, and the engine waits on the driver meanwhile).
+    The first ``verify`` prompts are also encoded whole; one difference (a tokenizer whose special
+    tokens strip neighbouring spaces, say) turns the cache off for good and every prompt is encoded whole.
+    """
+
+    def __init__(self, tokenizer: Any, *, max_entries: int = 4096, verify: int = 16) -> None:
+        self.tokenizer = tokenizer
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        self.special_ids = {tok.content: int(i) for i, tok in decoder.items() if tok.special and tok.content}
+        self.exact = bool(self.special_ids)
+        alternatives = sorted(self.special_ids, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
+        self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        self.max_entries = max_entries
+        self.verify_left = verify
+        self.hits = self.misses = 0
+
+    def whole(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def encode(self, text: str) -> list[int]:
+        if not self.exact or self._split is None:
+            return self.whole(text)
+        ids: list[int] = []
+        for part in self._split.split(text):
+            if not part:
+                continue
+            special = self.special_ids.get(part)
+            if special is not None:
+                ids.append(special)
+                continue
+            cached = self._cache.get(part)
+            if cached is None:
+                self.misses += 1
+                cached = self.whole(part)
+                self._cache[part] = cached
+                if len(self._cache) > self.max_entries:
+                    self._cache.popitem(last=False)
+            else:
+                self.hits += 1
+                self._cache.move_to_end(part)
+            ids.extend(cached)
+        if self.verify_left > 0:
+            self.verify_left -= 1
+            whole = self.whole(text)
+            if whole != ids:
+                log.warning("prompt ids differ when encoded between special tokens; encoding whole prompts")
+                self.exact = False
+                self._cache.clear()
+                return whole
+        return ids
+
+
+# vLLM checks each request's JSON schema in the driver by building its grammar (the engine then
+# compiles it again). Dialogues send the same schema step after step, so a schema that passed is
+# remembered (keyed by its canonical JSON) and the check runs once per distinct schema.
+_VALIDATED_SCHEMAS: OrderedDict[str, None] = OrderedDict()
+_MAX_VALIDATED = 4096
+
+
+def remember_schema_checks() -> bool:
+    """Wrap vLLM's xgrammar request check with a per-schema memory; True if installed (idempotent)."""
+    try:
+        from vllm.v1.structured_output import backend_xgrammar
+    except ImportError:
+        return False
+    check = getattr(backend_xgrammar, "validate_xgrammar_grammar", None)
+    if check is None:
+        return False
+    if getattr(check, "_ttpa_remembers", False):
+        return True
+    original: Callable[[Any], None] = check
+
+    def remembering(sampling_params: Any) -> None:
+        so = getattr(sampling_params, "structured_outputs", None)
+        schema = getattr(so, "json", None)
+        only_json = (
+            so is not None and schema and not (so.regex or so.choice or so.grammar or so.structural_tag)
+        )
+        if not only_json:
+            original(sampling_params)
+            return
+        key = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)
+        if key in _VALIDATED_SCHEMAS:
+            _VALIDATED_SCHEMAS.move_to_end(key)
+            return
+        original(sampling_params)  # raises for a schema xgrammar cannot take: never remembered
+        _VALIDATED_SCHEMAS[key] = None
+        if len(_VALIDATED_SCHEMAS) > _MAX_VALIDATED:
+            _VALIDATED_SCHEMAS.popitem(last=False)
+
+    remembering._ttpa_remembers = True  # type: ignore[attr-defined]
+    backend_xgrammar.validate_xgrammar_grammar = remembering
+    return True
+
+
 @dataclass
 class Completion:
     """One generated text with its token ids and why it stopped."""
@@ -159,6 +268,8 @@ class Engine:
         self.max_num_seqs = vllm.max_num_seqs  # requests the engine runs at once
         self.llm = LLM(**engine_kwargs(model, vllm, dtype=dtype, seed=seed))
         self.tokenizer = self.llm.get_tokenizer()
+        self.encoder = SegmentEncoder(self.tokenizer)
+        remember_schema_checks()
 
     def render_text(
         self,
@@ -188,7 +299,7 @@ class Engine:
     ) -> list[int]:
         """Prompt token ids of :meth:`render_text` (the template carries the special tokens)."""
         text = self.render_text(messages, tools, add_generation_prompt=add_generation_prompt)
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self.encoder.encode(text)
 
     def sampling_params(
         self,
@@ -212,6 +323,7 @@ class Engine:
             structured_outputs=structured,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            skip_clone=True,  # fresh per request: vLLM need not deep-copy it (and its schema) again
         )
 
     def generate(self, prompts: Sequence[list[int]], params: Any | Sequence[Any]) -> list[Completion]:
