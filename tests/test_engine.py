@@ -96,6 +96,7 @@ def test_bounded_schema_adds_guards_only_where_missing() -> None:
             "x": {"type": "number"},
             "tags": {"type": "array", "items": {"type": "string"}},
             "unit": {"type": "string", "enum": ["a", "b"]},
+            "code": {"type": "string", "pattern": "^[A-Z]{3}$"},
         },
     }
     out = bounded_schema(schema)
@@ -104,6 +105,7 @@ def test_bounded_schema_adds_guards_only_where_missing() -> None:
     assert out["properties"]["tags"]["maxItems"] == 8
     assert out["properties"]["tags"]["items"]["maxLength"] == 64
     assert "maxLength" not in out["properties"]["unit"]
+    assert "maxLength" not in out["properties"]["code"]  # pattern + length: xgrammar refuses the pair
     assert "minimum" not in schema["properties"]["x"]  # the input is not modified
 
 

@@ -212,6 +212,34 @@ def test_builder_on_tiny_model_with_bfcl_environment(vllm_engine) -> None:
             assert any(e.dialogue_id == row.input_id and e.tool == call["name"] and e.result.ok for e in log)
 
 
+@pytest.mark.slow
+def test_grounded_answer_requests_pass_vllm_checks_when_the_budget_is_spent(vllm_engine) -> None:
+    """Calls left 0: ``answer`` is the only tool and its text must quote a returned value.
+
+    That one-branch schema once reached vLLM with a length bound beside the answer's pattern, which
+    xgrammar refuses, and the refusal stopped the whole stage. Both requests go through the engine.
+    """
+    config = load_config(None, ["reverse.max_tokens=64"]).reverse
+    with ToolRegistry(load_catalogue("builtin"), isolated=False) as registry:
+        builder = ReverseBuilder(vllm_engine, registry, config)
+        seed = Seed("seed-spent", ("get_weather", "convert_currency"), 2, 3)
+        state = DialogueState(seed=seed, tools=[builder.specs[n] for n in seed.tool_names], phase="call")
+        state.chosen = list(state.tools)
+        call = ToolCall("get_weather", {"city": "Paris", "date": "2026-07-14"})
+        state.trajectory = [(call, {"city": "Paris", "sky": "sunny", "temp_c": 21})]
+        for calls_made in (1, 2):  # one call left (answer among others), none left (answer alone)
+            state.calls_made = calls_made
+            prompt, params = builder._request(state)
+            schema = params.structured_outputs.json
+            branches = schema.get("anyOf", [schema])
+            assert (len(branches) == 1) == (calls_made == 2)
+            (answer,) = [b for b in branches if b["properties"]["name"]["const"] == "answer"]
+            text = answer["properties"]["arguments"]["properties"]["answer"]
+            assert "Paris" in text["pattern"] and "maxLength" not in text
+            (completion,) = vllm_engine.generate([prompt], params)
+            assert completion.token_ids
+
+
 def test_scheduling_does_not_change_the_dialogues(vllm_engine) -> None:
     """Continuous batching and lockstep steps sample every step with the same seed: same records."""
     outputs = []

@@ -98,7 +98,8 @@ def bounded_schema(schema: dict[str, Any]) -> dict[str, Any]:
     """A copy of a JSON schema with length/range/size bounds added where none is declared."""
     out = dict(schema)
     kind = out.get("type")
-    if kind == "string" and "enum" not in out and "const" not in out:
+    if kind == "string" and not {"enum", "const", "pattern", "format"} & out.keys():
+        # xgrammar takes no length bound beside a pattern or format (vLLM refuses the request)
         out.setdefault("maxLength", MAX_STRING_CHARS)
     elif kind in ("integer", "number"):
         out.setdefault("minimum", -MAX_NUMBER)
