@@ -13,6 +13,10 @@ tokens. So the ratio prices exactly what the stage adds: steps that wait on the 
 its tool, the grammars, rendering, filters and writes. (A batch of short, unrelated prompts would
 measure a different load: the stage's prompts carry the tool list and the dialogue so far.)
 
+Seeds: as many as one replica call streams on a long run (``shards_per_call``: four times the
+dialogues in flight, 512 with configs/local.yaml), so the stream's tail, when its last dialogues run
+in ever smaller batches, weighs as much as it does there; --quick takes half of that.
+
 Order, on one engine after a warm-up with other seeds: the stage with ``scheduling=continuous`` (a
 dialogue's next step joins the running batch as soon as its previous step ended), raw, the stage with
 ``scheduling=lockstep`` (one step of every dialogue in flight per generate call), raw again. The
@@ -147,18 +151,21 @@ def main() -> None:
         dialogues_in_flight,
         make_seeds,
         scheduling_mode,
+        shards_per_call,
     )
     from ttpa_ray.tiny_model import make_tiny_model
     from ttpa_ray.tools.registry import load_catalogue
 
-    seeds_n = 96 if args.quick else 256
     work = Path(tempfile.mkdtemp(prefix="bench-reverse-"))
     model = make_tiny_model(work / "tiny", seed=0)
     # The project's local settings (configs/local.yaml) for the engine and the dialogues in flight.
-    config = load_config(
-        ROOT / "configs" / "local.yaml",
-        [f"model.policy={model}", f"reverse.num_seeds={seeds_n}", "reverse.max_tokens=256", *args.set],
-    )
+    overrides = [f"model.policy={model}", "reverse.max_tokens=256", *args.set]
+    config = load_config(ROOT / "configs" / "local.yaml", overrides)
+    # The seeds of one replica call as run_reverse sends it on a long run (shards_per_call: four times
+    # the dialogues in flight), so the stream's tail weighs as it does there; --quick: half of that.
+    call = shards_per_call(config, 1 << 20) * config.reverse.shard_size
+    seeds_n = call // 2 if args.quick else call
+    config = load_config(ROOT / "configs" / "local.yaml", [*overrides, f"reverse.num_seeds={seeds_n}"])
     catalogue = load_catalogue(config.reverse.catalogue)
     seeds = make_seeds(catalogue, config.reverse, config.run.seed)
     shards = _shards(seeds, config.reverse.shard_size)
