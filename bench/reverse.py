@@ -15,14 +15,15 @@ measure a different load: the stage's prompts carry the tool list and the dialog
 
 Seeds: as many as one replica call streams on a long run (``shards_per_call``: four times the
 dialogues in flight, 512 with configs/local.yaml), so the stream's tail, when its last dialogues run
-in ever smaller batches, weighs as much as it does there; --quick takes half of that.
+in ever smaller batches, weighs as much as it does there.
 
 Order, on one engine after a warm-up with other seeds: the stage with ``scheduling=continuous`` (a
 dialogue's next step joins the running batch as soon as its previous step ended), raw, the stage with
-``scheduling=lockstep`` (one step of every dialogue in flight per generate call), raw again. The
-headline is the configured scheduling (``auto``: lockstep on the CPU build, where it measured faster).
-The prefix cache is emptied before each of the four, so every run starts cold, as a real run does;
-raw is the mean of its two runs, so drift in the machine's load weighs on both sides.
+``scheduling=lockstep`` (one step of every dialogue in flight per generate call), raw again; --quick
+runs only the configured scheduling, then raw. The headline is the configured scheduling (``auto``:
+lockstep on the CPU build, where it measured faster). The prefix cache is emptied before each run, so
+every run starts cold, as a real run does; raw is the mean of its runs, so drift in the machine's load
+weighs on both sides.
 
 Also printed: the engine's busy fraction (time the stage waited on the engine / wall time), and a
 flat batch under the scene step's JSON-schema grammar against the same batch without (the grammar's
@@ -46,13 +47,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Recorder:
-    """Wraps an engine's ``submit``/``poll`` to keep every request: prompt ids and tokens generated."""
+    """Wraps an engine's ``submit``/``poll`` and ``generate`` (the two schedulings' ways in) to keep
+    every request: its prompt ids and the tokens it generated, in submission order."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.requests: dict[str, tuple[list[int], int]] = {}
-        self._submit, self._poll = engine.submit, engine.poll
-        engine.submit, engine.poll = self.submit, self.poll
+        self._submit, self._poll, self._generate = engine.submit, engine.poll, engine.generate
+        engine.submit, engine.poll, engine.generate = self.submit, self.poll, self.generate
 
     def submit(self, request_id: str, prompt: list[int], params: Any) -> None:
         self.requests[request_id] = (list(prompt), 0)
@@ -64,9 +66,15 @@ class Recorder:
             self.requests[request_id] = (self.requests[request_id][0], len(completion.token_ids))
         return finished
 
+    def generate(self, prompts: list[list[int]], params: Any) -> list[Any]:
+        completions = self._generate(prompts, params)
+        for prompt, completion in zip(prompts, completions, strict=True):
+            self.requests[f"generate/{len(self.requests)}"] = (list(prompt), len(completion.token_ids))
+        return completions
+
     def stop(self) -> list[tuple[list[int], int]]:
         """Restore the engine; the requests in submission order."""
-        self.engine.submit, self.engine.poll = self._submit, self._poll
+        self.engine.submit, self.engine.poll, self.engine.generate = self._submit, self._poll, self._generate
         return list(self.requests.values())
 
 
@@ -131,7 +139,9 @@ def _grammar_share(engine: Any, builder: Any, seeds: list[Any], temperature: flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer seeds (under 5 minutes)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the configured scheduling only, raw once (under 3 minutes)"
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -162,9 +172,8 @@ def main() -> None:
     overrides = [f"model.policy={model}", "reverse.max_tokens=256", *args.set]
     config = load_config(ROOT / "configs" / "local.yaml", overrides)
     # The seeds of one replica call as run_reverse sends it on a long run (shards_per_call: four times
-    # the dialogues in flight), so the stream's tail weighs as it does there; --quick: half of that.
-    call = shards_per_call(config, 1 << 20) * config.reverse.shard_size
-    seeds_n = call // 2 if args.quick else call
+    # the dialogues in flight), so the stream's tail weighs as it does there.
+    seeds_n = shards_per_call(config, 1 << 20) * config.reverse.shard_size
     config = load_config(ROOT / "configs" / "local.yaml", [*overrides, f"reverse.num_seeds={seeds_n}"])
     catalogue = load_catalogue(config.reverse.catalogue)
     seeds = make_seeds(catalogue, config.reverse, config.run.seed)
@@ -179,42 +188,47 @@ def main() -> None:
     def scheduled(mode: str) -> Any:
         return config.model_copy(update={"reverse": config.reverse.model_copy(update={"scheduling": mode})})
 
+    # Full: continuous, raw, lockstep, raw. --quick: the configured scheduling, then raw, once each.
+    configured = scheduling_mode(config.reverse)
+    modes = [configured] if args.quick else ["continuous", "lockstep"]
     recorder = Recorder(engine)
-    stage = _stage(replica, scheduled("continuous"), shards, work / "continuous")
-    requests = recorder.stop()
-    raw_first = _raw(engine, requests, config.reverse.temperature)
-    lockstep = _stage(replica, scheduled("lockstep"), shards, work / "lockstep")
-    raw_second = _raw(engine, requests, config.reverse.temperature)
-    raw_rate = (raw_first + raw_second) / 2
+    runs: dict[str, dict[str, float]] = {}
+    raws: list[float] = []
+    requests: list[tuple[list[int], int]] = []
+    for mode in modes:
+        runs[mode] = _stage(replica, scheduled(mode), shards, work / mode)
+        if not requests:
+            requests = recorder.stop()
+        raws.append(_raw(engine, requests, config.reverse.temperature))
+    raw_rate = sum(raws) / len(raws)
     builder = ReverseBuilder(engine, replica.registry, config.reverse)
     grammar = _grammar_share(engine, builder, seeds[: config.vllm.max_num_seqs], config.reverse.temperature)
     engine.close()
 
+    headline = runs[configured]
     in_flight = dialogues_in_flight(config.reverse, config.vllm.max_num_seqs)
     prompt_mean = sum(len(p) for p, _ in requests) / len(requests)
     print(f"load average at the end (2 cores): {os.getloadavg()[0]:.2f}")
     print(
         f"engine: max_num_seqs {config.vllm.max_num_seqs}; dialogues in flight {in_flight};"
         f" seeds {len(seeds)} in {len(shards)} shards:"
-        f" {stage['dialogues']:.0f} dialogues, {stage['rejected']:.0f} rejected"
+        f" {headline['dialogues']:.0f} dialogues, {headline['rejected']:.0f} rejected"
     )
     print(
         f"teacher requests {len(requests)}: mean prompt {prompt_mean:.0f} tokens,"
-        f" mean {stage['tokens'] / len(requests):.0f} generated tokens"
+        f" mean {headline['tokens'] / len(requests):.0f} generated tokens"
     )
-    for name, run in (("continuous", stage), ("lockstep", lockstep)):
+    for name, run in runs.items():
         print(
             f"stage, {name:<10}: {run['tokens']:.0f} tokens in {run['seconds']:.2f} s"
             f" = {run['rate']:,.0f} tok/s, engine busy {run['busy'] / run['seconds']:.3f},"
             f" {run['rate'] / raw_rate:.3f} of raw"
         )
-    print(f"raw LLM.generate of the stage's requests: {raw_first:,.0f} tok/s, then {raw_second:,.0f}")
+    print("raw LLM.generate of the stage's requests: " + ", then ".join(f"{r:,.0f} tok/s" for r in raws))
     print(f"flat batch under the scene grammar: {grammar:.3f} of the same batch without")
-    if stage["tokens"] != lockstep["tokens"] or stage["dialogues"] != lockstep["dialogues"]:
+    if len({(run["tokens"], run["dialogues"]) for run in runs.values()}) > 1:
         print("MISMATCH: the two schedulings built different dialogues")
-    headline = stage if scheduling_mode(config.reverse) == "continuous" else lockstep
-    mode = scheduling_mode(config.reverse)
-    print(f"headline: the configured scheduling ({config.reverse.scheduling}: {mode})")
+    print(f"headline: the configured scheduling ({config.reverse.scheduling}: {configured})")
     print(f"reverse_over_raw_tokens_per_second = {headline['rate'] / raw_rate:.3f}")
 
 
