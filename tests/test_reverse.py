@@ -27,7 +27,6 @@ from ttpa_ray.reverse import (
     read_dialogues,
     run_reverse,
     scheduling_mode,
-    shard_paths,
 )
 from ttpa_ray.tools.registry import ToolRegistry, load_catalogue
 
@@ -309,7 +308,7 @@ def test_killed_job_resumes_without_loss_or_duplicates(
 ) -> None:
     import ray
 
-    config = _config(tmp_path, tiny_model_dir, "crash", seeds=16)
+    config = _config(tmp_path, tiny_model_dir, "crash", seeds=32)
     out_dir = tmp_path / "crash" / "reverse"
     address = ray.get_runtime_context().gcs_address
     job = subprocess.Popen(
@@ -321,7 +320,7 @@ def test_killed_job_resumes_without_loss_or_duplicates(
             str(ROOT / "configs" / "local.yaml"),
             f"run.run_dir={tmp_path / 'crash'}",
             f"model.policy={tiny_model_dir}",
-            "reverse.num_seeds=16",
+            "reverse.num_seeds=32",
             "reverse.shard_size=4",
             # two at a time: seeds flow in order, shards end one after another, the last ones well after
             "reverse.max_concurrent_dialogues=2",
@@ -334,24 +333,24 @@ def test_killed_job_resumes_without_loss_or_duplicates(
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    first_done = shard_paths(out_dir, "shard-00000")["done"]
+    markers = out_dir / "shards"
     deadline = time.time() + 300
-    while not first_done.exists() and time.time() < deadline and job.poll() is None:
+    while not any(markers.glob("*.done.json")) and time.time() < deadline and job.poll() is None:
         time.sleep(0.05)
-    assert first_done.exists(), "the first shard never finished"
-    os.killpg(job.pid, signal.SIGKILL)  # kill the job half way
+    assert job.poll() is None, "the job ended before it could be killed half way"
+    os.killpg(job.pid, signal.SIGKILL)  # kill the job half way, as soon as a first shard is written
     job.wait()
-    finished_before = sorted(p.name for p in (out_dir / "shards").glob("*.done.json"))
-    assert len(finished_before) < 4, finished_before  # killed before the end
+    finished_before = sorted(p.name for p in markers.glob("*.done.json"))
+    assert 1 <= len(finished_before) < 8, finished_before  # killed after the first shard, before the end
 
     report = run_reverse(config, str(tiny_model_dir), out_dir)  # the rerun skips finished shards
-    assert report.seeds == 16 == report.dialogues + report.rejected
+    assert report.seeds == 32 == report.dialogues + report.rejected
     manifest = json.loads((out_dir / "manifest.json").read_text())
     ids = []
     for shard in manifest["shards"]:
         ids += [r.input_id for r in read_parquet(RejectedRow, shard["rejected"])]
         ids += [d.seed_id for d in read_parquet(Dialogue, shard["dialogues"])]
-    assert sorted(ids) == sorted(set(ids)) and len(ids) == 16
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 32
 
 
 def test_mixed_catalogue_seeds_use_both_kinds_of_tools() -> None:
