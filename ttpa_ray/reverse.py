@@ -726,7 +726,7 @@ def scheduling_mode(reverse: ReverseConfig) -> str:
     """``reverse.scheduling``, with ``auto`` resolved: ``lockstep`` on the CPU build, ``continuous`` on GPUs.
 
     Measured by bench/reverse.py on the CPU build (2 cores, 512 seeds, twice the engine's slots in
-    flight, grammars cold): lockstep 0.69-0.70 of raw vLLM, continuous 0.67 (0.80-0.86 and 0.65-0.73
+    flight, grammars cold): lockstep 0.67-0.70 of raw vLLM, continuous 0.67 (0.80-0.86 and 0.65-0.73
     with every grammar already compiled). There vLLM's engine core and its model worker are two
     processes that spin while they wait on each other, and the driver is a third on the same cores: in
     continuous mode its work (tool calls, next prompts) runs beside the engine and slows it, in
