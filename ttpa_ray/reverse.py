@@ -39,7 +39,7 @@ from typing import Any
 
 from ttpa_ray.codec import ToolCall, parse_any
 from ttpa_ray.config import ReverseConfig, TTPAConfig
-from ttpa_ray.engine import Completion, Engine, bounded_schema, has_cuda, tool_call_schema
+from ttpa_ray.engine import Completion, Engine, has_cuda, tool_call_schema
 from ttpa_ray.records import Dialogue, Message, RejectedRow, ToolSpec, reject, write_parquet
 
 STAGE = "reverse"
@@ -339,7 +339,7 @@ class ReverseBuilder:
             max_tokens=self.config.max_tokens,
             temperature=self.config.temperature,
             seed=step_seed,
-            json_schema=bounded_schema(schema) if "anyOf" not in schema else schema,
+            json_schema=schema,  # each step's schema declares its own bounds (call steps: tool_call_schema)
         )
         return prompt, params
 
