@@ -9,7 +9,16 @@ import pytest
 
 from ttpa_ray.codec import parse_any, parse_hermes, render_hermes
 from ttpa_ray.config import ModelConfig, VLLMConfig
-from ttpa_ray.engine import ModelNotFoundError, engine_kwargs, resolve_model, tool_call_schema
+from ttpa_ray.engine import (
+    ModelNotFoundError,
+    arguments_schema,
+    call_head,
+    call_head_name,
+    call_head_regex,
+    engine_kwargs,
+    resolve_model,
+    tool_call_schema,
+)
 
 WEATHER = {
     "type": "function",
@@ -51,6 +60,21 @@ def test_tool_call_schema_one_branch_per_tool() -> None:
         tool_call_schema([])
 
 
+def test_call_head_regex_admits_exactly_the_heads() -> None:
+    import re
+
+    names = ["get_weather", "math.factorial", "a+b(x)"]  # BFCL names carry dots
+    pattern = re.compile(call_head_regex(names))
+    for name in names:
+        head = call_head(name)
+        assert head == '{"name":"' + name + '","arguments":'
+        assert pattern.fullmatch(head) and call_head_name(head, names) == name
+    for text in ['{"name":"mathXfactorial","arguments":', '{"name": "get_weather", "arguments": ', ""]:
+        assert not pattern.fullmatch(text) and call_head_name(text, names) is None
+    with pytest.raises(ValueError, match="at least one"):
+        call_head_regex([])
+
+
 def test_engine_kwargs_cpu_build() -> None:
     kwargs = engine_kwargs("m", VLLMConfig(tensor_parallel_size=4), dtype="float32")
     assert kwargs["tensor_parallel_size"] == 1  # no GPU here: one process per replica
@@ -85,6 +109,44 @@ def test_constrained_tool_call_parses(vllm_engine) -> None:
         assert set(spec["required"]) <= set(call.arguments) <= set(spec["properties"])
         # The same call rendered the Qwen way parses back to itself.
         assert parse_hermes(render_hermes([call])).calls == (call,)
+
+
+@pytest.mark.slow
+def test_two_step_call_continues_its_head(vllm_engine) -> None:
+    """A head under the regex, then the arguments under the named tool's schema, continuing its tokens:
+    the joined text is a valid call, laid out as a one-request call under tool_call_schema is."""
+    engine = vllm_engine
+    tools = {"get_weather": WEATHER, "convert_currency": CONVERT}
+    prompt = engine.render(
+        [{"role": "user", "content": "Weather in Paris, then 20 USD in EUR?"}], list(tools.values())
+    )
+    regex = call_head_regex(list(tools))
+    heads = engine.generate(
+        [prompt] * 4,
+        [engine.sampling_params(max_tokens=48, temperature=1.0, seed=s, regex=regex) for s in range(4)],
+    )
+    named = set()
+    for head in heads:
+        name = call_head_name(head.text, list(tools))
+        assert name is not None and head.finish_reason == "stop", head
+        named.add(name)
+        continued = prompt + head.token_ids[:-1]  # without the stop token that ended the head
+        schema = arguments_schema(tools[name])
+        (arguments,) = engine.generate(
+            [continued], engine.sampling_params(max_tokens=96, temperature=1.0, seed=1, json_schema=schema)
+        )
+        parsed = parse_any(head.text + arguments.text + "}")
+        assert parsed.ok, (parsed.error, head.text + arguments.text)
+        (call,) = parsed.calls
+        spec = tools[name]["function"]["parameters"]
+        assert call.name == name and set(spec["required"]) <= set(call.arguments) <= set(spec["properties"])
+    (whole,) = engine.generate(
+        [prompt],
+        engine.sampling_params(
+            max_tokens=96, temperature=1.0, seed=3, json_schema=tool_call_schema(list(tools.values()))
+        ),
+    )
+    assert whole.text.startswith(call_head(parse_any(whole.text).calls[0].name))
 
 
 def test_bounded_schema_adds_guards_only_where_missing() -> None:

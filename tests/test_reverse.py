@@ -14,7 +14,7 @@ import pytest
 
 from ttpa_ray.codec import ToolCall
 from ttpa_ray.config import load_config
-from ttpa_ray.engine import Completion
+from ttpa_ray.engine import Completion, call_head
 from ttpa_ray.records import Dialogue, RejectedRow, read_parquet
 from ttpa_ray.reverse import (
     DialogueState,
@@ -211,14 +211,48 @@ def test_builder_on_tiny_model_with_bfcl_environment(vllm_engine) -> None:
             assert any(e.dialogue_id == row.input_id and e.tool == call["name"] and e.result.ok for e in log)
 
 
+def test_two_step_call_heads_then_arguments_with_real_tools() -> None:
+    """A head names the tool; the arguments that continue its tokens make the call, executed for real."""
+    config = load_config(None, ["reverse.max_parse_retries=1"]).reverse
+    with ToolRegistry(load_catalogue("builtin"), isolated=False) as registry:
+        builder = ReverseBuilder(engine=None, registry=registry, config=config)  # type: ignore[arg-type]
+        seed = Seed("seed-h", ("get_weather", "add_days"), 6, 1)
+        state = DialogueState(seed=seed, tools=[builder.specs[n] for n in seed.tool_names], phase="call")
+        state.chosen = list(state.tools)
+        session = registry.session(seed.seed_id)
+        state.call_prompt = [11, 12, 13]  # what _call_request sets when it sends a head request
+        head = Completion(call_head("get_weather"), [21, 22, 2], "stop")
+        builder.advance(state, head, session)
+        assert state.call_name == "get_weather" and state.call_head == [11, 12, 13, 21, 22]  # stop token off
+        arguments = {"city": "Paris", "date": "2026-07-14"}
+        builder.advance(state, Completion(json.dumps(arguments), [31], "stop"), session)
+        assert state.calls_made == 1 and state.trajectory[0][0] == ToolCall("get_weather", arguments)
+        assert not state.call_name and not state.call_head and not state.call_prompt
+        executed = [(e.tool, e.arguments) for e in registry.call_log if e.dialogue_id == "seed-h"]
+        assert executed == [("get_weather", arguments)]
+        # A head cut short, or naming a tool outside the dialogue, is a parse failure, twice a rejection.
+        state.call_prompt = [11]
+        builder.advance(state, Completion('{"name": "get_wea', [21], "length"), session)
+        assert state.parse_failures == 1 and state.phase == "call" and not state.call_name
+        builder.advance(state, Completion(call_head("search_hotels"), [21, 2], "stop"), session)
+        session.close()
+    assert isinstance(state.result, RejectedRow) and state.result.reason == "parse_failure"
+    assert "head" in state.result.detail
+
+
 @pytest.mark.slow
-def test_grounded_answer_requests_pass_vllm_checks_when_the_budget_is_spent(vllm_engine) -> None:
+@pytest.mark.parametrize("two_step", [True, False])
+def test_grounded_answer_requests_pass_vllm_checks_when_the_budget_is_spent(
+    vllm_engine, two_step: bool
+) -> None:
     """Calls left 0: ``answer`` is the only tool and its text must quote a returned value.
 
-    That one-branch schema once reached vLLM with a length bound beside the answer's pattern, which
-    xgrammar refuses, and the refusal stopped the whole stage. Both requests go through the engine.
+    That schema once reached vLLM with a length bound beside the answer's pattern, which xgrammar
+    refuses, and the refusal stopped the whole stage. Every request goes through the engine: with one
+    call left, the call (or its head, in two steps); with none, the grounded answer (in two steps its
+    arguments at once, the head written rather than generated).
     """
-    config = load_config(None, ["reverse.max_tokens=64"]).reverse
+    config = load_config(None, ["reverse.max_tokens=64", f"reverse.two_step_calls={two_step}"]).reverse
     with ToolRegistry(load_catalogue("builtin"), isolated=False) as registry:
         builder = ReverseBuilder(vllm_engine, registry, config)
         seed = Seed("seed-spent", ("get_weather", "convert_currency"), 2, 3)
@@ -227,14 +261,22 @@ def test_grounded_answer_requests_pass_vllm_checks_when_the_budget_is_spent(vllm
         call = ToolCall("get_weather", {"city": "Paris", "date": "2026-07-14"})
         state.trajectory = [(call, {"city": "Paris", "sky": "sunny", "temp_c": 21})]
         for calls_made in (1, 2):  # one call left (answer among others), none left (answer alone)
-            state.calls_made = calls_made
+            state.calls_made, state.call_name = calls_made, ""
             prompt, params = builder._request(state)
-            schema = params.structured_outputs.json
-            branches = schema.get("anyOf", [schema])
-            assert (len(branches) == 1) == (calls_made == 2)
-            (answer,) = [b for b in branches if b["properties"]["name"]["const"] == "answer"]
-            text = answer["properties"]["arguments"]["properties"]["answer"]
-            assert "Paris" in text["pattern"] and "maxLength" not in text
+            so = params.structured_outputs
+            if two_step and calls_made == 1:
+                assert so.json is None and '"answer"' in so.regex and '"restart"' in so.regex
+            else:
+                if two_step:  # the written head: the request continues it with the answer's arguments
+                    assert state.call_name == "answer" and prompt == state.call_head
+                    arguments = so.json
+                else:
+                    branches = so.json.get("anyOf", [so.json])
+                    assert (len(branches) == 1) == (calls_made == 2)
+                    (answer,) = [b for b in branches if b["properties"]["name"]["const"] == "answer"]
+                    arguments = answer["properties"]["arguments"]
+                text = arguments["properties"]["answer"]
+                assert "Paris" in text["pattern"] and "maxLength" not in text
             (completion,) = vllm_engine.generate([prompt], params)
             assert completion.token_ids
 

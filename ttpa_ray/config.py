@@ -104,6 +104,11 @@ class ReverseConfig(_Section):
     max_text_chars: int = Field(default=240, ge=20)
     # Constrain the `answer` text to quote a returned value: keeps a weak teacher grounded.
     grounded_answer: bool = True
+    # A tool call in two requests: its name under a small regex, then its arguments (continuing the
+    # same tokens) under that tool's own schema, whose grammar the engine compiles once per run. In one
+    # request, every step's grammar holds all the dialogue's tools and grounding values, and compiling
+    # it costs the engine tens of ms (a bounded string alone ~40 ms on this CPU; more with a big vocab).
+    two_step_calls: bool = True
 
     @model_validator(mode="after")
     def _ranges(self) -> ReverseConfig:

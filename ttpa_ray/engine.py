@@ -118,24 +118,33 @@ def bounded_schema(schema: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def arguments_schema(tool: dict[str, Any], *, bounded: bool = True) -> dict[str, Any]:
+    """JSON schema of one tool's ``arguments`` object (an OpenAI spec, wrapped or bare).
+
+    An object with no other properties than the declared ones; ``bounded`` adds decoding guards
+    (:func:`bounded_schema`) where the schema declares no bound.
+    """
+    fn = tool.get("function", tool)
+    params = fn.get("parameters") or {"type": "object", "properties": {}}
+    params = {**params, "type": "object"}
+    params.setdefault("additionalProperties", False)
+    return bounded_schema(params) if bounded else params
+
+
 def tool_call_schema(tools: Sequence[dict[str, Any]], *, bounded: bool = True) -> dict[str, Any]:
     """JSON schema of one call ``{"name": ..., "arguments": {...}}`` to any of ``tools``.
 
     ``tools`` are OpenAI specs (wrapped or bare). Each tool becomes one ``anyOf`` branch whose
-    arguments follow that tool's parameter schema, so a constrained decode yields a valid call.
-    ``bounded`` adds decoding guards (:func:`bounded_schema`) where the schema declares no bound.
+    arguments follow that tool's parameter schema (:func:`arguments_schema`), so a constrained decode
+    yields a valid call.
     """
     named: list[tuple[str, dict[str, Any]]] = []
     for tool in tools:
         fn = tool.get("function", tool)
-        params = fn.get("parameters") or {"type": "object", "properties": {}}
-        params = {**params, "type": "object"}
-        params.setdefault("additionalProperties", False)
-        if bounded:
-            params = bounded_schema(params)
+        arguments = arguments_schema(tool, bounded=bounded)
         branch = {
             "type": "object",
-            "properties": {"name": {"const": fn["name"]}, "arguments": params},
+            "properties": {"name": {"const": fn["name"]}, "arguments": arguments},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
@@ -146,6 +155,33 @@ def tool_call_schema(tools: Sequence[dict[str, Any]], *, bounded: bool = True) -
     # compiles into a grammar once (tens of ms each on a CPU, per distinct schema) instead of again.
     branches = [branch for _, branch in sorted(named, key=lambda pair: pair[0])]
     return branches[0] if len(branches) == 1 else {"anyOf": branches}
+
+
+# A call in two requests: its head (up to the arguments) under a small regex, then the arguments under
+# the chosen tool's own schema. The head is laid out as vLLM's xgrammar writes a one-request call
+# without whitespace freedom (disable_any_whitespace: no spaces), so both ways produce the same text.
+_REGEX_SPECIAL = re.compile(r"([\\.^$|?*+()\[\]{}])")
+
+
+def call_head(name: str) -> str:
+    """The text of a call up to its arguments: ``{"name":"<name>","arguments":``."""
+    return '{"name":' + json.dumps(name, ensure_ascii=False) + ',"arguments":'
+
+
+def call_head_regex(names: Sequence[str]) -> str:
+    """A regex that admits exactly the heads (:func:`call_head`) of a call to one of ``names``."""
+    if not names:
+        raise ValueError("call_head_regex needs at least one tool name")
+    # Only the metacharacters: xgrammar reads an escaped space or quote as a warning.
+    return "|".join(_REGEX_SPECIAL.sub(r"\\\1", call_head(name)) for name in sorted(names))
+
+
+def call_head_name(text: str, names: Sequence[str]) -> str | None:
+    """The tool a generated head names, or None when ``text`` is not one of their heads."""
+    for name in names:
+        if text == call_head(name):
+            return name
+    return None
 
 
 class SegmentEncoder:
@@ -311,14 +347,21 @@ class Engine:
         temperature: float = 0.0,
         seed: int | None = None,
         json_schema: dict[str, Any] | None = None,
+        regex: str | None = None,
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
     ) -> Any:
-        """vLLM SamplingParams; ``json_schema`` turns on structured outputs."""
+        """vLLM SamplingParams; ``json_schema`` or ``regex`` turns on structured outputs."""
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
-        structured = StructuredOutputsParams(json=json_schema) if json_schema is not None else None
+        if json_schema is not None and regex is not None:
+            raise ValueError("a request takes a json_schema or a regex, not both")
+        structured = None
+        if json_schema is not None:
+            structured = StructuredOutputsParams(json=json_schema)
+        elif regex is not None:
+            structured = StructuredOutputsParams(regex=regex)
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=temperature,

@@ -39,7 +39,16 @@ from typing import Any
 
 from ttpa_ray.codec import ToolCall, parse_any
 from ttpa_ray.config import ReverseConfig, TTPAConfig
-from ttpa_ray.engine import Completion, Engine, has_cuda, tool_call_schema
+from ttpa_ray.engine import (
+    Completion,
+    Engine,
+    arguments_schema,
+    call_head,
+    call_head_name,
+    call_head_regex,
+    has_cuda,
+    tool_call_schema,
+)
 from ttpa_ray.records import Dialogue, Message, RejectedRow, ToolSpec, reject, write_parquet
 
 STAGE = "reverse"
@@ -200,6 +209,11 @@ class DialogueState:
     step: int = 0
     generated_tokens: int = 0
     teacher_messages: list[dict[str, Any]] = field(default_factory=list)
+    # A call in two requests (config two_step_calls): the prompt of its head, then the tool the head
+    # named and the token ids its arguments continue (prompt + head), until the arguments come back.
+    call_prompt: list[int] = field(default_factory=list)
+    call_name: str = ""
+    call_head: list[int] = field(default_factory=list)
     result: Dialogue | RejectedRow | None = None
 
 
@@ -213,6 +227,7 @@ class ReverseBuilder:
         self.teacher = teacher
         self.specs = {spec.name: spec for spec in registry.specs}
         self.stats: Counter[str] = Counter()
+        self._arguments_schemas: dict[str, dict[str, Any]] = {}  # by tool: one object, one grammar
         self.busy_seconds = 0.0
         self.generated_tokens = 0
         self.requests = 0  # teacher steps sent to the engine
@@ -263,6 +278,12 @@ class ReverseBuilder:
         return self.engine.render(messages), schema
 
     def _call_request(self, state: DialogueState) -> tuple[list[int], dict[str, Any]]:
+        """The next call step: the whole call, or (two_step_calls) its head, then its arguments.
+
+        Returns the prompt and its structured-output constraint: ``{"json": schema}`` or ``{"regex": ...}``.
+        """
+        if state.call_name:  # the head is out: the arguments, under the named tool's own schema
+            return state.call_head, {"json": self._arguments_schema(state, state.call_name)}
         info = "\n".join(f"- {item}" for item in state.information)
         left = state.seed.call_budget - state.calls_made
         messages: list[dict[str, Any]] = [
@@ -284,27 +305,48 @@ class ReverseBuilder:
         elif left <= self.config.nudge_when_left:
             messages.append({"role": "user", "content": f"{left} call(s) left: finish with `answer` soon."})
         tools = [t.to_openai() for t in allowed]
-        schema = tool_call_schema(tools)
-        if state.trajectory and self.config.grounded_answer:
-            schema = self._ground_answer(schema, state)
-        return self.engine.render(messages, tools), schema
+        prompt = self.engine.render(messages, tools)
+        if not self.config.two_step_calls:
+            schema = tool_call_schema(tools)
+            for branch in schema.get("anyOf", [schema]):
+                name = branch["properties"]["name"]["const"]
+                branch["properties"]["arguments"] = self._arguments_schema(state, name)
+            return prompt, {"json": schema}
+        if len(allowed) == 1:  # nothing to choose: the head is written, not generated
+            head = self.engine.encoder.encode(call_head(allowed[0].name))
+            self._head_chosen(state, allowed[0].name, prompt + head)
+            return self._call_request(state)
+        state.call_prompt = prompt
+        return prompt, {"regex": call_head_regex([t.name for t in allowed])}
 
-    def _ground_answer(self, schema: dict[str, Any], state: DialogueState) -> dict[str, Any]:
-        """Constrain the ``answer`` text to quote a value the calls returned (config: grounded_answer)."""
+    def _head_chosen(self, state: DialogueState, name: str, head: list[int]) -> None:
+        state.call_name, state.call_head, state.call_prompt = name, head, []
+
+    def _arguments_schema(self, state: DialogueState, name: str) -> dict[str, Any]:
+        """A tool's arguments schema; the same object for every step that calls the tool, except a
+        grounded ``answer`` (config grounded_answer), whose text must quote a value the calls returned."""
+        if name == ANSWER_TOOL.name and state.trajectory and self.config.grounded_answer:
+            grounded = self._grounded_answer(state)
+            if grounded is not None:
+                return grounded
+        schema = self._arguments_schemas.get(name)
+        if schema is None:
+            spec = self.specs.get(name) or CONTROL_TOOLS[name]
+            schema = self._arguments_schemas[name] = arguments_schema(spec.to_openai())
+        return schema
+
+    def _grounded_answer(self, state: DialogueState) -> dict[str, Any] | None:
+        """``answer``'s arguments with a text that quotes a returned value (None: nothing to quote)."""
         values = sorted(
             {v for _, content in state.trajectory for v in returned_values(content) if len(v) >= 2}
         )
         if not values:
-            return schema
+            return None
         alternation = "|".join(re.escape(v) for v in values[:32])
-        pattern = f'^[^"\\\\]{{0,80}}({alternation})[^"\\\\]{{0,80}}$'
-        branches = schema.get("anyOf", [schema])
-        for branch in branches:
-            if branch["properties"]["name"].get("const") == ANSWER_TOOL.name:
-                answer = branch["properties"]["arguments"]["properties"]["answer"]
-                answer.pop("maxLength", None)
-                answer["pattern"] = pattern
-        return schema
+        schema = arguments_schema(ANSWER_TOOL.to_openai(), bounded=False)
+        answer = dict(schema["properties"]["answer"])  # a pattern and no length bound: xgrammar takes no pair
+        answer["pattern"] = f'^[^"\\\\]{{0,80}}({alternation})[^"\\\\]{{0,80}}$'
+        return {**schema, "properties": {**schema["properties"], "answer": answer}}
 
     def _question_request(self, state: DialogueState) -> tuple[list[int], dict[str, Any]]:
         used = "\n".join(
@@ -330,8 +372,12 @@ class ReverseBuilder:
         return self.engine.render(messages), schema
 
     def _request(self, state: DialogueState) -> tuple[list[int], Any]:
-        make = {"scene": self._scene_request, "call": self._call_request, "question": self._question_request}
-        prompt, schema = make[state.phase](state)
+        if state.phase == "call":
+            prompt, constraint = self._call_request(state)
+        else:
+            make = {"scene": self._scene_request, "question": self._question_request}
+            prompt, schema = make[state.phase](state)
+            constraint = {"json": schema}
         step_seed = int.from_bytes(
             hashlib.sha256(f"{state.seed.rng_seed}/{state.step}".encode()).digest()[:4], "big"
         )
@@ -339,7 +385,9 @@ class ReverseBuilder:
             max_tokens=self.config.max_tokens,
             temperature=self.config.temperature,
             seed=step_seed,
-            json_schema=schema,  # each step's schema declares its own bounds (call steps: tool_call_schema)
+            # each step's schema declares its own bounds (tool arguments: arguments_schema)
+            json_schema=constraint.get("json"),
+            regex=constraint.get("regex"),
         )
         return prompt, params
 
@@ -391,34 +439,24 @@ class ReverseBuilder:
                 return
             state.chosen, state.phase = chosen, "call"
         elif state.phase == "call":
+            if state.call_name:  # the arguments of a call whose head came first
+                text = call_head(state.call_name) + text + "}"
+                state.call_name, state.call_head = "", []
+            elif state.call_prompt:  # the head of a call (two_step_calls)
+                names = [t.name for t in (*state.chosen, ANSWER_TOOL, RESTART_TOOL)]
+                name = call_head_name(text, names)
+                if name is None or completion.finish_reason != "stop":
+                    self._parse_failed(state, "tool call head", text)
+                    return
+                # The head's tokens without the stop token that ended it; the arguments continue them.
+                self._head_chosen(state, name, state.call_prompt + list(completion.token_ids[:-1]))
+                return
+            state.call_prompt = []
             parsed = parse_any(text)
             if not parsed.ok:
                 self._parse_failed(state, "tool call", text)
                 return
-            call = parsed.calls[0]
-            if call.name == RESTART_TOOL.name:
-                self._reject(state, "restart", f"the teacher restarted after {state.calls_made} calls")
-                return
-            if call.name == ANSWER_TOOL.name:
-                state.answer = str(call.arguments.get("answer", ""))
-                self._finish_calls(state)
-                return
-            state.calls_made += 1
-            result = session.call(call.name, call.arguments)
-            content = result.to_message_content()
-            call_id = f"call_{state.calls_made}"
-            state.teacher_messages.append(
-                {
-                    "role": "assistant",
-                    "content": None,
-                    "tool_calls": [{"id": call_id, "type": "function", "function": call.to_dict()}],
-                }
-            )
-            state.teacher_messages.append({"role": "tool", "tool_call_id": call_id, "content": content})
-            if result.ok:
-                state.trajectory.append((call, result.content))
-            else:
-                state.failed_calls += 1
+            self._take_call(state, parsed.calls[0], session)
         elif state.phase == "question":
             try:
                 state.question = str(json.loads(text, strict=False)["question"]).strip()
@@ -426,6 +464,32 @@ class ReverseBuilder:
                 self._parse_failed(state, "question", text)
                 return
             self._finish(state)
+
+    def _take_call(self, state: DialogueState, call: ToolCall, session: Any) -> None:
+        """A parsed call: a control tool ends the calls; any other tool is executed for real."""
+        if call.name == RESTART_TOOL.name:
+            self._reject(state, "restart", f"the teacher restarted after {state.calls_made} calls")
+            return
+        if call.name == ANSWER_TOOL.name:
+            state.answer = str(call.arguments.get("answer", ""))
+            self._finish_calls(state)
+            return
+        state.calls_made += 1
+        result = session.call(call.name, call.arguments)
+        content = result.to_message_content()
+        call_id = f"call_{state.calls_made}"
+        state.teacher_messages.append(
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": call_id, "type": "function", "function": call.to_dict()}],
+            }
+        )
+        state.teacher_messages.append({"role": "tool", "tool_call_id": call_id, "content": content})
+        if result.ok:
+            state.trajectory.append((call, result.content))
+        else:
+            state.failed_calls += 1
 
     def _finish_calls(self, state: DialogueState) -> None:
         """After `answer`: the filters that need no question, then question generation."""
