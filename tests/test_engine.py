@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -61,8 +62,6 @@ def test_tool_call_schema_one_branch_per_tool() -> None:
 
 
 def test_call_head_regex_admits_exactly_the_heads() -> None:
-    import re
-
     names = ["get_weather", "math.factorial", "a+b(x)"]  # BFCL names carry dots
     pattern = re.compile(call_head_regex(names))
     for name in names:
@@ -107,6 +106,8 @@ def test_constrained_tool_call_parses(vllm_engine) -> None:
         (call,) = parsed.calls
         spec = {"get_weather": WEATHER, "convert_currency": CONVERT}[call.name]["function"]["parameters"]
         assert set(spec["required"]) <= set(call.arguments) <= set(spec["properties"])
+        if call.name == "get_weather":  # declared bounds, decoded as patterns, hold
+            assert len(call.arguments["city"]) <= 24 and len(call.arguments["date"]) <= 10
         # The same call rendered the Qwen way parses back to itself.
         assert parse_hermes(render_hermes([call])).calls == (call,)
 
@@ -160,15 +161,31 @@ def test_bounded_schema_adds_guards_only_where_missing() -> None:
             "tags": {"type": "array", "items": {"type": "string"}},
             "unit": {"type": "string", "enum": ["a", "b"]},
             "code": {"type": "string", "pattern": "^[A-Z]{3}$"},
+            "who": {"type": "string", "minLength": 2, "maxLength": 10, "description": "a name"},
+            "essay": {"type": "string", "maxLength": 500},
+            "long": {"type": "string", "minLength": 100},
         },
     }
     out = bounded_schema(schema)
     assert out["properties"]["n"] == {"type": "integer", "maximum": 5, "minimum": -MAX_NUMBER}
     assert out["properties"]["x"]["maximum"] == MAX_NUMBER
     assert out["properties"]["tags"]["maxItems"] == 8
-    assert out["properties"]["tags"]["items"]["maxLength"] == 64
-    assert "maxLength" not in out["properties"]["unit"]
-    assert "maxLength" not in out["properties"]["code"]  # pattern + length: xgrammar refuses the pair
+    # Length bounds up to 128 become a pattern (an automaton for xgrammar, cheap per token), with the
+    # characters xgrammar allows in a bounded string; longer ones stay maxLength.
+    chars = '[^"\\\\\\r\\n]'
+    assert out["properties"]["tags"]["items"] == {"type": "string", "pattern": f"^{chars}{{0,64}}$"}
+    assert out["properties"]["who"] == {
+        "type": "string",
+        "pattern": f"^{chars}{{2,10}}$",
+        "description": "a name",
+    }
+    assert out["properties"]["essay"] == {"type": "string", "maxLength": 500}
+    assert out["properties"]["long"] == {"type": "string", "minLength": 100, "maxLength": 164}
+    assert out["properties"]["unit"] == schema["properties"]["unit"]
+    assert out["properties"]["code"] == schema["properties"]["code"]  # pattern + length: xgrammar refuses
+    pattern = re.compile(out["properties"]["who"]["pattern"])
+    assert pattern.fullmatch("Ada L.") and not pattern.fullmatch("A") and not pattern.fullmatch('Ada "L"')
+    assert not pattern.fullmatch("Ada\nL") and not pattern.fullmatch("A\\da")
     assert "minimum" not in schema["properties"]["x"]  # the input is not modified
 
 
@@ -240,14 +257,22 @@ def test_schema_checks_are_remembered_but_failures_are_not(vllm_engine) -> None:
     engine.generate(
         [prompt], engine.sampling_params(max_tokens=48, temperature=1.0, seed=1, json_schema=schema)
     )
-    key = json.dumps(schema, sort_keys=True)
-    assert key in engine_module._VALIDATED_SCHEMAS
+    key = engine_module._constraint_key(
+        engine.sampling_params(max_tokens=1, json_schema=schema).structured_outputs
+    )
+    assert key is not None and key in engine_module._VALIDATED_SCHEMAS
+    regex = call_head_regex(["get_weather"])  # regexes too (vLLM starts a thread to check each one)
+    engine.generate([prompt], engine.sampling_params(max_tokens=32, regex=regex))
+    assert "regex\0" + regex in engine_module._VALIDATED_SCHEMAS
     # xgrammar cannot take multipleOf: vLLM's check refuses it every time, nothing is remembered.
     bad = {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 3}}, "required": ["n"]}
     for _ in range(2):
         with pytest.raises(VLLMValidationError):
             engine.generate([prompt], engine.sampling_params(max_tokens=8, json_schema=bad))
-    assert json.dumps(bad, sort_keys=True) not in engine_module._VALIDATED_SCHEMAS
+    assert "json\0" + json.dumps(bad, sort_keys=True) not in engine_module._VALIDATED_SCHEMAS
+    with pytest.raises(VLLMValidationError):  # an unbalanced regex is refused, and not remembered
+        engine.generate([prompt], engine.sampling_params(max_tokens=8, regex="(a|b"))
+    assert "regex\0(a|b" not in engine_module._VALIDATED_SCHEMAS
     from vllm.v1.structured_output import backend_xgrammar
 
     installed = backend_xgrammar.validate_xgrammar_grammar

@@ -43,6 +43,7 @@ from ttpa_ray.engine import (
     Completion,
     Engine,
     arguments_schema,
+    bounded_string,
     call_head,
     call_head_name,
     call_head_regex,
@@ -258,10 +259,10 @@ class ReverseBuilder:
         schema = {
             "type": "object",
             "properties": {
-                "scenario": {"type": "string", "maxLength": self.config.max_text_chars},
+                "scenario": bounded_string(self.config.max_text_chars),
                 "information": {
                     "type": "array",
-                    "items": {"type": "string", "maxLength": 80},
+                    "items": bounded_string(80),
                     "minItems": low,
                     "maxItems": high,
                 },
@@ -365,7 +366,7 @@ class ReverseBuilder:
         ]
         schema = {
             "type": "object",
-            "properties": {"question": {"type": "string", "maxLength": self.config.max_text_chars}},
+            "properties": {"question": bounded_string(self.config.max_text_chars)},
             "required": ["question"],
             "additionalProperties": False,
         }
