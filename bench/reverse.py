@@ -17,7 +17,8 @@ Seeds: as many as one replica call streams on a long run (``shards_per_call``: f
 dialogues in flight, 512 with configs/local.yaml), so the stream's tail, when its last dialogues run
 in ever smaller batches, weighs as much as it does there.
 
-Order, on one engine after a warm-up with other seeds: the configured scheduling (``auto``: lockstep
+Order, on one engine after a warm-up with other seeds and every tool's arguments grammar compiled (a
+replica pays those once per run, for all its seeds): the configured scheduling (``auto``: lockstep
 on the CPU build, where it measured faster; the headline), then raw; then, unless --quick, the other
 scheduling and its raw. ``lockstep`` sends one step of every dialogue in flight per generate call;
 ``continuous`` lets a dialogue's next step join the running batch as soon as its previous step ended.
@@ -138,6 +139,27 @@ def _grammar_share(engine: Any, builder: Any, seeds: list[Any], temperature: flo
     return rate / _raw(engine, same_lengths, temperature)
 
 
+def _compile_argument_grammars(replica: Any, catalogue: Any) -> None:
+    """Have the engine compile every tool's arguments grammar, as a long run's first minutes do.
+
+    A replica serves one run's seeds for hours, and each tool's arguments schema is one grammar for all
+    of them (two-step calls), so those compiles are paid once per replica. A 512-seed run left to pay
+    them would charge the first scheduling measured with what a long run amortises to nothing. What
+    stays cold is what a long run keeps compiling: each dialogue's own grammars (grounded answers,
+    one-request calls, scenes of another tool window).
+    """
+    from ttpa_ray.reverse import CONTROL_TOOLS, DialogueState, ReverseBuilder
+
+    builder = ReverseBuilder(replica.engine, replica.registry, replica.config.reverse)
+    state = DialogueState(seed=None, tools=[])  # type: ignore[arg-type]
+    names = [*catalogue.names, *CONTROL_TOOLS]
+    params = [
+        replica.engine.sampling_params(max_tokens=1, json_schema=builder._arguments_schema(state, name))
+        for name in names
+    ]
+    replica.engine.generate([[1, 2, 3]] * len(names), params)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -183,6 +205,7 @@ def main() -> None:
     # Warm-up on other seeds: the sandbox workers start, common grammars compile, as in a long run.
     warm = make_seeds(catalogue, config.reverse.model_copy(update={"num_seeds": 8}), config.run.seed + 1)
     _stage(replica, config, _shards(warm, 4), work / "warm")
+    _compile_argument_grammars(replica, catalogue)
 
     # The configured scheduling (the headline) first, then (not with --quick) the other one. Each on
     # seeds of its own: the engine keeps every grammar it compiled and has no way to forget them, and a
