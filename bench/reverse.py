@@ -14,18 +14,18 @@ its tool, the grammars, rendering, filters and writes. (A batch of short, unrela
 measure a different load: the stage's prompts carry the tool list and the dialogue so far.)
 
 Seeds: as many as one replica call streams on a long run (``shards_per_call``: four times the
-dialogues in flight, 512 with configs/local.yaml), so the stream's tail, when its last dialogues run
+dialogues in flight, 1024 with configs/local.yaml), so the stream's tail, when its last dialogues run
 in ever smaller batches, weighs as much as it does there.
 
 Order, on one engine after a warm-up with other seeds and every tool's arguments grammar compiled (a
-replica pays those once per run, for all its seeds): the configured scheduling (``auto``: lockstep
-on the CPU build, where it measured faster; the headline), then raw; then, unless --quick, the other
-scheduling and its raw. ``lockstep`` sends one step of every dialogue in flight per generate call;
-``continuous`` lets a dialogue's next step join the running batch as soon as its previous step ended.
-Each scheduling runs cold, as a real run's dialogues do: the prefix cache is emptied first, and it
-gets seeds of its own, since the engine keeps every grammar it compiled (tens of ms each on this CPU:
-every dialogue's tool set and grounding values make new ones) and cannot be made to forget them.
-Each ratio is against the raw run right after it, so slow drift in the machine's load weighs on both.
+replica pays those once per run, for all its seeds): the configured scheduling (``auto``: continuous;
+the headline), then raw; then, unless --quick, the other scheduling and its raw. ``continuous`` lets a
+dialogue's next step join the running batch as soon as its previous step ended; ``lockstep`` sends
+one step of every dialogue in flight per generate call. Each scheduling runs cold otherwise, as a real
+run's dialogues do: the prefix cache is emptied first, and it gets seeds of its own, since the engine
+keeps every grammar it compiled and cannot be made to forget them (each dialogue's grounded answer and
+tool window make new ones). Each ratio is against the raw run right after it, so slow drift in the
+machine's load weighs on both.
 
 Also printed: the engine's busy fraction (time the stage waited on the engine / wall time), and a
 flat batch under the scene step's JSON-schema grammar against the same batch without (the grammar's
@@ -80,6 +80,29 @@ class Recorder:
         return list(self.requests.values())
 
 
+def _cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) so far of this process and of each kind of child process."""
+    import psutil
+
+    me = psutil.Process()
+    times = me.cpu_times()
+    out = {"driver": times.user + times.system}
+    for child in me.children(recursive=True):
+        try:
+            title, times = " ".join(child.cmdline()), child.cpu_times()
+        except psutil.Error:  # ended meanwhile
+            continue
+        kind = "engine core" if "EngineCore" in title else "model worker" if "Worker" in title else "others"
+        out[kind] = out.get(kind, 0.0) + times.user + times.system
+    return out
+
+
+def _cpu_share(before: dict[str, float], seconds: float) -> dict[str, float]:
+    """Cores each kind of process kept busy since ``before`` (CPU seconds per wall second)."""
+    after = _cpu_seconds()
+    return {kind: (after[kind] - before.get(kind, 0.0)) / seconds for kind in after}
+
+
 def _stage(replica: Any, config: Any, shards: list[tuple[str, list[Any]]], out: Path) -> dict[str, float]:
     """Run the replica over every shard, batches as run_reverse sends them; totals and wall time."""
     from ttpa_ray.reverse import shards_per_call
@@ -89,6 +112,7 @@ def _stage(replica: Any, config: Any, shards: list[tuple[str, list[Any]]], out: 
     replica.config = config
     per_call = shards_per_call(config, len(shards))
     totals = {"tokens": 0.0, "requests": 0.0, "busy": 0.0, "dialogues": 0.0, "rejected": 0.0}
+    cpu = _cpu_seconds()
     start = time.perf_counter()
     for i in range(0, len(shards), per_call):
         batch = shards[i : i + per_call]
@@ -99,28 +123,34 @@ def _stage(replica: Any, config: Any, shards: list[tuple[str, list[Any]]], out: 
             }
         )
     seconds = time.perf_counter() - start
+    cores = _cpu_share(cpu, seconds)
     for marker in (out / "shards").glob("*.done.json"):
         done = json.loads(marker.read_text())
         for key in totals:
             totals[key] += done[key]
-    return {**totals, "seconds": seconds, "rate": totals["tokens"] / seconds}
+    return {**totals, "seconds": seconds, "rate": totals["tokens"] / seconds, "cores": cores}
 
 
-def _raw(engine: Any, requests: list[tuple[list[int], int]], temperature: float) -> float:
-    """Tokens/s of one flat ``generate`` over ``requests``, each making exactly its recorded tokens."""
+def _raw(
+    engine: Any, requests: list[tuple[list[int], int]], temperature: float
+) -> tuple[float, dict[str, float]]:
+    """Tokens/s of one flat ``generate`` over ``requests``, each making exactly its recorded tokens,
+    and the cores each kind of process kept busy meanwhile."""
     engine.llm.reset_prefix_cache()
     params = []
     for _, tokens in requests:
         p = engine.sampling_params(max_tokens=tokens, temperature=temperature, seed=None)
         p.ignore_eos = True  # every request really produces its tokens
         params.append(p)
+    cpu = _cpu_seconds()
     start = time.perf_counter()
     completions = engine.generate([prompt for prompt, _ in requests], params)
     seconds = time.perf_counter() - start
+    cores = _cpu_share(cpu, seconds)
     made = sum(len(c.token_ids) for c in completions)
     if made != sum(tokens for _, tokens in requests):
         raise RuntimeError(f"raw made {made} tokens, the stage {sum(t for _, t in requests)}")
-    return made / seconds
+    return made / seconds, cores
 
 
 def _grammar_share(engine: Any, builder: Any, seeds: list[Any], temperature: float) -> float:
@@ -136,7 +166,7 @@ def _grammar_share(engine: Any, builder: Any, seeds: list[Any], temperature: flo
     constrained = engine.generate(prompts, [params for _, params in requests])
     rate = sum(len(c.token_ids) for c in constrained) / (time.perf_counter() - start)
     same_lengths = [(p, max(1, len(c.token_ids))) for p, c in zip(prompts, constrained, strict=True)]
-    return rate / _raw(engine, same_lengths, temperature)
+    return rate / _raw(engine, same_lengths, temperature)[0]
 
 
 def _compile_argument_grammars(replica: Any, catalogue: Any) -> None:
@@ -222,7 +252,7 @@ def main() -> None:
         recorder = Recorder(engine)
         run = _stage(replica, scheduled, shards, work / mode)
         requests = recorder.stop()
-        run["raw"] = _raw(engine, requests, config.reverse.temperature)
+        run["raw"], run["raw_cores"] = _raw(engine, requests, config.reverse.temperature)
         run["requests"] = len(requests)
         run["prompt_mean"] = sum(len(p) for p, _ in requests) / len(requests)
         runs[mode] = run
@@ -245,6 +275,9 @@ def main() -> None:
             f" engine busy {run['busy'] / run['seconds']:.3f}; raw {run['raw']:,.0f} tok/s:"
             f" {run['rate'] / run['raw']:.3f} of raw"
         )
+        for label, cores in (("stage", run["cores"]), ("raw", run["raw_cores"])):
+            shares = ", ".join(f"{kind} {share:.2f}" for kind, share in sorted(cores.items()))
+            print(f"  cores busy, {label:<5}: {shares}")
     print(f"flat batch under the scene grammar: {grammar:.3f} of the same batch without")
     print(f"headline: the configured scheduling ({config.reverse.scheduling}: {configured})")
     print(f"reverse_over_raw_tokens_per_second = {headline['rate'] / headline['raw']:.3f}")

@@ -91,17 +91,21 @@ class ReverseConfig(_Section):
     max_chosen_tools: int = Field(default=4, ge=1)
     nudge_when_left: int = Field(default=1, ge=0)  # remind the teacher to answer with this many calls left
     max_parse_retries: int = Field(default=2, ge=0)
-    # Dialogues in flight on one engine; unset: twice the engine's max_num_seqs, so that while the driver
+    # Dialogues in flight on one engine; unset: 4 x the engine's max_num_seqs, so that while the driver
     # handles a finished step (tool call, next prompt) the engine's waiting queue refills the free slot.
     max_concurrent_dialogues: int | None = Field(default=None, ge=1)
     # continuous: a dialogue submits its next step the moment its last one finished (the engine's batch
     # stays full); lockstep: every dialogue in flight takes one step per engine.generate call; auto:
-    # lockstep on the CPU build, continuous on GPUs (see reverse.scheduling_mode for why)
+    # continuous (measured faster on the CPU build too, see reverse.scheduling_mode)
     scheduling: Literal["auto", "continuous", "lockstep"] = "auto"
     shard_size: int = Field(default=16, ge=1)  # seeds per output shard (the unit of resume)
     temperature: float = Field(default=0.7, ge=0)
     max_tokens: int = Field(default=512, ge=16)  # per teacher step
-    max_text_chars: int = Field(default=240, ge=20)
+    # Length bounds of the teacher's texts. The scenario is a short statement (its details are the
+    # information items, 80 characters each); at most 128 it decodes under a pattern, which xgrammar
+    # checks for ~4 us a token against ~25 us for a longer bound (engine.bounded_string).
+    max_scenario_chars: int = Field(default=128, ge=20)
+    max_question_chars: int = Field(default=240, ge=20)
     # Constrain the `answer` text to quote a returned value: keeps a weak teacher grounded.
     grounded_answer: bool = True
     # A tool call in two requests: its name under a small regex, then its arguments (continuing the

@@ -47,7 +47,6 @@ from ttpa_ray.engine import (
     call_head,
     call_head_name,
     call_head_regex,
-    has_cuda,
     tool_call_schema,
 )
 from ttpa_ray.records import Dialogue, Message, RejectedRow, ToolSpec, reject, write_parquet
@@ -238,7 +237,7 @@ class ReverseBuilder:
 
     @property
     def in_flight(self) -> int:
-        """Dialogues sharing the engine at once (config, or twice the engine's slots)."""
+        """Dialogues sharing the engine at once (config, or four times the engine's slots)."""
         return dialogues_in_flight(self.config, self.engine.max_num_seqs)
 
     # -- prompts -----------------------------------------------------------------------------------
@@ -259,7 +258,7 @@ class ReverseBuilder:
         schema = {
             "type": "object",
             "properties": {
-                "scenario": bounded_string(self.config.max_text_chars),
+                "scenario": bounded_string(self.config.max_scenario_chars),
                 "information": {
                     "type": "array",
                     "items": bounded_string(80),
@@ -366,7 +365,7 @@ class ReverseBuilder:
         ]
         schema = {
             "type": "object",
-            "properties": {"question": bounded_string(self.config.max_text_chars)},
+            "properties": {"question": bounded_string(self.config.max_question_chars)},
             "required": ["question"],
             "additionalProperties": False,
         }
@@ -781,26 +780,32 @@ def _shards(seeds: Sequence[Seed], size: int) -> list[tuple[str, list[Seed]]]:
 
 
 def dialogues_in_flight(reverse: ReverseConfig, max_num_seqs: int) -> int:
-    """``reverse.max_concurrent_dialogues``, or when unset twice the engine's ``max_num_seqs``: more
-    dialogues than slots keeps a waiting queue, so a slot freed by a finished step is refilled at the
-    engine's next step instead of after the driver's round trip (tool call, next prompt)."""
-    return reverse.max_concurrent_dialogues or 2 * max_num_seqs
+    """``reverse.max_concurrent_dialogues``, or when unset four times the engine's ``max_num_seqs``:
+    more dialogues than slots keeps a waiting queue, so a slot freed by a finished step is refilled at
+    the engine's next step instead of after the driver's round trip (tool call, next prompt).
+
+    bench/reverse.py, continuous, on the CPU build: 0.86-0.88 of raw with four times the slots against
+    0.81-0.84 with twice (two runs each, alternated). Waiting requests hold no KV cache, only a prompt.
+    """
+    return reverse.max_concurrent_dialogues or 4 * max_num_seqs
 
 
 def scheduling_mode(reverse: ReverseConfig) -> str:
-    """``reverse.scheduling``, with ``auto`` resolved: ``lockstep`` on the CPU build, ``continuous`` on GPUs.
+    """``reverse.scheduling``, with ``auto`` resolved: ``continuous``, on the CPU build as on GPUs.
 
     Measured by bench/reverse.py on the CPU build (2 cores, 512 seeds, twice the engine's slots in
-    flight, grammars cold): lockstep 0.67-0.70 of raw vLLM, continuous 0.67 (0.80-0.86 and 0.65-0.73
-    with every grammar already compiled). There vLLM's engine core and its model worker are two
-    processes that spin while they wait on each other, and the driver is a third on the same cores: in
-    continuous mode its work (tool calls, next prompts) runs beside the engine and slows it, in
-    lockstep it runs between generate calls. On a GPU node the model runs on the GPU and the
-    driver has cores of its own, so continuous overlaps its work with decoding instead.
+    flight, the default then): continuous 0.81-0.89 of raw vLLM over six runs, lockstep 0.78-0.79.
+    Calls in two requests made the steps short and unequal (a head is ~20 tokens, a scene ~150), and a
+    lockstep round waits for its longest step with the engine's batch emptying meanwhile. Continuous
+    refills each slot as it frees; its cost is the driver's work (tool calls, next prompts) beside the
+    engine on the same cores, which the remembered grammar checks and cached prompt segments keep
+    small. (With one-request calls and cold grammars, lockstep measured ahead: 0.67-0.70 against
+    0.67.) On a GPU node the driver has cores of its own, so continuous overlaps its work with decoding
+    entirely.
     """
     if reverse.scheduling != "auto":
         return reverse.scheduling
-    return "continuous" if has_cuda() else "lockstep"
+    return "continuous"
 
 
 def shards_per_call(config: TTPAConfig, shards: int) -> int:
