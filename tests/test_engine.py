@@ -141,6 +141,8 @@ def test_two_step_call_continues_its_head(vllm_engine) -> None:
         (call,) = parsed.calls
         spec = tools[name]["function"]["parameters"]
         assert call.name == name and set(spec["required"]) <= set(call.arguments) <= set(spec["properties"])
+        if name == "get_weather":  # declared bounds, decoded as patterns, hold
+            assert len(call.arguments["city"]) <= 24 and len(call.arguments["date"]) <= 10
     (whole,) = engine.generate(
         [prompt],
         engine.sampling_params(
