@@ -188,10 +188,20 @@ def test_question_naming_a_tool_is_rejected() -> None:
 
 
 @pytest.mark.slow
-def test_builder_on_tiny_model_with_bfcl_environment(vllm_engine) -> None:
-    """A real (random) teacher against BFCL's file system: every seed accounted for, calls logged."""
+@pytest.mark.parametrize("two_step", [True, False])
+def test_builder_on_tiny_model_with_bfcl_environment(vllm_engine, two_step: bool) -> None:
+    """A real (random) teacher against BFCL's file system: every seed accounted for, calls logged.
+
+    Both ways of asking for a call: head then arguments (the default), and the whole call at once.
+    """
     config = load_config(
-        None, ["reverse.num_seeds=6", "reverse.max_tokens=256", "reverse.catalogue=bfcl:GorillaFileSystem"]
+        None,
+        [
+            "reverse.num_seeds=6",
+            "reverse.max_tokens=256",
+            "reverse.catalogue=bfcl:GorillaFileSystem",
+            f"reverse.two_step_calls={two_step}",
+        ],
     )
     catalogue = load_catalogue(config.reverse.catalogue)
     seeds = make_seeds(catalogue, config.reverse, 0)
@@ -205,7 +215,7 @@ def test_builder_on_tiny_model_with_bfcl_environment(vllm_engine) -> None:
         s.seed_id for s in seeds
     )
     assert builder.generated_tokens > 0
-    assert {e.tool for e in log} <= set(catalogue.names)
+    assert log and {e.tool for e in log} <= set(catalogue.names)  # calls were made, to known tools
     for row in rejected:  # what a rejected dialogue did also ran for real
         for call, _result in json.loads(row.payload)["calls"]:
             assert any(e.dialogue_id == row.input_id and e.tool == call["name"] and e.result.ok for e in log)
