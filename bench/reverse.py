@@ -27,9 +27,10 @@ keeps every grammar it compiled and cannot be made to forget them (each dialogue
 tool window make new ones). Each ratio is against the raw run right after it, so slow drift in the
 machine's load weighs on both.
 
-Also printed: the engine's busy fraction (time the stage waited on the engine / wall time), and a
-flat batch under the scene step's JSON-schema grammar against the same batch without (the grammar's
-own cost on this CPU, which no scheduling can remove).
+Also printed: the engine's busy fraction (time the stage waited on the engine / wall time); the
+cores that the driver, vLLM's engine core and its model worker kept busy during the stage and during
+raw; and a flat batch under the scene step's JSON-schema grammar against the same batch without (the
+grammar's own cost on this CPU, which no scheduling can remove).
 
     .venv/bin/python bench/reverse.py [--quick]
 Last line: ``reverse_over_raw_tokens_per_second = <ratio>`` (target >= 0.8 with one replica).
@@ -103,7 +104,7 @@ def _cpu_share(before: dict[str, float], seconds: float) -> dict[str, float]:
     return {kind: (after[kind] - before.get(kind, 0.0)) / seconds for kind in after}
 
 
-def _stage(replica: Any, config: Any, shards: list[tuple[str, list[Any]]], out: Path) -> dict[str, float]:
+def _stage(replica: Any, config: Any, shards: list[tuple[str, list[Any]]], out: Path) -> dict[str, Any]:
     """Run the replica over every shard, batches as run_reverse sends them; totals and wall time."""
     from ttpa_ray.reverse import shards_per_call
 
@@ -173,8 +174,8 @@ def _compile_argument_grammars(replica: Any, catalogue: Any) -> None:
     """Have the engine compile every tool's arguments grammar, as a long run's first minutes do.
 
     A replica serves one run's seeds for hours, and each tool's arguments schema is one grammar for all
-    of them (two-step calls), so those compiles are paid once per replica. A 512-seed run left to pay
-    them would charge the first scheduling measured with what a long run amortises to nothing. What
+    of them (two-step calls), so those compiles are paid once per replica. One replica call's seeds
+    left to pay them would charge the first scheduling measured with what a long run amortises. What
     stays cold is what a long run keeps compiling: each dialogue's own grammars (grounded answers,
     one-request calls, scenes of another tool window).
     """
