@@ -126,11 +126,9 @@ def test_two_step_call_continues_its_head(vllm_engine) -> None:
         [prompt] * 4,
         [engine.sampling_params(max_tokens=48, temperature=1.0, seed=s, regex=regex) for s in range(4)],
     )
-    named = set()
     for head in heads:
         name = call_head_name(head.text, list(tools))
         assert name is not None and head.finish_reason == "stop", head
-        named.add(name)
         continued = prompt + head.token_ids[:-1]  # without the stop token that ended the head
         schema = arguments_schema(tools[name])
         (arguments,) = engine.generate(
