@@ -794,7 +794,8 @@ def scheduling_mode(reverse: ReverseConfig) -> str:
     """``reverse.scheduling``, with ``auto`` resolved: ``continuous``, on the CPU build as on GPUs.
 
     Measured by bench/reverse.py on the CPU build (2 cores, 512 seeds, twice the engine's slots in
-    flight, the default then): continuous 0.81-0.89 of raw vLLM over six runs, lockstep 0.78-0.79.
+    flight, the default then): continuous 0.78-0.89 of raw vLLM (0.83 on average over five runs),
+    lockstep 0.78-0.79 in the same runs.
     Calls in two requests made the steps short and unequal (a head is ~20 tokens, a scene ~150), and a
     lockstep round waits for its longest step with the engine's batch emptying meanwhile. Continuous
     refills each slot as it frees; its cost is the driver's work (tool calls, next prompts) beside the
