@@ -157,20 +157,26 @@ def arguments_schema(tool: dict[str, Any], *, bounded: bool = True) -> dict[str,
     return bounded_schema(params) if bounded else params
 
 
-def tool_call_schema(tools: Sequence[dict[str, Any]], *, bounded: bool = True) -> dict[str, Any]:
+def tool_call_schema(
+    tools: Sequence[dict[str, Any]],
+    *,
+    bounded: bool = True,
+    arguments: Callable[[str], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """JSON schema of one call ``{"name": ..., "arguments": {...}}`` to any of ``tools``.
 
     ``tools`` are OpenAI specs (wrapped or bare). Each tool becomes one ``anyOf`` branch whose
     arguments follow that tool's parameter schema (:func:`arguments_schema`), so a constrained decode
-    yields a valid call.
+    yields a valid call. ``arguments(name)``, when given, supplies a tool's arguments schema instead
+    (a caller that keeps one schema object per tool, or narrows one).
     """
     named: list[tuple[str, dict[str, Any]]] = []
     for tool in tools:
         fn = tool.get("function", tool)
-        arguments = arguments_schema(tool, bounded=bounded)
+        args = arguments(str(fn["name"])) if arguments else arguments_schema(tool, bounded=bounded)
         branch = {
             "type": "object",
-            "properties": {"name": {"const": fn["name"]}, "arguments": arguments},
+            "properties": {"name": {"const": fn["name"]}, "arguments": args},
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }

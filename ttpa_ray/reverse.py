@@ -241,6 +241,7 @@ class ReverseBuilder:
         return dialogues_in_flight(self.config, self.engine.max_num_seqs)
 
     # -- prompts -----------------------------------------------------------------------------------
+    # Each request: its prompt and its structured-output constraint, {"json": schema} or {"regex": ...}.
     def _scene_request(self, state: DialogueState) -> tuple[list[int], dict[str, Any]]:
         low, high = self.config.info_items
         listing = "\n".join(f"- {t.name}: {t.description}" for t in state.tools)
@@ -275,13 +276,10 @@ class ReverseBuilder:
             "required": ["scenario", "information", "tools"],
             "additionalProperties": False,
         }
-        return self.engine.render(messages), schema
+        return self.engine.render(messages), {"json": schema}
 
     def _call_request(self, state: DialogueState) -> tuple[list[int], dict[str, Any]]:
-        """The next call step: the whole call, or (two_step_calls) its head, then its arguments.
-
-        Returns the prompt and its structured-output constraint: ``{"json": schema}`` or ``{"regex": ...}``.
-        """
+        """The next call step: the whole call, or (two_step_calls) its head, then its arguments."""
         if state.call_name:  # the head is out: the arguments, under the named tool's own schema
             return state.call_head, {"json": self._arguments_schema(state, state.call_name)}
         info = "\n".join(f"- {item}" for item in state.information)
@@ -298,26 +296,30 @@ class ReverseBuilder:
             {"role": "user", "content": f"Scenario: {state.scenario}\nInformation:\n{info}"},
             *state.teacher_messages,
         ]
-        allowed = [*state.chosen, ANSWER_TOOL, RESTART_TOOL]
+        allowed = self._allowed_tools(state)
         if left <= 0:
-            allowed = [ANSWER_TOOL]
             messages.append({"role": "user", "content": "No calls left: call `answer` now."})
         elif left <= self.config.nudge_when_left:
             messages.append({"role": "user", "content": f"{left} call(s) left: finish with `answer` soon."})
         tools = [t.to_openai() for t in allowed]
         prompt = self.engine.render(messages, tools)
         if not self.config.two_step_calls:
-            schema = tool_call_schema(tools)
-            for branch in schema.get("anyOf", [schema]):
-                name = branch["properties"]["name"]["const"]
-                branch["properties"]["arguments"] = self._arguments_schema(state, name)
-            return prompt, {"json": schema}
+            return prompt, {
+                "json": tool_call_schema(tools, arguments=lambda n: self._arguments_schema(state, n))
+            }
         if len(allowed) == 1:  # nothing to choose: the head is written, not generated
             head = self.engine.encoder.encode(call_head(allowed[0].name))
             self._head_chosen(state, allowed[0].name, prompt + head)
             return self._call_request(state)
         state.call_prompt = prompt
         return prompt, {"regex": call_head_regex([t.name for t in allowed])}
+
+    def _allowed_tools(self, state: DialogueState) -> list[ToolSpec]:
+        """The tools the next call may name: the chosen ones and the controls; ``answer`` alone once the
+        call budget is spent."""
+        if state.seed.call_budget - state.calls_made <= 0:
+            return [ANSWER_TOOL]
+        return [*state.chosen, ANSWER_TOOL, RESTART_TOOL]
 
     def _head_chosen(self, state: DialogueState, name: str, head: list[int]) -> None:
         state.call_name, state.call_head, state.call_prompt = name, head, []
@@ -369,15 +371,11 @@ class ReverseBuilder:
             "required": ["question"],
             "additionalProperties": False,
         }
-        return self.engine.render(messages), schema
+        return self.engine.render(messages), {"json": schema}
 
     def _request(self, state: DialogueState) -> tuple[list[int], Any]:
-        if state.phase == "call":
-            prompt, constraint = self._call_request(state)
-        else:
-            make = {"scene": self._scene_request, "question": self._question_request}
-            prompt, schema = make[state.phase](state)
-            constraint = {"json": schema}
+        make = {"scene": self._scene_request, "call": self._call_request, "question": self._question_request}
+        prompt, constraint = make[state.phase](state)
         step_seed = int.from_bytes(
             hashlib.sha256(f"{state.seed.rng_seed}/{state.step}".encode()).digest()[:4], "big"
         )
@@ -443,8 +441,7 @@ class ReverseBuilder:
                 text = call_head(state.call_name) + text + "}"
                 state.call_name, state.call_head = "", []
             elif state.call_prompt:  # the head of a call (two_step_calls)
-                names = [t.name for t in (*state.chosen, ANSWER_TOOL, RESTART_TOOL)]
-                name = call_head_name(text, names)
+                name = call_head_name(text, [t.name for t in self._allowed_tools(state)])
                 if name is None or completion.finish_reason != "stop":
                     self._parse_failed(state, "tool call head", text)
                     return
