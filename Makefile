@@ -9,6 +9,7 @@ ARGS ?=
 
 setup:
 	@bash scripts/setup.sh $(EXTRA)
+	@HF_HUB_OFFLINE=1 .venv/bin/ttpa prepare-model smollm2-135m-instruct
 
 run: setup
 	$(PY) -m ttpa_ray.cli run --config $(CONFIG) $(ARGS)

@@ -26,12 +26,12 @@ def main(argv: list[str] | None = None) -> int:
         print(err, file=sys.stderr)
         return 2
 
-    from ttpa_ray.engine import ModelNotFoundError, resolve_model
+    from ttpa_ray.models import ModelNotFoundError, resolve_model
     from ttpa_ray.pipeline import init_ray
     from ttpa_ray.train.run import TrainInputError, run_stage
 
     try:
-        policy = resolve_model(config.model.policy, config.model)
+        policy = resolve_model(config.model.policy)
     except ModelNotFoundError as err:
         print(err, file=sys.stderr)
         return 2
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir=Path(config.run.run_dir),
             seed=config.run.seed,
             run_name=config.run.name,
+            dtype=config.model.dtype,
         )
     except (TrainInputError, FileNotFoundError) as err:
         print(err, file=sys.stderr)

@@ -50,8 +50,15 @@ def test_run_with_missing_model_folder_fails_cleanly(tmp_path: Path) -> None:
             LOCAL,
             f"run.run_dir={tmp_path}",
             f"model.policy={tmp_path / 'nope'}",
-            "model.make_tiny_if_missing=false",
         ],
     )
+    # refused at config validation, naming the key and the path; nothing is built in its place
     assert result.exit_code == 2
-    assert "nope" in result.output and "make_tiny_if_missing" in result.output
+    assert "model.policy" in result.output and "nope" in result.output
+    assert not (tmp_path / "nope").exists()
+
+
+def test_config_validate_refuses_a_mistyped_model_folder(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["config", "validate", "-c", LOCAL, "model.policy=./modles/tny"])
+    assert result.exit_code == 2 and "model.policy" in result.output and "modles/tny" in result.output
+    assert "valid" not in result.output.replace("invalid", "")

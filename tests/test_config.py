@@ -14,7 +14,7 @@ LOCAL = Path(__file__).parent.parent / "configs" / "local.yaml"
 
 def test_local_default_loads() -> None:
     config = load_config(LOCAL)
-    assert config.model.policy == "./models/tiny"
+    assert config.model.policy == "smollm2-135m-instruct"
     assert config.esm.weights.name == 3 and config.esm.weights.value == 2
     assert config.vllm.gpu_memory_utilization <= 0.2  # the CPU build fails at 0.92
 

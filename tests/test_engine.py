@@ -11,15 +11,14 @@ import pytest
 from ttpa_ray.codec import parse_any, parse_hermes, render_hermes
 from ttpa_ray.config import ModelConfig, VLLMConfig
 from ttpa_ray.engine import (
-    ModelNotFoundError,
     arguments_schema,
     call_head,
     call_head_name,
     call_head_regex,
     engine_kwargs,
-    resolve_model,
     tool_call_schema,
 )
+from ttpa_ray.models import ModelNotFoundError, resolve_model
 
 WEATHER = {
     "type": "function",
@@ -80,11 +79,20 @@ def test_engine_kwargs_cpu_build() -> None:
     assert kwargs["structured_outputs_config"]["disable_any_whitespace"] is True
 
 
-def test_resolve_model_errors_name_the_folder(tmp_path: Path) -> None:
+def test_resolve_model_errors_name_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     missing = tmp_path / "nope"
     with pytest.raises(ModelNotFoundError, match="nope"):
-        resolve_model(str(missing), ModelConfig(make_tiny_if_missing=False))
-    assert resolve_model("Qwen/Qwen2.5-7B-Instruct", ModelConfig()) == "Qwen/Qwen2.5-7B-Instruct"
+        resolve_model(str(missing))
+    assert not missing.exists()  # no tiny model is made where a folder was expected
+    with pytest.raises(ModelNotFoundError, match="gpt2"):  # one name, not org/name: not a hub id by rule
+        resolve_model("gpt2")
+    # a hub id while no hub is reachable (HF_HUB_OFFLINE=1, set for the tests): the error says so
+    with pytest.raises(ModelNotFoundError, match="HF_HUB_OFFLINE"):
+        resolve_model("Qwen/Qwen2.5-7B-Instruct")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert resolve_model("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
+    with pytest.raises(ValueError, match=r"model\.teacher"):
+        ModelConfig(teacher=str(missing))
 
 
 @pytest.mark.slow

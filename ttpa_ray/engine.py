@@ -1,4 +1,4 @@
-"""A plain vLLM engine (no Ray): model resolution, prompt rendering with tools, structured tool calls.
+"""A plain vLLM engine (no Ray): prompt rendering with tools, structured tool calls.
 
 Ray Data replicas are thin shells around :class:`Engine`; tests drive it directly. The same code runs
 vLLM's CPU build here and the CUDA build on a cluster: only the engine arguments differ.
@@ -13,43 +13,12 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from ttpa_ray.config import ModelConfig, VLLMConfig
+from ttpa_ray.config import VLLMConfig
+from ttpa_ray.models import resolve_dtype
 
 log = logging.getLogger(__name__)
-
-
-class ModelNotFoundError(ValueError):
-    """The config names a model that is neither a local folder nor reachable."""
-
-
-def looks_like_path(model: str) -> bool:
-    """A model string meant as a folder (relative or absolute path), as opposed to a hub id."""
-    return model.startswith((".", "/", "~")) or model.count("/") != 1 or Path(model).exists()
-
-
-def resolve_model(model: str, config: ModelConfig | None = None) -> str:
-    """Return the path or hub id vLLM should load; make the tiny model when the config allows it.
-
-    A folder that does not exist is made with the tiny-model maker only when ``make_tiny_if_missing``;
-    otherwise the error names the folder and the two ways out.
-    """
-    # Absolute: Ray workers (training, replicas) do not share the driver's working directory.
-    path = Path(model).expanduser().resolve()
-    if path.is_dir() and (path / "config.json").exists():
-        return str(path)
-    if looks_like_path(model):
-        if config is not None and config.make_tiny_if_missing:
-            from ttpa_ray.tiny_model import ensure_tiny_model
-
-            return str(ensure_tiny_model(path, seed=config.tiny_seed))
-        raise ModelNotFoundError(
-            f"model folder {model!r} does not exist or has no config.json; point model.policy at a folder "
-            "of weights, or set model.make_tiny_if_missing=true to build the tiny local model there"
-        )
-    return model  # a hub id: vLLM/transformers resolve it (needs hub access or a local HF cache)
 
 
 def has_cuda() -> bool:
@@ -73,7 +42,7 @@ def engine_kwargs(model: str, vllm: VLLMConfig, *, dtype: str = "auto", seed: in
         "max_num_seqs": vllm.max_num_seqs,
         "enable_prefix_caching": vllm.enable_prefix_caching,
         "seed": seed,
-        "dtype": dtype,
+        "dtype": resolve_dtype(dtype),  # auto: bf16 where this device computes it natively
         # Engine-level switch: without it a random model pads JSON with whitespace up to max_tokens.
         "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
     }

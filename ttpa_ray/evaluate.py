@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,8 +218,15 @@ def heldout_source(config: TTPAConfig) -> Path | None:
     return own if own.is_file() else None
 
 
-def run_evaluation(config: TTPAConfig, models: dict[str, str], out_dir: Path) -> EvaluationRun:
-    """Evaluate each labelled model on the BFCL entries and the held-out turns; write the report."""
+def run_evaluation(
+    config: TTPAConfig,
+    models: dict[str, str],
+    out_dir: Path,
+    progress: Callable[[str, int], None] | None = None,
+) -> EvaluationRun:
+    """Evaluate each labelled model on the BFCL entries and the held-out turns; write the report.
+
+    ``progress(label, answers_so_far)`` is called as each model is done."""
     items = bfcl_items(select_entries(config.eval.categories, config.eval.limit_per_category))
     source = heldout_source(config)
     heldout = heldout_items(read_parquet(Dialogue, source)) if source is not None else []
@@ -231,6 +238,8 @@ def run_evaluation(config: TTPAConfig, models: dict[str, str], out_dir: Path) ->
             config, model, items, max_tokens=config.eval.max_tokens
         )
         rejected += model_rejected
+        if progress is not None:
+            progress(label, sum(len(rows) for rows in results.values()) + len(rejected))
     summaries = {label: summarize(rows) for label, rows in results.items()}
     paths = write_report(out_dir, summaries, results)
     paths["rejected"] = out_dir / "rejected.parquet"

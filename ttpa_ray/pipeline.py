@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ttpa_ray.config import TTPAConfig
+from ttpa_ray.progress import StageBar
 from ttpa_ray.records import Dialogue
 
 
@@ -52,12 +53,16 @@ StageFn = Callable[[RunContext], StageReport]
 
 
 def stage_prepare_models(ctx: RunContext) -> StageReport:
-    """Resolve the policy and teacher; make the tiny local model when the config allows and it is missing."""
-    from ttpa_ray.engine import resolve_model
+    """Resolve the policy and teacher: an embedded model is prepared (converted once), a folder checked."""
+    from ttpa_ray.models import resolve_dtype, resolve_model
 
     wanted = {"policy": ctx.config.model.policy, "teacher": ctx.config.model.teacher_or_policy}
     for role, model in wanted.items():
-        ctx.models[role] = resolve_model(model, ctx.config.model)
+        ctx.models[role] = resolve_model(model, key=f"model.{role}", log=ctx.console.print)
+        ctx.console.print(f"   {role}: {model} -> {ctx.models[role]}")
+    dtype = ctx.config.model.dtype
+    if ctx.config.ray.address is None:  # local: the replicas and workers run on this machine
+        ctx.console.print(f"   dtype: {dtype} -> {resolve_dtype(dtype)} on this machine")
     return StageReport("prepare-models", len(wanted), len(wanted), 0, outputs=dict(ctx.models))
 
 
@@ -83,21 +88,34 @@ def init_ray(config: TTPAConfig) -> None:
 
 
 class ShardProgress:
-    """One console line per finished shard: done/rejected so far, tokens/s and ETA."""
+    """Drives a stage bar from finished reverse shards: seeds done, dialogues/rejected, tokens/s."""
 
-    def __init__(self, console: Console, stage: str) -> None:
-        self.console = console
-        self.stage = stage
+    def __init__(self, bar: StageBar) -> None:
+        self.bar = bar
         self.start = time.perf_counter()
 
     def __call__(self, row: dict[str, Any], totals: dict[str, int], shards: int) -> None:
         elapsed = time.perf_counter() - self.start
-        done = totals["shards"]
-        eta = elapsed / done * (shards - done)
-        self.console.print(
-            f"   {self.stage}: shard {done}/{shards} | dialogues {totals['dialogues']} "
-            f"rejected {totals['rejected']} | {totals['tokens'] / max(elapsed, 1e-9):,.0f} tok/s | "
-            f"ETA {eta:,.0f} s"
+        self.bar.update(
+            totals["dialogues"] + totals["rejected"],
+            detail=f"dialogues {totals['dialogues']} rejected {totals['rejected']} | "
+            f"{totals['tokens'] / max(elapsed, 1e-9):,.0f} tok/s",
+        )
+
+
+def show_dialogue(console: Console, dialogue: Dialogue) -> None:
+    """Print one whole dialogue, turn by turn (tool results cut to a line)."""
+    console.print(f"   example dialogue {dialogue.dialogue_id} (scenario: {dialogue.scenario})")
+    for message in dialogue.messages:
+        if message.tool_calls:
+            text = " ; ".join(
+                f"{c.name}({json.dumps(c.arguments, ensure_ascii=False)})" for c in message.tool_calls
+            )
+        else:
+            text = (message.content or "").replace("\n", " ")
+        limit = 100 if message.role == "system" else 300
+        console.print(
+            f"     {message.role:>9}: {text[:limit]}{'...' if len(text) > limit else ''}", markup=False
         )
 
 
@@ -107,9 +125,16 @@ def stage_reverse(ctx: RunContext) -> StageReport:
 
     init_ray(ctx.config)
     out_dir = ctx.run_dir / "reverse"
-    report = run_reverse(ctx.config, ctx.models["teacher"], out_dir, ShardProgress(ctx.console, "reverse"))
-    ctx.console.print(f"   rejected by reason: {report.reasons}")
+    with StageBar(ctx.console, "reverse", ctx.config.reverse.num_seeds) as bar:
+        report = run_reverse(ctx.config, ctx.models["teacher"], out_dir, ShardProgress(bar))
+    share = report.dialogues / max(report.seeds, 1)
+    ctx.console.print(
+        f"   {report.seeds} seeds -> {report.dialogues} dialogues ({share:.0%}); rejected by reason: "
+        f"{dict(sorted(report.reasons.items(), key=lambda kv: -kv[1]))}"
+    )
     split = write_split(out_dir, ctx.run_dir, ctx.config.eval.heldout_fraction, ctx.config.run.seed)
+    if split.train:
+        show_dialogue(ctx.console, training_dialogues(ctx.run_dir)[0])
     ctx.console.print(
         f"   {split.train} dialogues for TPS and SFT, {split.heldout} held out for the evaluation"
         f" ({split.paths['heldout']})"
@@ -141,7 +166,20 @@ def stage_tps(ctx: RunContext) -> StageReport:
         dialogues += bfcl_dialogues(tps.bfcl_category, tps.bfcl_limit, start=tps.bfcl_offset)
     turns, without_turns = turns_from_dialogues(dialogues)
     ctx.console.print(f"   {len(dialogues)} dialogues -> {len(turns)} tool-call turns")
-    report = run_sample_stage(ctx.config, ctx.models["policy"], dialogues, ctx.run_dir / "tps")
+    # TPS samples the policy being aligned: the SFT'd one when SFT ran (DPO starts from it too)
+    policy = ctx.models.get("sft", ctx.models["policy"])
+    with StageBar(ctx.console, "tps", len(turns)) as bar:
+
+        def progress(r: Any) -> None:
+            bar.update(
+                r.turns_sampled,
+                detail=f"candidates {r.candidates} | {r.generated_tokens / max(r.seconds, 1e-9):,.0f} tok/s",
+            )
+
+        report = run_sample_stage(ctx.config, policy, dialogues, ctx.run_dir / "tps", progress)
+    ctx.console.print(
+        f"   {report.turns_sampled} turns sampled, {report.candidates} candidates; rejected {report.reasons}"
+    )
     return StageReport(
         "tps",
         records_in=len(turns) + len(without_turns),
@@ -203,15 +241,33 @@ def _train(ctx: RunContext, stage: str) -> StageReport:
     from ttpa_ray.train.run import run_stage
 
     init_ray(ctx.config)
-    outcome = run_stage(
-        stage,  # type: ignore[arg-type]
-        ctx.config.train,
-        policy=ctx.models["policy"],
-        run_dir=ctx.run_dir,
-        seed=ctx.config.run.seed,
-        run_name=ctx.config.run.name,
+    steps = (ctx.config.train.sft if stage == "sft" else ctx.config.train.dpo).max_steps
+    with StageBar(ctx.console, stage, steps if steps > 0 else None) as bar:
+
+        def progress(entry: dict[str, Any]) -> None:
+            metrics = [f"loss {entry['loss']:.3f}"]
+            if "rewards/accuracies" in entry:
+                metrics.append(f"reward acc {entry['rewards/accuracies']:.2f}")
+            if "tokens_per_s" in entry:
+                metrics.append(f"{entry['tokens_per_s']:,.0f} tok/s")
+            bar.update(entry["step"], total=entry.get("max_steps"), detail=" | ".join(metrics))
+
+        outcome = run_stage(
+            stage,  # type: ignore[arg-type]
+            ctx.config.train,
+            policy=ctx.models["policy"],
+            run_dir=ctx.run_dir,
+            seed=ctx.config.run.seed,
+            run_name=ctx.config.run.name,
+            dtype=ctx.config.model.dtype,
+            progress=progress,
+        )
+    final = outcome.result.metrics
+    ctx.console.print(
+        f"   {outcome.rows_used} rows trained ({outcome.rows_rejected} rejected: {outcome.reject_counts}), "
+        f"{final.get('step', '?')} steps, train loss {final.get('train_loss', float('nan')):.4f}"
     )
-    ctx.models["aligned"] = str(outcome.result.policy_dir)
+    ctx.models["sft" if stage == "sft" else "aligned"] = str(outcome.result.policy_dir)
     return StageReport(
         stage,
         records_in=outcome.rows_used + outcome.rows_rejected,
@@ -256,15 +312,28 @@ def stage_evaluate(ctx: RunContext) -> StageReport:
 
     init_ray(ctx.config)
     models = {"base": ctx.models["policy"]}
-    if "aligned" in ctx.models:
-        models["aligned"] = ctx.models["aligned"]
+    models.update({label: ctx.models[label] for label in ("sft", "aligned") if label in ctx.models})
     ctx.console.print(f"   evaluating {', '.join(f'{k} ({v})' for k, v in models.items())}")
-    run = run_evaluation(ctx.config, models, ctx.run_dir / "eval")
+    with StageBar(ctx.console, "evaluate", None) as bar:
+        run = run_evaluation(
+            ctx.config,
+            models,
+            ctx.run_dir / "eval",
+            lambda label, answers: bar.update(answers, detail=f"{label} done"),
+        )
+        bar.update(run.entries * len(models), total=run.entries * len(models), detail="all models")
     ctx.console.print(
         f"   {run.entries - run.heldout_turns} BFCL entries and {run.heldout_turns} turns of held-out"
         " reversed dialogues per model"
     )
     overall = {label: round(s["all"].mean_esm, 4) for label, s in run.summaries.items()}
+    for label, summary in run.summaries.items():
+        held = summary.get("reversed_heldout")
+        ctx.console.print(
+            f"   {label:>8}: mean ESM {summary['all'].mean_esm:.3f}, "
+            f"exact match {summary['all'].exact_match:.3f}"
+            + (f" | held-out turns: ESM {held.mean_esm:.3f} (n={held.n})" if held else "")
+        )
     # An entry the model failed to answer is still scored (0, category parse): none is dropped.
     return StageReport(
         "evaluate",
@@ -280,13 +349,13 @@ def stage_evaluate(ctx: RunContext) -> StageReport:
 STAGES: list[tuple[str, str, StageFn]] = [
     (
         "prepare-models",
-        "resolve policy and teacher; build the tiny local model if missing",
+        "resolve policy and teacher; convert the embedded model once",
         stage_prepare_models,
     ),
     ("reverse", "reversed construction: tools -> executed calls -> answer -> question", stage_reverse),
-    ("tps", "token-level preference sampling of alternative calls from the policy", stage_tps),
-    ("pairs", "ESM scoring of the candidates, chosen/rejected pairs in TRL's format", stage_pairs),
     ("sft", "SFT warm start on the reversed dialogues (Ray Train + DeepSpeed)", stage_sft),
+    ("tps", "token-level preference sampling of alternative calls from the SFT'd policy", stage_tps),
+    ("pairs", "ESM scoring of the candidates, chosen/rejected pairs in TRL's format", stage_pairs),
     ("dpo", "DPO on the pairs (Ray Train + DeepSpeed ZeRO)", stage_dpo),
     ("evaluate", "ESM, errors and exact match on BFCL and held-out dialogues", stage_evaluate),
 ]

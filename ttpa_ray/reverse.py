@@ -190,6 +190,50 @@ def names_a_tool(question: str, tool_names: Sequence[str]) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------- the loop
+SCENE_EXAMPLE_TOOLS = [
+    ToolSpec(
+        name="find_restaurant",
+        description="Find restaurants in a city for a cuisine.",
+        parameters={
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "cuisine": {"type": "string"}},
+        },
+        source="example",
+    ),
+    ToolSpec(
+        name="book_table",
+        description="Book a table at a restaurant for a date, time and party size.",
+        parameters={
+            "type": "object",
+            "properties": {k: {"type": "string"} for k in ("restaurant", "date", "time", "people")},
+        },
+        source="example",
+    ),
+]
+SCENE_EXAMPLE = {
+    "scenario": "Maria wants to take her parents out for an Italian dinner in Lyon on Saturday evening.",
+    "information": ["city: Lyon", "cuisine: Italian", "date: 2026-05-16", "time: 19:30", "party: 3 people"],
+    "tools": ["find_restaurant", "book_table"],
+}
+
+
+def _scene_instruction(tools: Sequence[ToolSpec], low: int, high: int) -> str:
+    def parameter(name: str, schema: Any) -> str:
+        about = schema.get("description", "") if isinstance(schema, dict) else ""
+        return f"{name}: {about}" if about else name
+
+    listing = "\n".join(
+        f"- {t.name}: {t.description}\n  parameters: "
+        + "; ".join(parameter(k, v) for k, v in (t.parameters or {}).get("properties", {}).items())
+        for t in tools
+    )
+    return (
+        f"Tools:\n{listing}\n\nWrite a short scenario statement (no question, no tool names), "
+        f"{low} to {high} items of additional information (times, places, people, amounts: the values "
+        "the tools' parameters will need), and pick the related tools. Reply in JSON."
+    )
+
+
 @dataclass
 class DialogueState:
     """One dialogue in flight: its phase, its trajectory so far, and what it has cost."""
@@ -244,22 +288,19 @@ class ReverseBuilder:
     # Each request: its prompt and its structured-output constraint, {"json": schema} or {"regex": ...}.
     def _scene_request(self, state: DialogueState) -> tuple[list[int], dict[str, Any]]:
         low, high = self.config.info_items
-        listing = "\n".join(f"- {t.name}: {t.description}" for t in state.tools)
         messages = [
             {"role": "system", "content": "You imagine realistic situations in which a person needs tools."},
-            {
-                "role": "user",
-                "content": (
-                    f"Tools:\n{listing}\n\nWrite a short scenario statement (no question, no tool names), "
-                    f"{low} to {high} items of additional information (times, places, people, amounts), "
-                    "and pick the related tools. Reply in JSON."
-                ),
-            },
+            # One worked example (fictional tools): a small teacher copies its shape, a large one ignores it.
+            {"role": "user", "content": _scene_instruction(SCENE_EXAMPLE_TOOLS, low, high)},
+            {"role": "assistant", "content": json.dumps(SCENE_EXAMPLE, ensure_ascii=False)},
+            {"role": "user", "content": _scene_instruction(state.tools, low, high)},
         ]
         schema = {
             "type": "object",
             "properties": {
-                "scenario": bounded_string(self.config.max_scenario_chars),
+                "scenario": bounded_string(
+                    self.config.max_scenario_chars, min(30, self.config.max_scenario_chars)
+                ),
                 "information": {
                     "type": "array",
                     "items": bounded_string(80),
@@ -315,11 +356,23 @@ class ReverseBuilder:
         return prompt, {"regex": call_head_regex([t.name for t in allowed])}
 
     def _allowed_tools(self, state: DialogueState) -> list[ToolSpec]:
-        """The tools the next call may name: the chosen ones and the controls; ``answer`` alone once the
-        call budget is spent."""
+        """The tools the next call may name; ``answer`` alone once the call budget is spent.
+
+        Otherwise the chosen tools, less those that already succeeded unless ``repeat_tools``; ``answer``
+        once ``answer_after_tools`` distinct tools succeeded (or none is left to call); ``restart`` once
+        ``restart_after_failures`` calls failed. A strong teacher rarely needs these rails; a small one
+        otherwise answers before any call, restarts at once or repeats one call until the budget ends.
+        """
         if state.seed.call_budget - state.calls_made <= 0:
             return [ANSWER_TOOL]
-        return [*state.chosen, ANSWER_TOOL, RESTART_TOOL]
+        succeeded = {call.name for call, _ in state.trajectory}
+        tools = [t for t in state.chosen if self.config.repeat_tools or t.name not in succeeded]
+        controls = []
+        if not tools or len(succeeded) >= min(self.config.answer_after_tools, len(state.chosen)):
+            controls.append(ANSWER_TOOL)
+        if state.failed_calls >= self.config.restart_after_failures:
+            controls.append(RESTART_TOOL)
+        return [*tools, *controls] or [ANSWER_TOOL]
 
     def _head_chosen(self, state: DialogueState, name: str, head: list[int]) -> None:
         state.call_name, state.call_head, state.call_prompt = name, head, []
@@ -379,9 +432,11 @@ class ReverseBuilder:
         step_seed = int.from_bytes(
             hashlib.sha256(f"{state.seed.rng_seed}/{state.step}".encode()).digest()[:4], "big"
         )
+        # After failed calls, sample hotter: a small teacher otherwise repeats the failing call verbatim.
+        temperature = self.config.temperature + self.config.failure_temperature_step * state.failed_calls
         params = self.engine.sampling_params(
             max_tokens=self.config.max_tokens,
-            temperature=self.config.temperature,
+            temperature=min(temperature, 1.5),
             seed=step_seed,
             # each step's schema declares its own bounds (tool arguments: arguments_schema)
             json_schema=constraint.get("json"),
@@ -404,6 +459,7 @@ class ReverseBuilder:
                 "calls": [[c.to_dict(), r] for c, r in state.trajectory],
                 "answer": state.answer,
                 "question": state.question,
+                "teacher_messages": state.teacher_messages,  # every call tried, failed ones included
             },
         )
 

@@ -33,14 +33,14 @@ def sample_command(
     limit: Annotated[int | None, typer.Option(help="at most this many dialogues")] = None,
 ) -> None:
     """Token-level preference sampling (or the sequence baseline, tps.sampler): dialogues -> candidates."""
-    from ttpa_ray.engine import ModelNotFoundError, resolve_model
+    from ttpa_ray.models import ModelNotFoundError, resolve_model
     from ttpa_ray.pipeline import init_ray
     from ttpa_ray.tps import SampleReport, bfcl_dialogues, read_dialogues, run_sample_stage
 
     cfg = load_or_exit(config, overrides)
     run_dir = Path(cfg.run.run_dir)
     try:
-        model = resolve_model(cfg.model.policy, cfg.model)
+        model = resolve_model(cfg.model.policy)
         if bfcl:
             found = bfcl_dialogues(bfcl, limit)
         else:

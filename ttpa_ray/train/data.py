@@ -77,6 +77,38 @@ def chat_token_counter(tokenizer: Any) -> TokenCounter:
     return count
 
 
+def assistant_token_mask(
+    tokenizer: Any, messages: Sequence[Mapping[str, Any]], tools: list[dict[str, Any]] | None
+) -> tuple[list[int], list[int]]:
+    """Token ids of a rendered conversation, and 1 for each token that an assistant turn wrote.
+
+    Each assistant turn is what the template adds between the conversation up to it (with the generation
+    prompt, as at inference) and the conversation through it, so any template works, with or without
+    ``{% generation %}`` markers (real ones such as Qwen2.5's or SmolLM2's have none). A template whose
+    renderings are not prefixes of each other raises ValueError.
+    """
+
+    def render(part: Sequence[Mapping[str, Any]], prompt: bool) -> str:
+        text = tokenizer.apply_chat_template(
+            list(part), tools=tools or None, tokenize=False, add_generation_prompt=prompt
+        )
+        return str(text)
+
+    full = render(messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        before, through = render(messages[:i], True), render(messages[: i + 1], False)
+        if not (through.startswith(before) and full.startswith(through)):
+            raise ValueError(f"the chat template does not render turn {i} as a prefix of the conversation")
+        # the line break a template puts after the turn's end token belongs to no one
+        spans.append((len(before), len(through.rstrip())))
+    encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    mask = [int(any(lo <= start < hi for lo, hi in spans)) for start, _ in encoded["offset_mapping"]]
+    return list(encoded["input_ids"]), mask
+
+
 def _message_is_empty(message: Message) -> bool:
     return not (message.content or "").strip() and not message.tool_calls
 

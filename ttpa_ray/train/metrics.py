@@ -47,9 +47,12 @@ def format_step(step: int, max_steps: int, logs: Mapping[str, float], tokens_per
 class ConsoleMetrics(TrainerCallback):
     """Print per-step metrics with progress on the main process; keep them for the run summary."""
 
-    def __init__(self, stream: TextIO | None = None, prefix: str = "") -> None:
+    def __init__(
+        self, stream: TextIO | None = None, prefix: str = "", progress_file: str | None = None
+    ) -> None:
         self.stream = stream or sys.stdout
         self.prefix = prefix
+        self.progress_file = progress_file  # JSON Lines the driver's progress bar follows
         self.history: list[dict[str, float]] = []
         self._last: tuple[float, float] | None = None  # (time, cumulative num_tokens)
 
@@ -69,6 +72,9 @@ class ConsoleMetrics(TrainerCallback):
         if rate is not None:
             entry["tokens_per_s"] = rate
         self.history.append(entry)
+        if self.progress_file:
+            with open(self.progress_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps({**entry, "max_steps": float(state.max_steps)}) + "\n")
         print(self.prefix + format_step(state.global_step, state.max_steps, logs, rate), file=self.stream)
         self.stream.flush()
 

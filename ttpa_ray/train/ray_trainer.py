@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ttpa_ray.models import resolve_dtype
+
 Stage = Literal["sft", "dpo"]
 HF_CHECKPOINT = "checkpoint"  # inside a Ray checkpoint: the HF trainer checkpoint folder
 POLICY = "policy"  # inside the final Ray checkpoint: the exported HF model folder
@@ -56,6 +58,8 @@ class TrainJob:
     sample_log_dir: str | None = None
     crash: CrashOnce | None = None
     resume_path: str | None = None  # a previous run's checkpoint folder, used when Ray has none yet
+    progress_file: str | None = None  # rank 0 appends a JSON line per logging step (the driver's bar)
+    dtype: str = "float32"  # model.dtype; "auto" resolves on the worker (bf16 where it computes it natively)
 
 
 def _init_distributed(use_gpu: bool) -> None:
@@ -155,7 +159,10 @@ def _callbacks(job: TrainJob, rank: int, local_rank: int) -> list[Any]:
                     print(f"[fault injection] rank {rank} exits at step {state.global_step}", flush=True)
                     os._exit(1)
 
-    out: list[Any] = [ReportToRay(), ConsoleMetrics(prefix=f"[{job.stage}] ")]
+    out: list[Any] = [
+        ReportToRay(),
+        ConsoleMetrics(prefix=f"[{job.stage}] ", progress_file=job.progress_file),
+    ]
     if job.crash is not None:
         out.append(Crash())
     return out
@@ -210,6 +217,9 @@ def train_loop(job_fields: dict[str, Any]) -> None:
         logging_steps=job.logging_steps,
         report_to=job.report_to,
         gradient_checkpointing=job.gradient_checkpointing,
+        # bf16 as mixed precision: fp32 master weights, bf16 compute (pure bf16 weights would round
+        # away the small updates of a 1e-5 learning rate)
+        bf16=resolve_dtype(job.dtype) == "bfloat16",
     )
     if job.tensorboard_dir:
         # transformers 5 reads the TensorBoard folder from the environment only
@@ -230,8 +240,7 @@ def train_loop(job_fields: dict[str, Any]) -> None:
         from ttpa_ray.train.sft import build_sft_trainer, sft_args
 
         args = sft_args(StageConfig(**job.stage_config), work_dir, settings)
-    dtype = torch.bfloat16 if job.use_gpu else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=torch.float32)
     callbacks = _callbacks(job, rank, local_rank)
     if job.stage == "dpo":
         trainer: Any = build_dpo_trainer(model, tokenizer, table, args, callbacks)

@@ -8,9 +8,11 @@ to ``<out>/policy``. Outputs land in ``<train.output_dir or run_dir/train>/<stag
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from ttpa_ray.config import TrainConfig, resolve_deepspeed_path
+from ttpa_ray.progress import JsonLinesWatcher
 from ttpa_ray.records import Dialogue, PreferencePair
 from ttpa_ray.train.data import (
     CheckedData,
@@ -130,6 +133,8 @@ def run_stage(
     input_path: Path | None = None,
     sample_log: bool = True,
     crash: CrashOnce | None = None,
+    dtype: str = "float32",
+    progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> StageOutcome:
     """Check the inputs, precompute the DPO reference if asked, train on Ray Train and export."""
     from transformers import AutoTokenizer
@@ -166,6 +171,8 @@ def run_stage(
     pq.write_table(table, data_path)
 
     storage = train.storage_path or str((out / "ray").resolve())
+    progress_file = out / "progress.jsonl"  # a line per logged step, for the driver's progress bar
+    progress_file.unlink(missing_ok=True)
     job = TrainJob(
         stage=stage,
         model_path=model_path,
@@ -183,17 +190,21 @@ def run_stage(
         gradient_checkpointing=train.gradient_checkpointing,
         sample_log_dir=str((out / "samples").resolve()) if sample_log else None,
         crash=crash,
+        dtype=dtype,
+        progress_file=str(progress_file.resolve()),
     )
-    result = run_torch_trainer(
-        job,
-        num_workers=train.num_workers,
-        cpus_per_worker=train.cpus_per_worker,
-        run_name=f"{run_name}-{stage}",
-        storage_path=storage,
-        keep_checkpoints=train.keep_checkpoints,
-        max_failures=train.max_failures,
-        export_dir=out / POLICY_DIR,
-    )
+    watcher = JsonLinesWatcher(progress_file, progress) if progress else contextlib.nullcontext()
+    with watcher:
+        result = run_torch_trainer(
+            job,
+            num_workers=train.num_workers,
+            cpus_per_worker=train.cpus_per_worker,
+            run_name=f"{run_name}-{stage}",
+            storage_path=storage,
+            keep_checkpoints=train.keep_checkpoints,
+            max_failures=train.max_failures,
+            export_dir=out / POLICY_DIR,
+        )
     (out / "metrics.json").write_text(
         json.dumps({"final": result.metrics, "history": result.history}, indent=1, default=str),
         encoding="utf-8",

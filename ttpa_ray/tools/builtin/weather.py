@@ -42,7 +42,7 @@ def get_weather(city: str, date: str, unit: Literal["celsius", "fahrenheit"] = "
 
     Args:
         city: City name, e.g. Paris, New York or Tokyo.
-        date: Date as YYYY-MM-DD.
+        date: Date in 2026 as YYYY-MM-DD (records cover 2026).
         unit: Temperature unit of the answer.
 
     Returns:
@@ -72,7 +72,7 @@ def get_weather_summary(
 
     Args:
         city: City name, e.g. Paris, New York or Tokyo.
-        start_date: First day as YYYY-MM-DD.
+        start_date: First day in 2026 as YYYY-MM-DD (records cover 2026).
         end_date: Last day as YYYY-MM-DD (inclusive, at most 62 days after start_date).
         unit: Temperature unit of the answer.
 
