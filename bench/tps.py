@@ -1,6 +1,9 @@
 """Benchmark: token-level (TPS) vs sequence-level sampling on the same turns and candidate counts.
 
-    .venv/bin/python bench/tps.py [--quick] [--turns N] [--sft-steps N]
+    .venv/bin/python bench/tps.py [--quick] [--turns N] [--sft-steps N] [--model smollm2-135m-instruct]
+
+``--model smollm2-135m-instruct`` starts the policy from the embedded real model (40 SFT steps at a
+small learning rate, bf16 where the CPU has it) instead of the tiny one the target was set on.
 
 A randomly initialised tiny model never emits its end token, so every sample would run to max_tokens
 and (a) would mean nothing. The policy here is the project's tiny model after a short single-process
@@ -126,14 +129,17 @@ def sft_rows(turns: list[Turn], tokenizer: Any) -> list[dict[str, list[int]]]:
     return rows
 
 
-def ensure_policy(steps: int) -> tuple[Path, str]:
+def ensure_policy(steps: int, base_model: str = "tiny") -> tuple[Path, str]:
     """The SFT policy folder (trained now, or reused from an earlier run) and a one-line description."""
+    from ttpa_ray.models import resolve_model
     from ttpa_ray.tiny_model import ensure_tiny_model
     from ttpa_ray.tps import turns_from_dialogues
 
-    base = ensure_tiny_model(WORK / "tiny", seed=0)
-    out = WORK / f"policy-builtin-sft-{steps}"
-    what = f"tiny Qwen2 (seed 0) + TRL SFT {steps} steps x 8 templated built-in tool-call turns ({out})"
+    tiny = base_model == "tiny"
+    base = ensure_tiny_model(WORK / "tiny", seed=0) if tiny else Path(resolve_model(base_model))
+    out = WORK / f"policy-builtin-sft-{steps}" if tiny else WORK / f"policy-{base_model}-sft-{steps}"
+    name = "tiny Qwen2 (seed 0)" if tiny else base_model
+    what = f"{name} + TRL SFT {steps} steps x 8 templated built-in tool-call turns ({out})"
     if (out / "config.json").exists():
         return out, what + ", reused"
     import torch
@@ -151,7 +157,8 @@ def ensure_policy(steps: int) -> tuple[Path, str]:
         output_dir=str(WORK / "sft-work"),
         max_steps=steps,
         per_device_train_batch_size=8,
-        learning_rate=5e-3,
+        learning_rate=5e-3 if tiny else 1e-4,  # a random model needs a large step, a real one a small one
+        bf16=not tiny,
         lr_scheduler_type="cosine",
         warmup_steps=10,
         completion_only_loss=True,
@@ -237,15 +244,18 @@ def main() -> None:
         "--turns", type=int, default=None, help="evaluation turns (default 16 quick, 64 full)"
     )
     parser.add_argument("--sft-steps", type=int, default=None, help="SFT steps of the policy (default 200)")
+    parser.add_argument(
+        "--model", default="tiny", help="the policy's base: tiny (default) or smollm2-135m-instruct"
+    )
     opts = parser.parse_args()
-    steps = opts.sft_steps or 200
+    steps = opts.sft_steps or (200 if opts.model == "tiny" else 40)
     n_turns = opts.turns or (16 if opts.quick else 64)
 
     from ttpa_ray.engine import Engine
     from ttpa_ray.pairs import single_field_share
     from ttpa_ray.tps import SequenceSampler, TokenLevelSampler, turns_from_dialogues
 
-    policy, description = ensure_policy(steps)
+    policy, description = ensure_policy(steps, opts.model)
     turns, _ = turns_from_dialogues(builtin_dialogues(n_turns, seed=2))  # unseen values
     config = TPSConfig(
         top_k=3, max_branches=4, tau=0.05, continuation="greedy", temperature=1.0, max_tokens=96
@@ -253,8 +263,10 @@ def main() -> None:
     esm = ESMConfig()
     engine = Engine(
         str(policy),
-        VLLMConfig(gpu_memory_utilization=0.1, max_model_len=4096, max_num_seqs=64),
-        dtype="float32",
+        VLLMConfig(
+            gpu_memory_utilization=0.1 if opts.model == "tiny" else 0.3, max_model_len=4096, max_num_seqs=64
+        ),
+        dtype="float32" if opts.model == "tiny" else "auto",
     )
     tps = TokenLevelSampler(engine, config)
     tps_sampled = TokenLevelSampler(engine, config.model_copy(update={"continuation": "sampled"}))

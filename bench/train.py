@@ -1,7 +1,11 @@
 """Training benchmark: ZeRO-2 vs ZeRO-3 memory, Ray Train vs single-process TRL throughput, and the step
 time of DPO with precomputed reference log-probs against a live reference model.
 
-    .venv/bin/python bench/train.py [--quick]
+    .venv/bin/python bench/train.py [--quick] [--model smollm2-135m-instruct]
+
+``--model`` trains a named model instead (the embedded real default, smollm2-135m-instruct, in its
+``model.dtype: auto`` precision: bf16 on a CPU with AMX/AVX-512 BF16); the default is the tiny model
+below, in fp32, on which the targets were set.
 
 One model and one set of pairs for every run: a Qwen2 made by ``make_tiny_model`` (hidden 1024, 8 layers,
 ~72 M parameters; --quick: hidden 768, 6 layers), deeper than wide so that ZeRO-3 gathers a small share
@@ -84,7 +88,14 @@ def _rates(history: list[dict[str, float]]) -> tuple[float, float]:
 
 
 def _single_process(
-    model_dir: Path, table: Any, steps: int, batch: int, accumulation: int, max_length: int, out: Path
+    model_dir: Path,
+    table: Any,
+    steps: int,
+    batch: int,
+    accumulation: int,
+    max_length: int,
+    out: Path,
+    dtype: str = "float32",
 ) -> Any:
     """TRL's DPOTrainer in this process, without Ray or DeepSpeed: the baseline for tokens/s."""
     import pyarrow.parquet as pq
@@ -101,7 +112,10 @@ def _single_process(
         gradient_accumulation_steps=accumulation,
         max_length=max_length,
     )
-    settings = RunSettings(seed=0, deepspeed=None, use_cpu=True, save_steps=10**6)
+    from ttpa_ray.models import resolve_dtype
+
+    bf16 = resolve_dtype(dtype) == "bfloat16"  # as the Ray workers run it
+    settings = RunSettings(seed=0, deepspeed=None, use_cpu=True, save_steps=10**6, bf16=bf16)
     args = dpo_args(stage, out, settings, precomputed_reference=True)
     console = ConsoleMetrics(prefix="[single] ")
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
@@ -153,6 +167,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="fewer steps and a smaller model (< 5 min)")
+    parser.add_argument("--model", default=None, help="a model to train instead of the made one")
     opts = parser.parse_args()
     hidden, layers, steps = (768, 6, 4) if opts.quick else (1024, 8, 7)
     batch, accumulation, max_length, workers = 2, 2, 384, 2
@@ -160,22 +175,26 @@ def main() -> None:
     import ray
 
     from ttpa_ray.config import TrainConfig
+    from ttpa_ray.models import resolve_model
     from ttpa_ray.tiny_model import make_tiny_model
     from ttpa_ray.train.run import load_deepspeed, run_stage
 
     work = Path(tempfile.mkdtemp(prefix="ttpa-bench-train-"))
     heads = hidden // 64
-    model_dir = make_tiny_model(
-        work / "model", seed=0, hidden_size=hidden, num_layers=layers, num_heads=heads
-    )
+    if opts.model:
+        model_dir, dtype = Path(resolve_model(opts.model)), "auto"
+        described = f"{opts.model} ({model_dir})"
+    else:
+        model_dir = make_tiny_model(
+            work / "model", seed=0, hidden_size=hidden, num_layers=layers, num_heads=heads
+        )
+        dtype, described = "float32", f"Qwen2 hidden={hidden} layers={layers} heads={heads} (make_tiny_model)"
     pairs_n = steps * workers * batch * accumulation  # every run sees each pair once
     plain_pairs, ref_pairs, table = _pairs(model_dir, pairs_n, max_length, work)
     zero3 = load_deepspeed("zero3", model_dir)
     assert zero3 is not None
     live = zero3["zero_optimization"]["stage3_max_live_parameters"]
-    print(
-        f"model: Qwen2 hidden={hidden} layers={layers} heads={heads} (make_tiny_model), {pairs_n} BFCL pairs"
-    )
+    print(f"model: {described}, dtype {dtype}, {pairs_n} BFCL pairs")
     print(
         f"each run: DPO, {steps} optimizer steps of {accumulation} accumulated micro-batches "
         f"of {batch} pairs per worker, max_length {max_length}, no gradient checkpointing; "
@@ -214,6 +233,7 @@ def main() -> None:
             run_dir=work / name,
             run_name=name,
             input_path=ref_pairs if reference == "precomputed" else plain_pairs,
+            dtype=dtype,
         )
         step_s, tokens_s = _rates(outcome.result.history)
         res = outcome.result
@@ -239,7 +259,7 @@ def main() -> None:
     ray.shutdown()
 
     history = _single_process(
-        model_dir, table, steps, batch * workers, accumulation, max_length, work / "single"
+        model_dir, table, steps, batch * workers, accumulation, max_length, work / "single", dtype
     )
     single_step, single_tokens = _rates(history)
     print(f"single_process_trl: step {single_step:.3f} s, {single_tokens:.0f} tokens/s (same global batch)")

@@ -175,6 +175,33 @@ def test_filters_reject_with_their_reason(steps: list[object], reason: str) -> N
     assert state.result.input_id == "seed-f" and state.result.stage == "reverse"
 
 
+def test_rails_offer_answer_and_restart_only_when_earned() -> None:
+    """A tool that succeeded is not offered again; ``answer`` after two distinct successes (or when no
+    tool is left), ``restart`` after two failures, ``answer`` alone once the budget is spent."""
+    config = load_config(None).reverse
+    with ToolRegistry(load_catalogue("builtin"), isolated=False) as registry:
+        builder = ReverseBuilder(engine=None, registry=registry, config=config)  # type: ignore[arg-type]
+        seed = Seed("seed-r", ("get_weather", "add_days", "get_weekday"), 6, 1)
+        state = DialogueState(seed=seed, tools=[builder.specs[n] for n in seed.tool_names], phase="call")
+        state.chosen = list(state.tools)
+
+        def offered() -> list[str]:
+            return [t.name for t in builder._allowed_tools(state)]
+
+        assert offered() == ["get_weather", "add_days", "get_weekday"]
+        state.failed_calls = state.calls_made = 2
+        assert offered() == ["get_weather", "add_days", "get_weekday", "restart"]
+        state.trajectory = [(ToolCall("get_weather", {}), {}), (ToolCall("add_days", {}), {})]
+        state.calls_made = 4
+        assert offered() == ["get_weekday", "answer", "restart"]
+        state.calls_made = 6
+        assert offered() == ["answer"]
+    repeat = load_config(None, ["reverse.repeat_tools=true", "reverse.answer_after_tools=0"]).reverse
+    builder.config = repeat
+    state.calls_made, state.failed_calls = 1, 0
+    assert offered() == ["get_weather", "add_days", "get_weekday", "answer"]
+
+
 def test_question_naming_a_tool_is_rejected() -> None:
     config = load_config(None).reverse
     with ToolRegistry(load_catalogue("builtin"), isolated=False) as registry:
@@ -262,7 +289,10 @@ def test_grounded_answer_requests_pass_vllm_checks_when_the_budget_is_spent(
     call left, the call (or its head, in two steps); with none, the grounded answer (in two steps its
     arguments at once, the head written rather than generated).
     """
-    config = load_config(None, ["reverse.max_tokens=64", f"reverse.two_step_calls={two_step}"]).reverse
+    rails_off = ["reverse.answer_after_tools=0", "reverse.restart_after_failures=0"]  # every tool offered
+    config = load_config(
+        None, ["reverse.max_tokens=64", f"reverse.two_step_calls={two_step}", *rails_off]
+    ).reverse
     with ToolRegistry(load_catalogue("builtin"), isolated=False) as registry:
         builder = ReverseBuilder(vllm_engine, registry, config)
         seed = Seed("seed-spent", ("get_weather", "convert_currency"), 2, 3)

@@ -103,6 +103,9 @@ def run_command(config: ConfigOption = None, overrides: OverridesArg = None) -> 
     with console_and_log(log_path) as terminal:
         try:
             run_pipeline(cfg, terminal)
+            import ray
+
+            ray.shutdown()  # while output still goes to the log: replicas print teardown noise as they end
         except ModelNotFoundError as err:
             terminal.print(f"[red]{err}[/red]")
             raise typer.Exit(2) from None

@@ -41,7 +41,9 @@ def console_and_log(log_path: Path) -> Iterator[Console]:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:
-            yield Console(file=terminal, force_terminal=terminal.isatty() or None)
+            tty = terminal.isatty()
+            # a pipe or CI log has no width to ask: 110 columns keep a stage's line on one line
+            yield Console(file=terminal, force_terminal=tty or None, width=None if tty else 110)
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

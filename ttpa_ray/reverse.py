@@ -432,8 +432,14 @@ class ReverseBuilder:
         step_seed = int.from_bytes(
             hashlib.sha256(f"{state.seed.rng_seed}/{state.step}".encode()).digest()[:4], "big"
         )
-        # After failed calls, sample hotter: a small teacher otherwise repeats the failing call verbatim.
-        temperature = self.config.temperature + self.config.failure_temperature_step * state.failed_calls
+        # After failed calls, sample the next call hotter: a small teacher otherwise repeats the failing
+        # call verbatim. The texts (scene, answer, question) have a temperature of their own.
+        text = state.phase != "call" or state.call_name == ANSWER_TOOL.name
+        temperature = self.config.text_temperature if text else self.config.temperature
+        if temperature is None:
+            temperature = self.config.temperature
+        if not text:
+            temperature += self.config.failure_temperature_step * state.failed_calls
         params = self.engine.sampling_params(
             max_tokens=self.config.max_tokens,
             temperature=min(temperature, 1.5),

@@ -76,16 +76,24 @@ def build_dpo_trainer(
 
 
 def precompute_reference_logps(
-    model_path: str | Path, train_table: pa.Table, *, max_length: int, batch_size: int = 8
+    model_path: str | Path,
+    train_table: pa.Table,
+    *,
+    max_length: int,
+    batch_size: int = 8,
+    dtype: str = "float32",
 ) -> pa.Table:
     """The pairs table with ``ref_chosen_logps``/``ref_rejected_logps`` of the model at ``model_path``.
 
     Runs TRL's tokenisation, collator and ``compute_ref_log_probs`` on one process, without DeepSpeed, so
     the numbers are exactly the ones DPOTrainer would compute for a live reference model (same prompt
-    split, same truncation, sum of completion-token log-probs).
+    split, same truncation, sum of completion-token log-probs), in the precision training uses (``dtype``
+    auto: bf16 autocast over fp32 weights where the device computes bf16 natively).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ttpa_ray.models import resolve_dtype
 
     table = train_table.drop_columns([c for c in REF_COLUMNS if c in train_table.column_names])
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
@@ -97,6 +105,7 @@ def precompute_reference_logps(
         report_to="none",
         precompute_ref_log_probs=True,
         precompute_ref_batch_size=batch_size,
+        bf16=resolve_dtype(dtype) == "bfloat16",
         disable_tqdm=True,
     )
     # TRL's own precompute on one process without DeepSpeed; the trainer is built for it and never trains.

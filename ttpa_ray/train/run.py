@@ -147,7 +147,7 @@ def run_stage(
     if stage == "dpo" and train.dpo.init_from_sft:
         sft_policy = stage_dir(train, run_dir, "sft") / POLICY_DIR
         if (sft_policy / "config.json").is_file():
-            model_path = str(sft_policy)
+            model_path = str(sft_policy.resolve())  # absolute: workers do not share the driver's cwd
     default_input = train.pairs if stage == "dpo" else train.dialogues
     source = input_path or default_input or default_source(stage, run_dir)
     record = PreferencePair if stage == "dpo" else Dialogue
@@ -165,7 +165,7 @@ def run_stage(
     if precomputed and "ref_chosen_logps" not in table.column_names:
         from ttpa_ray.train.dpo import precompute_reference_logps
 
-        table = precompute_reference_logps(model_path, table, max_length=stage_cfg.max_length)
+        table = precompute_reference_logps(model_path, table, max_length=stage_cfg.max_length, dtype=dtype)
         print(f"[{stage}] reference log-probs precomputed for {table.num_rows} pairs", flush=True)
     data_path = out / "train_table.parquet"
     pq.write_table(table, data_path)
