@@ -16,7 +16,7 @@ def test_local_default_loads() -> None:
     config = load_config(LOCAL)
     assert config.model.policy == "smollm2-135m-instruct"
     assert config.esm.weights.name == 3 and config.esm.weights.value == 2
-    assert config.vllm.gpu_memory_utilization <= 0.2  # the CPU build fails at 0.92
+    assert config.vllm.gpu_memory_utilization <= 0.3  # the CPU build fails at 0.92
 
 
 def test_dotted_overrides_are_typed() -> None:

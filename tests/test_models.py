@@ -71,7 +71,7 @@ def test_smollm2_template_renders_tools_and_a_hermes_call(smollm2_dir: Path) -> 
     assert "<tools>\n" + json.dumps(TOOLS[0], ensure_ascii=False) + "\n</tools>" in text
     call_text = render_hermes([CALL])
     assert "<|im_start|>assistant\n" + call_text + "<|im_end|>" in text
-    assert parse_hermes(call_text).calls == [CALL]
+    assert parse_hermes(call_text).calls == (CALL,)
     assert '<tool_response>\n{"high": 25.3}\n</tool_response>' in text
     assert tokenizer.eos_token == "<|im_end|>"  # the model's own stop token ends an assistant turn
 
@@ -80,7 +80,7 @@ def test_assistant_mask_without_generation_markers(smollm2_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    assert "generation" not in tokenizer.chat_template
+    assert "{%- generation" not in tokenizer.chat_template
     ids, mask = assistant_token_mask(tokenizer, DIALOGUE, TOOLS)
     assert ids == list(
         tokenizer.apply_chat_template(DIALOGUE, tools=TOOLS, tokenize=True, return_dict=True)["input_ids"]
