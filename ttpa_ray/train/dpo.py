@@ -13,6 +13,7 @@ Reference model, two ways (``train.dpo.reference``):
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,9 +110,15 @@ def precompute_reference_logps(
         disable_tqdm=True,
     )
     # TRL's own precompute on one process without DeepSpeed; the trainer is built for it and never trains.
-    trainer = DPOTrainer(
-        model=model, args=args, train_dataset=to_hf_dataset(table), processing_class=tokenizer
+    # The pass runs inside __init__, outside the Trainer's own autocast: bf16 is asked for here (measured
+    # on SmolLM2-135M, 83 pairs of ~1,300 tokens: 3 min 50 s without it).
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 and not torch.cuda.is_available() else None
     )
+    with autocast or contextlib.nullcontext():
+        trainer = DPOTrainer(
+            model=model, args=args, train_dataset=to_hf_dataset(table), processing_class=tokenizer
+        )
     done: Any = trainer.train_dataset
     if done.num_rows != table.num_rows or done["sample_index"] != table.column("sample_index").to_pylist():
         raise RuntimeError(f"reference pass returned {done.num_rows} rows for {table.num_rows} pairs")
