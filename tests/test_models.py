@@ -127,3 +127,31 @@ def test_smollm2_loads_and_reads_its_rendered_tool_call(smollm2_dir: Path) -> No
         loss = model(input_ids=inputs, labels=labels).loss.float().item()
     # a real language model reads its own template: far below the ~10.8 nats of a uniform guess
     assert 0.0 < loss < 6.0
+
+
+def test_console_and_log_keeps_process_output_off_the_terminal(tmp_path: Path) -> None:
+    """Whatever the process (or a child, as Ray's workers and vLLM are) writes to fds 1 and 2 goes to the
+    log; the console's bars and lines go to the terminal, here a pipe."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import os, subprocess, sys
+        from pathlib import Path
+        from ttpa_ray.progress import StageBar, console_and_log
+        with console_and_log(Path({str(tmp_path / "run.log")!r})) as console:
+            print("from python stdout")
+            os.write(2, b"Traceback (most recent call last): from fd 2\\n")
+            subprocess.run([sys.executable, "-c", "print('from a child process')"], check=True)
+            with StageBar(console, "stage", 4) as bar:
+                bar.update(4, detail="all done")
+            console.print("summary line")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    log = (tmp_path / "run.log").read_text()
+    assert "from python stdout" in log and "from fd 2" in log and "from a child process" in log
+    assert "Traceback" not in done.stdout + done.stderr and "from" not in done.stdout
+    assert "summary line" in done.stdout and "4/4" in done.stdout and "all done" in done.stdout
