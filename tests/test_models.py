@@ -100,7 +100,7 @@ def test_assistant_mask_matches_generation_markers_of_the_tiny_template(tiny_mod
     assert ids == list(marked["input_ids"]) and mask == list(marked["assistant_masks"])
 
 
-def test_model_names_follow_one_rule(tmp_path: Path) -> None:
+def test_model_names_follow_one_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert is_hub_id("Qwen/Qwen2.5-7B-Instruct")
     for not_hub in ("./models/x", "/abs/path", "gpt2", "a/b/c", "~/m", "s3://bucket/x"):
         assert not is_hub_id(not_hub), not_hub
@@ -109,6 +109,11 @@ def test_model_names_follow_one_rule(tmp_path: Path) -> None:
     check_model("Qwen/Qwen2.5-7B-Instruct")
     with pytest.raises(ValueError, match=r"model\.teacher.*modles"):
         check_model("./modles/tny", "model.teacher")
+    monkeypatch.chdir(tmp_path)
+    check_model("models/tny")  # org/name: a hub id by rule...
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ValueError, match="models/tny"):  # ...unless models/ is a folder here: a typo
+        check_model("models/tny")
     assert resolve_dtype("float16") == "float16"
     assert resolve_dtype("auto") in {"bfloat16", "float32"}
 

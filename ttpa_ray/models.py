@@ -167,7 +167,8 @@ def check_model(model: str, key: str = "model.policy") -> None:
     ids pass: they are resolved when the run starts)."""
     if model in EMBEDDED or (Path(model).expanduser() / "config.json").is_file():
         return
-    if is_hub_id(model) and not Path(model).exists():
+    # org/name is a hub id unless `org` is a folder here: then it is a path (models/tny is a typo)
+    if is_hub_id(model) and not Path(model).exists() and not Path(model.split("/")[0]).is_dir():
         return
     raise ModelNotFoundError(
         f"{key}: {model!r} is not a model folder (no config.json there), not an embedded model "
