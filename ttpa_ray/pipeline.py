@@ -177,6 +177,7 @@ def stage_tps(ctx: RunContext) -> StageReport:
             )
 
         report = run_sample_stage(ctx.config, policy, dialogues, ctx.run_dir / "tps", progress)
+        bar.update(len(turns), detail=f"candidates {report.candidates}")  # rejected turns are done too
     ctx.console.print(
         f"   {report.turns_sampled} turns sampled, {report.candidates} candidates; rejected {report.reasons}"
     )
