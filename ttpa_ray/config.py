@@ -117,6 +117,9 @@ class ReverseConfig(_Section):
     temperature: float = Field(default=0.7, ge=0)
     failure_temperature_step: float = Field(default=0.3, ge=0)  # added per failed call (at most 1.5 in all)
     text_temperature: float | None = Field(default=None, ge=0)  # scene, answer, question; None: temperature
+    # The scene prompt shows one worked example and each tool's parameter descriptions (a small teacher
+    # copies the shape); false: tool names and descriptions only, as before.
+    scene_example: bool = True
     max_tokens: int = Field(default=512, ge=16)  # per teacher step
     # Length bounds of the teacher's texts. The scenario is a short statement (its details are the
     # information items, 80 characters each); at most 128 it decodes under a pattern, which xgrammar

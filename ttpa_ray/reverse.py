@@ -217,16 +217,17 @@ SCENE_EXAMPLE = {
 }
 
 
-def _scene_instruction(tools: Sequence[ToolSpec], low: int, high: int) -> str:
+def _scene_instruction(tools: Sequence[ToolSpec], low: int, high: int, parameters: bool) -> str:
     def parameter(name: str, schema: Any) -> str:
         about = schema.get("description", "") if isinstance(schema, dict) else ""
         return f"{name}: {about}" if about else name
 
-    listing = "\n".join(
-        f"- {t.name}: {t.description}\n  parameters: "
-        + "; ".join(parameter(k, v) for k, v in (t.parameters or {}).get("properties", {}).items())
-        for t in tools
-    )
+    def listed(tool: ToolSpec) -> str:
+        properties = (tool.parameters or {}).get("properties", {})
+        about = "; ".join(parameter(k, v) for k, v in properties.items())
+        return f"- {tool.name}: {tool.description}" + (f"\n  parameters: {about}" if parameters else "")
+
+    listing = "\n".join(listed(t) for t in tools)
     return (
         f"Tools:\n{listing}\n\nWrite a short scenario statement (no question, no tool names), "
         f"{low} to {high} items of additional information (times, places, people, amounts: the values "
@@ -288,12 +289,19 @@ class ReverseBuilder:
     # Each request: its prompt and its structured-output constraint, {"json": schema} or {"regex": ...}.
     def _scene_request(self, state: DialogueState) -> tuple[list[int], dict[str, Any]]:
         low, high = self.config.info_items
+        example = self.config.scene_example
         messages = [
             {"role": "system", "content": "You imagine realistic situations in which a person needs tools."},
             # One worked example (fictional tools): a small teacher copies its shape, a large one ignores it.
-            {"role": "user", "content": _scene_instruction(SCENE_EXAMPLE_TOOLS, low, high)},
-            {"role": "assistant", "content": json.dumps(SCENE_EXAMPLE, ensure_ascii=False)},
-            {"role": "user", "content": _scene_instruction(state.tools, low, high)},
+            *(
+                [
+                    {"role": "user", "content": _scene_instruction(SCENE_EXAMPLE_TOOLS, low, high, True)},
+                    {"role": "assistant", "content": json.dumps(SCENE_EXAMPLE, ensure_ascii=False)},
+                ]
+                if example
+                else []
+            ),
+            {"role": "user", "content": _scene_instruction(state.tools, low, high, example)},
         ]
         schema = {
             "type": "object",
