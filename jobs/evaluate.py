@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from ttpa_ray.cli import app
+from ttpa_ray.cli import main
 
 if __name__ == "__main__":
-    app(args=["eval", *sys.argv[1:]], prog_name="python -m jobs.evaluate")
+    main(["eval", *sys.argv[1:]], "python -m jobs.evaluate")

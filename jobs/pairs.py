@@ -5,9 +5,9 @@ ray job submit --working-dir . -- python -m jobs.pairs --config configs/local.ya
 
 from __future__ import annotations
 
-import typer
+import sys
 
-from ttpa_ray.tps_cli import pairs_command
+from ttpa_ray.cli import main
 
 if __name__ == "__main__":
-    typer.run(pairs_command)
+    main(["pairs", *sys.argv[1:]], "python -m jobs.pairs")

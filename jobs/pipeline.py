@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from ttpa_ray.cli import app
+from ttpa_ray.cli import main
 
 if __name__ == "__main__":
-    app(args=["run", *sys.argv[1:]], prog_name="python -m jobs.pipeline")
+    main(["run", *sys.argv[1:]], "python -m jobs.pipeline")

@@ -5,9 +5,9 @@ ray job submit --working-dir . -- python -m jobs.sample --config configs/local.y
 
 from __future__ import annotations
 
-import typer
+import sys
 
-from ttpa_ray.tps_cli import sample_command
+from ttpa_ray.cli import main
 
 if __name__ == "__main__":
-    typer.run(sample_command)
+    main(["sample", *sys.argv[1:]], "python -m jobs.sample")

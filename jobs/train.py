@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from ttpa_ray.models import ModelNotFoundError, resolve_model
-    from ttpa_ray.pipeline import init_ray
+    from ttpa_ray.pipeline import ClusterUnreachable, init_ray
     from ttpa_ray.train.run import TrainInputError, run_stage
 
     try:
@@ -35,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     except ModelNotFoundError as err:
         print(err, file=sys.stderr)
         return 2
-    init_ray(config)
+    try:
+        init_ray(config)
+    except ClusterUnreachable as err:
+        print(err, file=sys.stderr)
+        return 2
     try:
         outcome = run_stage(
             args.stage,

@@ -3,16 +3,65 @@
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
+# Every process this session starts (Ray's, vLLM's, subprocesses of tests) inherits this mark, which is
+# how the check at the end of the session finds any of them still running.
+SESSION_MARK = "TTPA_TEST_SESSION"
+os.environ[SESSION_MARK] = uuid.uuid4().hex
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def session_processes() -> list[psutil.Process]:
+    """Live processes started by this session (by its mark), except this one and its own watchdog."""
+    me, mark = os.getpid(), os.environ[SESSION_MARK]
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid == me or process.environ().get(SESSION_MARK) != mark:
+                continue
+            cmdline = process.cmdline()
+            if process.status() == psutil.STATUS_ZOMBIE or cmdline[-3:-1] == ["ttpa_ray.reaper", str(me)]:
+                continue  # exited, or the watchdog that ends with this process
+            found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a process the suite started outlives it (issue 21); then end it."""
+    deadline = time.time() + 20  # what is ending (Ray's workers, engines, watchdogs) gets to finish
+    while (left := session_processes()) and time.time() < deadline:
+        time.sleep(0.5)
+    if not left:
+        return
+    lines = []
+    for process in left:
+        try:
+            command = " ".join(process.cmdline())[:150]
+            lines.append(f"  pid {process.pid} (parent {process.ppid()}): {command}")
+            process.kill()
+        except psutil.NoSuchProcess:
+            continue
+    if lines:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = "processes started by the test session still running at its end (now killed):"
+        if reporter is not None:
+            reporter.write_line(message, red=True)
+            for line in lines:
+                reporter.write_line(line)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +69,9 @@ def ray_cluster() -> Iterator[object]:
     """A real local Ray cluster (2 CPUs), started once per session."""
     import ray
 
+    from ttpa_ray.reaper import watch_this_process
+
+    watch_this_process()  # if this session is killed, what it started goes with it
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ctx = ray.data.DataContext.get_current()

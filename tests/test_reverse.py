@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from ttpa_ray.codec import ToolCall
@@ -384,6 +385,16 @@ def test_stage_counts_and_determinism(ray_cluster, tiny_model_dir: Path, tmp_pat
     assert outputs[0] == outputs[1]  # same seed and config, same dialogues and rejections
 
 
+def _engine_processes() -> set[tuple[int, float]]:
+    """(pid, start time) of the vLLM engine-core and worker processes on this machine."""
+    found = set()
+    for process in psutil.process_iter(["name", "cmdline", "create_time"]):
+        words = " ".join(process.info["cmdline"] or [process.info["name"] or ""])
+        if words.startswith("VLLM"):
+            found.add((process.pid, process.info["create_time"]))
+    return found
+
+
 @pytest.mark.slow
 def test_killed_job_resumes_without_loss_or_duplicates(
     ray_cluster, tiny_model_dir: Path, tmp_path: Path
@@ -393,6 +404,7 @@ def test_killed_job_resumes_without_loss_or_duplicates(
     config = _config(tmp_path, tiny_model_dir, "crash", seeds=32)
     out_dir = tmp_path / "crash" / "reverse"
     address = ray.get_runtime_context().gcs_address
+    engines_before = _engine_processes()
     job = subprocess.Popen(
         [
             sys.executable,
@@ -420,8 +432,13 @@ def test_killed_job_resumes_without_loss_or_duplicates(
     while not any(markers.glob("*.done.json")) and time.time() < deadline and job.poll() is None:
         time.sleep(0.05)
     assert job.poll() is None, "the job ended before it could be killed half way"
+    assert _engine_processes() - engines_before, "the job's replicas run no vLLM engine process"
     os.killpg(job.pid, signal.SIGKILL)  # kill the job half way, as soon as a first shard is written
     job.wait()
+    deadline = time.time() + 60  # the engines the job's replicas ran die with them (issue 21)
+    while (orphans := _engine_processes() - engines_before) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not orphans, f"vLLM processes of the killed job still running: {sorted(orphans)}"
     finished_before = sorted(p.name for p in markers.glob("*.done.json"))
     assert 1 <= len(finished_before) < 8, finished_before  # killed after the first shard, before the end
 

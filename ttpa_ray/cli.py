@@ -94,7 +94,7 @@ def run_command(config: ConfigOption = None, overrides: OverridesArg = None) -> 
     import traceback
 
     from ttpa_ray.models import ModelNotFoundError
-    from ttpa_ray.pipeline import run_pipeline
+    from ttpa_ray.pipeline import ClusterUnreachable, run_pipeline
     from ttpa_ray.progress import console_and_log
 
     cfg = load_or_exit(config, overrides)
@@ -106,7 +106,7 @@ def run_command(config: ConfigOption = None, overrides: OverridesArg = None) -> 
             import ray
 
             ray.shutdown()  # while output still goes to the log: replicas print teardown noise as they end
-        except ModelNotFoundError as err:
+        except (ModelNotFoundError, ClusterUnreachable) as err:
             terminal.print(f"[red]{err}[/red]")
             raise typer.Exit(2) from None
         except Exception as err:
@@ -174,9 +174,15 @@ def eval_command(
     console.print(f"report: {run.paths['markdown']}")
 
 
-def main() -> None:
-    """Entry point of the `ttpa` script."""
-    app(prog_name="ttpa")
+def main(args: list[str] | None = None, prog_name: str = "ttpa") -> None:
+    """Entry point of the `ttpa` script and of ``python -m jobs.<stage>``."""
+    from ttpa_ray.pipeline import ClusterUnreachable
+
+    try:
+        app(args=args, prog_name=prog_name)
+    except ClusterUnreachable as err:
+        console.print(f"[red]{err}[/red]")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from ttpa_ray.config import ConfigError, TTPAConfig, load_config
 
-console = Console()
+console = Console(soft_wrap=True)  # an error stays one line, however narrow the terminal
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config (default: built-in defaults)")

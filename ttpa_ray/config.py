@@ -38,6 +38,9 @@ class RayConfig(_Section):
 
     address: str | None = None
     num_cpus: int | None = Field(default=None, ge=1)
+    # A driver that cannot reach ``address`` within this many seconds stops with one line naming it
+    # (Ray's own client retries forever).
+    connect_timeout_s: float = Field(default=30.0, gt=0)
     progress_bars: bool = True
 
 

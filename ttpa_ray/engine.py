@@ -315,6 +315,10 @@ class Engine:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         from vllm import LLM
 
+        from ttpa_ray.reaper import watch_this_process
+
+        watch_this_process()  # the engine core and its worker processes die with their host
+
         self.model = model
         self.max_num_seqs = vllm.max_num_seqs  # requests the engine runs at once
         self.llm = LLM(**engine_kwargs(model, vllm, dtype=dtype, seed=seed))

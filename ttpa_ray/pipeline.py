@@ -69,11 +69,15 @@ def stage_prepare_models(ctx: RunContext) -> StageReport:
 def init_ray(config: TTPAConfig) -> None:
     """Join the configured cluster, or start a local one (no dashboard: it costs a core on a laptop).
 
+    Joining: the address must answer within ``ray.connect_timeout_s``, else one line names it.
+    Local: the local cluster's processes die with this driver, even when it is killed.
     Worker output reaches the console (training prints a line per step), with vLLM's INFO chatter off.
     """
     import os
 
     import ray
+
+    from ttpa_ray.reaper import watch_this_process
 
     quiet = {
         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
@@ -81,10 +85,46 @@ def init_ray(config: TTPAConfig) -> None:
     }
     if not ray.is_initialized():
         if config.ray.address:
+            check_reachable(config.ray.address, config.ray.connect_timeout_s)
             ray.init(address=config.ray.address, runtime_env={"env_vars": quiet})
         else:
+            watch_this_process()
             ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, runtime_env={"env_vars": quiet})
     ray.data.DataContext.get_current().enable_progress_bars = config.ray.progress_bars
+
+
+class ClusterUnreachable(ConnectionError):
+    """The configured Ray cluster did not answer."""
+
+
+def check_reachable(address: str, timeout_s: float) -> None:
+    """Raise :class:`ClusterUnreachable` naming ``address`` unless its GCS (or client server) accepts
+    a TCP connection within ``timeout_s`` (retrying while it comes up)."""
+    import socket
+
+    from ray._private.services import canonicalize_bootstrap_address
+
+    target: str | None = address.removeprefix("ray://")
+    if target == "auto":  # the cluster `ray start` recorded on this machine
+        try:
+            target = canonicalize_bootstrap_address(target)
+        except (ConnectionError, ValueError) as err:
+            raise ClusterUnreachable(f"ray.address={address}: {err}") from None
+    if target is None:
+        raise ClusterUnreachable(f"ray.address={address}: no running Ray cluster found on this machine")
+    host, _, port = target.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(1.0, timeout_s / 10)):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise ClusterUnreachable(
+                    f"ray.address={address}: no Ray cluster answers at {target} "
+                    f"after {timeout_s:g} s ({err.strerror or err})"
+                ) from None
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 class ShardProgress:

@@ -59,6 +59,7 @@ from multiprocessing.connection import Connection
 from types import ModuleType
 from typing import Any, Literal, Protocol
 
+from ttpa_ray.reaper import watch_this_process
 from ttpa_ray.tools.spec import (
     DEFAULT_MAX_RESPONSE_CHARS,
     TRUNCATION_MARKER,
@@ -548,6 +549,7 @@ class SandboxPool:
             allow_network=self.config.allow_network,
             preload=tuple(preload),
         )
+        watch_this_process()  # the workers (and whatever a tool started) die with the pool's host
         self._ctx = multiprocessing.get_context(self.config.start_method)
         if self.config.start_method == "forkserver":
             # Only effective if this process has not started its forkserver yet; harmless otherwise.
