@@ -41,6 +41,13 @@ def session_processes() -> list[psutil.Process]:
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run if a process the suite started outlives it (issue 21); then end it."""
+    import multiprocessing.forkserver
+    import multiprocessing.resource_tracker
+
+    # This process's own multiprocessing helpers (sandbox pools start a forkserver) end with it; stop
+    # them now so that what is left to find is only what nobody would have stopped.
+    multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]
+    multiprocessing.resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
     deadline = time.time() + 20  # what is ending (Ray's workers, engines, watchdogs) gets to finish
     while (left := session_processes()) and time.time() < deadline:
         time.sleep(0.5)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from ttpa_ray.esm import ESMWeights
-from ttpa_ray.evaluate import HELDOUT_CATEGORY, heldout_items, score_answers, summarize
+from ttpa_ray.evaluate import HELDOUT_CATEGORY, Answer, heldout_items, score_answers, summarize
 from ttpa_ray.records import Dialogue, Message, read_parquet, write_parquet
 from ttpa_ray.reverse import split_dialogues
 
@@ -46,7 +46,7 @@ def test_heldout_turns_are_scored_against_the_executed_calls(heldout_dialogues_f
         "dlg-1/1": "",
     }
     completions["dlg-0/0"] = wrong_tool.replace("2026-03-14", "2026-03-15")
-    results, rejected = score_answers(items, completions, ESMWeights())
+    results, rejected = score_answers(items, {k: Answer(v) for k, v in completions.items()}, ESMWeights())
     assert rejected == []
     by_id = {r.id: r for r in results}
     assert by_id["dlg-0/1"].esm_score == 1.0 and by_id["dlg-0/1"].exact_match

@@ -81,6 +81,7 @@ def test_pipeline_through_ray_job_submit(tiny_model_dir: Path, tmp_path: Path) -
             "eval.categories=[simple_python]",
             "eval.limit_per_category=2",
             "eval.max_tokens=64",
+            "eval.sequence_baseline=false",  # its DPO runs in test_pipeline
             "train.dpo.max_steps=2",
             "train.save_steps=2",
         ]

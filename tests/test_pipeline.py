@@ -57,22 +57,32 @@ def test_local_pipeline_small(
     assert by_name["tps"]["records_in"] == 6 + by_name["reverse"]["records_out"]
     assert by_name["pairs"]["records_in"] == by_name["tps"]["records_in"]
     assert by_name["dpo"]["records_out"] > 0  # pairs were trained on
+    sequence = by_name["sequence"]["notes"]  # the baseline: as many pairs as TTPA, the same steps
+    assert 0 < sequence["pairs_for_dpo"] <= sequence["ttpa_pairs"] == by_name["pairs"]["notes"]["pairs"]
+    assert (run_dir / "train" / "dpo-sequence" / "policy" / "config.json").exists()
+    steps = {
+        name: json.loads((run_dir / "train" / name / "metrics.json").read_text())["final"]["step"]
+        for name in ("dpo", "dpo-sequence")
+    }
+    assert steps == {"dpo": 4, "dpo-sequence": 4}
     report = json.loads((run_dir / "eval" / "report.json").read_text())
-    assert set(report) == {"base", "aligned"}  # the aligned model's numbers beside the base model's
-    for model in ("base", "aligned"):  # 6 BFCL entries + 4 held-out turns
-        assert report[model]["all"]["n"] == 10
+    models = ("base", "ttpa", "sequence")  # the table's rows (no SFT: the tiny teacher made no dialogue)
+    assert set(report) == {*models, "comparisons"}
+    assert {(c["row"], c["baseline"]) for c in report["comparisons"]} == {("ttpa", "sequence")}
+    for model in models:  # 6 BFCL entries + 4 held-out turns
+        assert report[model]["all"]["n"] + report[model]["all"]["infra_errors"] == 10
         assert set(report[model]) == {"simple_python", "parallel", HELDOUT_CATEGORY, "all"}
         assert report[model][HELDOUT_CATEGORY]["n"] == 4
         assert 0.0 <= report[model]["all"]["mean_esm"] <= 1.0
         assert sum(report[model]["all"]["esm_histogram"]) == 10
     answers = [json.loads(line) for line in (run_dir / "eval" / "answers.jsonl").read_text().splitlines()]
-    assert len(answers) == 20
+    assert len(answers) == 30
     heldout_ids = {a["id"] for a in answers if a["category"] == HELDOUT_CATEGORY}
     assert heldout_ids == {"dlg-0/0", "dlg-0/1", "dlg-1/0", "dlg-1/1"}
-    for name in ("esm_histogram.png", "error_categories.png"):
+    for name in ("esm_histogram.png", "error_categories.png", "exact_match.png"):
         assert (run_dir / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (run_dir / "eval" / "report.md").read_text()
-    assert "| base | all | 10 |" in markdown and "| aligned | all | 10 |" in markdown
+    assert "| base | all | 10 | 0 |" in markdown and "| ttpa | all | 10 | 0 |" in markdown
     assert (run_dir / "train" / "dpo" / "policy" / "config.json").exists()
     shown = console.export_text()
     assert f"[{len(stages)}/{len(stages)}] evaluate" in shown and "report:" in shown
@@ -88,5 +98,7 @@ def test_evaluation_rejects_entries_with_unusable_ground_truth() -> None:
     entries = [e for e in load_entries("live_simple") if e.id in wanted]
     results, rejected = score_answers(bfcl_items(entries), {}, ESMWeights())
     assert [r.id for r in results] == ["live_simple_0-0-0"]
-    assert results[0].esm_score == 0.0 and "parse" in results[0].esm_errors  # no answer: scored, not dropped
+    assert (
+        results[0].infra_error and results[0].esm_errors == []
+    )  # no answer: the machinery's, not a model error
     assert [(r.input_id, r.reason) for r in rejected] == [("live_simple_106-63-0", "invalid_ground_truth")]

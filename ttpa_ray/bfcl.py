@@ -32,6 +32,8 @@ AST_CATEGORIES: Final[tuple[str, ...]] = (
     "live_parallel",
     "live_parallel_multiple",
 )
+# Entries whose right answer is no call at all (BFCL: pass when no call decodes); no possible answers.
+IRRELEVANCE_CATEGORIES: Final[tuple[str, ...]] = ("irrelevance",)
 BFCL_TYPE_NAMES: Final[dict[str, str]] = {"dict": "object", "float": "number", "tuple": "array", "any": "any"}
 AST_MODEL_NAME: Final = "ttpa-esm"  # our entry in the stand-in MODEL_CONFIG_MAPPING (no "_": BFCL maps it)
 
@@ -119,6 +121,8 @@ class BfclEntry:
 def _load_entries(category: str) -> tuple[BfclEntry, ...]:
     base = data_dir()
     questions = _read_jsonl(base / f"BFCL_v4_{category}.json")
+    if category in IRRELEVANCE_CATEGORIES:
+        return tuple(BfclEntry(q["id"], category, q["question"], q["function"], []) for q in questions)
     answers = {
         row["id"]: row["ground_truth"]
         for row in _read_jsonl(base / "possible_answer" / f"BFCL_v4_{category}.json")
@@ -132,9 +136,11 @@ def _load_entries(category: str) -> tuple[BfclEntry, ...]:
 
 
 def load_entries(category: str) -> list[BfclEntry]:
-    """Entries of one AST category (e.g. ``simple_python``), each joined with its possible answer."""
-    if category not in AST_CATEGORIES:
-        raise BfclDataError(f"unknown BFCL AST category {category!r}; known: {', '.join(AST_CATEGORIES)}")
+    """Entries of one AST category (e.g. ``simple_python``), each joined with its possible answer
+    (irrelevance entries have none: their right answer is no call)."""
+    known = (*AST_CATEGORIES, *IRRELEVANCE_CATEGORIES)
+    if category not in known:
+        raise BfclDataError(f"unknown BFCL AST category {category!r}; known: {', '.join(known)}")
     return list(_load_entries(category))
 
 

@@ -260,7 +260,13 @@ def resolve_deepspeed_path(name_or_path: str) -> Path:
 
 
 BfclCategory = Literal[
-    "simple_python", "multiple", "parallel", "parallel_multiple", "live_simple", "live_multiple"
+    "simple_python",
+    "multiple",
+    "parallel",
+    "parallel_multiple",
+    "live_simple",
+    "live_multiple",
+    "irrelevance",
 ]
 
 
@@ -273,9 +279,15 @@ class EvalConfig(_Section):
         "parallel",
         "parallel_multiple",
         "live_simple",
+        "live_multiple",
+        "irrelevance",
     ]
     limit_per_category: int | None = Field(default=None, ge=1)  # None: every entry
     max_tokens: int = Field(default=256, ge=16)
+    bootstrap_samples: int = Field(default=1000, ge=100)  # resamplings of the questions per interval
+    # Also train and evaluate the paper's baseline: DPO on sequence-level pairs (tps.num_samples whole
+    # samples per turn), as many pairs as TTPA's and the same steps.
+    sequence_baseline: bool = True
     # Share of the reversed dialogues held out of TPS and SFT and evaluated (turn by turn) instead.
     heldout_fraction: float = Field(default=0.1, ge=0, lt=1)
     # Held-out dialogues to evaluate (a Parquet file of Dialogue records); None: the run's own split,

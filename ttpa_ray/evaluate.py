@@ -1,40 +1,44 @@
-"""Fine-grained evaluation (DESIGN.md stage 5) on BFCL v4's AST categories and held-out dialogues.
+"""Fine-grained evaluation (DESIGN.md stage 5), as BFCL evaluates: free generation, parsed afterwards.
 
-A model (base or aligned) answers each item through vLLM replicas in Ray Data, with the item's tools
-and structured outputs constraining the answer to a list of calls of those tools. Items are BFCL
-entries (scored with ESM against BFCL's possible answers, exact match by BFCL's own ``ast_checker``)
-and the tool-call turns of the reversed dialogues held out of TPS and SFT (category
-``reversed_heldout``: ESM against the executed calls, exact match = ESM 1.0). The report gives, per
-category and model: mean ESM and its histogram, the rate of each error category, and exact-match
-accuracy; as JSON, Markdown and PNG.
+Each model answers each item through vLLM replicas in Ray Data: greedy, in the model's own tool-call
+format (its chat template renders the tools), no grammar, its own stop tokens. What comes back is
+parsed by the codec (Hermes ``<tool_call>`` blocks, fenced or bare JSON calls); what does not parse
+is the model's ``parse`` error. A request the machinery failed (an engine error, a lost row) is an
+``infra_error``, counted apart and left out of every rate.
+
+Items: BFCL entries (ESM against BFCL's possible answers, exact match by BFCL's own ``ast_checker``),
+BFCL's irrelevance entries (right answer: no call; a call is an ``unwanted_call``), and the
+tool-call turns of the reversed dialogues held out of SFT, TPS and DPO (category ``reversed_heldout``:
+ESM against the executed calls, exact match = ESM 1.0). The report gives, per model and category,
+mean ESM, exact match and each error category's rate, each with a 95% bootstrap interval over the
+questions, and one sentence per comparison of models saying whether the interval of the paired
+difference excludes zero; as JSON, Markdown and PNG.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ttpa_ray.bfcl import BfclEntry, ast_check, load_entries
+import numpy as np
+
+from ttpa_ray.bfcl import IRRELEVANCE_CATEGORIES, BfclEntry, ast_check, load_entries
 from ttpa_ray.codec import ToolCall, parse_any
 from ttpa_ray.config import TTPAConfig
-from ttpa_ray.engine import tool_call_schema
 from ttpa_ray.esm import CATEGORIES, ESMWeights, prepare_reference, prepare_tools, score_calls
 from ttpa_ray.records import Dialogue, RejectedRow, read_parquet, reject, write_parquet
 from ttpa_ray.reverse import split_paths
 from ttpa_ray.tps import turns_from_dialogue
 
-MAX_CALLS_PER_TURN = 4
 HISTOGRAM_BINS = 10
 HELDOUT_CATEGORY = "reversed_heldout"  # turns of the held-out reversed dialogues
-
-
-def answer_schema(tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Structured output of one turn: a list of 1..4 calls to the given tools."""
-    return {"type": "array", "items": tool_call_schema(tools), "minItems": 1, "maxItems": MAX_CALLS_PER_TURN}
+UNWANTED_CALL = "unwanted_call"  # a call where none was right (BFCL irrelevance)
+ERRORS = (*CATEGORIES, UNWANTED_CALL)  # the report's error columns
+# The paper's comparisons, (row, against): each gets a sentence when both rows were evaluated.
+COMPARISONS = (("ttpa", "sft"), ("ttpa", "sequence"), ("sft", "base"))
 
 
 def select_entries(categories: Sequence[str], limit: int | None) -> list[BfclEntry]:
@@ -86,13 +90,13 @@ def heldout_items(dialogues: Sequence[Dialogue]) -> list[EvalItem]:
 
 
 def prompt_rows(items: Sequence[EvalItem], *, max_tokens: int, seed: int) -> list[dict[str, Any]]:
-    """Prompt rows for :func:`ttpa_ray.replica.generate_dataset` (greedy: evaluation is deterministic)."""
+    """Prompt rows for :func:`ttpa_ray.replica.generate_dataset`: greedy (deterministic), no grammar."""
     return [
         {
             "row_id": item.id,
             "messages": json.dumps(item.messages, ensure_ascii=False),
             "tools": json.dumps(item.tools, ensure_ascii=False),
-            "json_schema": json.dumps(answer_schema(item.tools), ensure_ascii=False),
+            "json_schema": "",
             "max_tokens": max_tokens,
             "temperature": 0.0,
             "seed": seed,
@@ -101,9 +105,22 @@ def prompt_rows(items: Sequence[EvalItem], *, max_tokens: int, seed: int) -> lis
     ]
 
 
+@dataclass(frozen=True)
+class Answer:
+    """What a replica returned for one item."""
+
+    text: str
+    finish_reason: str = "stop"
+
+    @property
+    def infra_error(self) -> bool:
+        """The machinery failed the request (the replica's row says ``error: ...``)."""
+        return self.finish_reason.startswith("error")
+
+
 @dataclass
 class EntryResult:
-    """One scored answer."""
+    """One scored answer; an ``infra_error`` answer has no score and counts in no rate."""
 
     id: str
     category: str
@@ -111,52 +128,105 @@ class EntryResult:
     esm_score: float
     esm_errors: list[str]
     exact_match: bool
+    infra_error: str = ""  # why the machinery failed, "" when the model answered
+
+
+def _reference(item: EvalItem) -> tuple[Any, Any]:
+    """The item's tool index and ESM reference; ValueError when the item's own reference is unusable."""
+    index = prepare_tools(item.tools)
+    if item.category in IRRELEVANCE_CATEGORIES:
+        return index, ()
+    if item.entry is not None:
+        return index, item.entry.reference(index)
+    return index, prepare_reference([c.to_dict() for c in item.reference], tools=index)
+
+
+def _score_one(
+    item: EvalItem, text: str, index: Any, reference: Any, weights: ESMWeights
+) -> tuple[float, list[str], bool]:
+    if item.category in IRRELEVANCE_CATEGORIES:  # BFCL: correct when no call decodes
+        parsed = parse_any(text)
+        called = parsed.ok and bool(parsed.calls)
+        return (0.0, [UNWANTED_CALL], False) if called else (1.0, [], True)
+    esm = score_calls(text, reference, index, weights)
+    if item.entry is not None:
+        parsed = parse_any(text)
+        exact = bool(parsed.ok and ast_check(item.entry, parsed.calls).get("valid", False))
+    else:
+        exact = esm.score == 1.0
+    return esm.score, list(esm.errors), exact
 
 
 def score_answers(
-    items: Sequence[EvalItem], completions: dict[str, str], weights: ESMWeights
+    items: Sequence[EvalItem], answers: Mapping[str, Answer], weights: ESMWeights
 ) -> tuple[list[EntryResult], list[RejectedRow]]:
-    """ESM and exact match of each item's completion; an item with no completion scores 0.
+    """ESM and exact match of each item's answer.
 
-    An item whose own reference is unusable (BFCL lists no acceptable value for a required
+    An item with no answer, or whose request failed, is an ``infra_error`` result (never a model
+    error). An item whose own reference is unusable (BFCL lists no acceptable value for a required
     argument in a few live entries) becomes a rejected row with the reason, not a crash.
     """
     results = []
     rejected = []
     for item in items:
-        text = completions.get(item.id, "")
+        answer = answers.get(item.id, Answer("", "error: no answer came back for this item"))
         try:
-            index = prepare_tools(item.tools)
-            if item.entry is not None:
-                reference = item.entry.reference(index)
-            else:
-                reference = prepare_reference([c.to_dict() for c in item.reference], tools=index)
+            index, reference = _reference(item)
         except ValueError as err:
             reason = "invalid_ground_truth" if item.entry is not None else "invalid_reference"
-            rejected.append(reject(item.id, "evaluate", reason, str(err), {"completion": text}))
+            rejected.append(reject(item.id, "evaluate", reason, str(err), {"completion": answer.text}))
             continue
-        esm = score_calls(text, reference, index, weights)
-        if item.entry is not None:
-            parsed = parse_any(text)
-            exact = bool(parsed.ok and ast_check(item.entry, parsed.calls).get("valid", False))
-        else:
-            exact = esm.score == 1.0
-        results.append(EntryResult(item.id, item.category, text, esm.score, list(esm.errors), exact))
+        if answer.infra_error:
+            results.append(EntryResult(item.id, item.category, "", 0.0, [], False, answer.finish_reason))
+            continue
+        score, errors, exact = _score_one(item, answer.text, index, reference, weights)
+        results.append(EntryResult(item.id, item.category, answer.text, score, errors, exact))
     return results, rejected
+
+
+Interval = tuple[float, float]
 
 
 @dataclass
 class CategorySummary:
-    """Aggregates of one (model, category)."""
+    """Aggregates of one (model, category), each rate with its 95% bootstrap interval."""
 
-    n: int
+    n: int  # answers scored (infra errors excluded)
+    infra_errors: int
     mean_esm: float
+    mean_esm_ci: Interval
     exact_match: float
+    exact_match_ci: Interval
     esm_histogram: list[int]
     error_rates: dict[str, float] = field(default_factory=dict)
+    error_rates_ci: dict[str, Interval] = field(default_factory=dict)
 
 
-def summarize(results: Sequence[EntryResult]) -> dict[str, CategorySummary]:
+def _columns(rows: Sequence[EntryResult]) -> dict[str, np.ndarray]:
+    """Per-answer values whose means the report gives: ESM, exact match, one 0/1 column per error."""
+    columns = {
+        "mean_esm": np.array([r.esm_score for r in rows], dtype=float),
+        "exact_match": np.array([r.exact_match for r in rows], dtype=float),
+    }
+    for error in ERRORS:
+        columns[error] = np.array([error in r.esm_errors for r in rows], dtype=float)
+    return columns
+
+
+def bootstrap_interval(values: np.ndarray, *, samples: int, seed: int, confidence: float = 0.95) -> Interval:
+    """Percentile interval of the mean of ``values`` over ``samples`` resamplings of the questions."""
+    if values.size == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(samples, values.size))].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return (float(low), float(high))
+
+
+def summarize(
+    results: Sequence[EntryResult], *, samples: int = 1000, seed: int = 0
+) -> dict[str, CategorySummary]:
     """Per-category summaries plus an ``all`` row (BFCL entries and held-out turns together)."""
     groups: dict[str, list[EntryResult]] = {}
     for result in results:
@@ -164,19 +234,99 @@ def summarize(results: Sequence[EntryResult]) -> dict[str, CategorySummary]:
         groups.setdefault("all", []).append(result)
     summaries = {}
     for category, rows in groups.items():
-        n = len(rows)
+        scored = [r for r in rows if not r.infra_error]
         histogram = [0] * HISTOGRAM_BINS
-        for row in rows:
+        for row in scored:
             histogram[min(int(row.esm_score * HISTOGRAM_BINS), HISTOGRAM_BINS - 1)] += 1
-        errors = Counter(e for row in rows for e in set(row.esm_errors))
+        columns = _columns(scored)
+        mean = {k: float(v.mean()) if v.size else float("nan") for k, v in columns.items()}
+        ci = {k: bootstrap_interval(v, samples=samples, seed=seed) for k, v in columns.items()}
         summaries[category] = CategorySummary(
-            n=n,
-            mean_esm=sum(r.esm_score for r in rows) / n,
-            exact_match=sum(r.exact_match for r in rows) / n,
+            n=len(scored),
+            infra_errors=len(rows) - len(scored),
+            mean_esm=mean["mean_esm"],
+            mean_esm_ci=ci["mean_esm"],
+            exact_match=mean["exact_match"],
+            exact_match_ci=ci["exact_match"],
             esm_histogram=histogram,
-            error_rates={c: errors.get(c, 0) / n for c in CATEGORIES},
+            error_rates={e: mean[e] for e in ERRORS},
+            error_rates_ci={e: ci[e] for e in ERRORS},
         )
     return summaries
+
+
+@dataclass
+class Comparison:
+    """Row minus baseline on the questions both answered, with the paired bootstrap interval."""
+
+    row: str
+    baseline: str
+    category: str
+    metric: str
+    n: int
+    difference: float
+    interval: Interval
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.interval[0] > 0 or self.interval[1] < 0
+
+    def sentence(self) -> str:
+        low, high = self.interval
+        verdict = (
+            f"{self.row} is {'better' if self.difference > 0 else 'worse'}: the interval excludes zero"
+            if self.excludes_zero
+            else "no difference shown: the interval includes zero"
+        )
+        return (
+            f"{self.row} - {self.baseline}, {self.metric} on {self.category} (n={self.n}): "
+            f"{self.difference:+.3f} [{low:+.3f}, {high:+.3f}]; {verdict}."
+        )
+
+
+def compare(
+    results: Mapping[str, Sequence[EntryResult]],
+    row: str,
+    baseline: str,
+    category: str,
+    metric: str = "mean_esm",
+    *,
+    samples: int = 1000,
+    seed: int = 0,
+) -> Comparison | None:
+    """Paired comparison of two models on one category (None when they share no scored question)."""
+
+    def scored(label: str) -> dict[str, EntryResult]:
+        return {
+            r.id: r
+            for r in results[label]
+            if not r.infra_error and (category == "all" or r.category == category)
+        }
+
+    mine, theirs = scored(row), scored(baseline)
+    shared = sorted(set(mine) & set(theirs))
+    if not shared:
+        return None
+    a = _columns([mine[i] for i in shared])[metric]
+    b = _columns([theirs[i] for i in shared])[metric]
+    interval = bootstrap_interval(a - b, samples=samples, seed=seed)
+    return Comparison(row, baseline, category, metric, len(shared), float((a - b).mean()), interval)
+
+
+def comparisons(
+    results: Mapping[str, Sequence[EntryResult]], *, samples: int = 1000, seed: int = 0
+) -> list[Comparison]:
+    """The paper's comparisons (:data:`COMPARISONS`) on the held-out turns and on everything."""
+    found = []
+    for row, baseline in COMPARISONS:
+        if row not in results or baseline not in results:
+            continue
+        for category in (HELDOUT_CATEGORY, "all"):
+            for metric in ("mean_esm", "exact_match"):
+                comparison = compare(results, row, baseline, category, metric, samples=samples, seed=seed)
+                if comparison is not None:
+                    found.append(comparison)
+    return found
 
 
 def evaluate_model(
@@ -189,10 +339,11 @@ def evaluate_model(
 
     rows = prompt_rows(items, max_tokens=max_tokens, seed=config.run.seed)
     ds = generate_dataset(ray.data.from_items(rows), model, config)
-    completions = {
-        row["row_id"]: row["completion"] for row in ds.select_columns(["row_id", "completion"]).take_all()
+    answers = {
+        row["row_id"]: Answer(row["completion"], row["finish_reason"] or "stop")
+        for row in ds.select_columns(["row_id", "completion", "finish_reason"]).take_all()
     }
-    return score_answers(items, completions, ESMWeights.from_config(config.esm.weights))
+    return score_answers(items, answers, ESMWeights.from_config(config.esm.weights))
 
 
 @dataclass
@@ -205,6 +356,8 @@ class EvaluationRun:
     summaries: dict[str, dict[str, CategorySummary]]
     paths: dict[str, Path]
     heldout_turns: int = 0
+    infra_errors: int = 0
+    comparisons: list[Comparison] = field(default_factory=list)
 
 
 def heldout_source(config: TTPAConfig) -> Path | None:
@@ -224,7 +377,7 @@ def run_evaluation(
     out_dir: Path,
     progress: Callable[[str, int], None] | None = None,
 ) -> EvaluationRun:
-    """Evaluate each labelled model on the BFCL entries and the held-out turns; write the report.
+    """Evaluate each labelled model on the same BFCL entries and held-out turns; write the report.
 
     ``progress(label, answers_so_far)`` is called as each model is done."""
     items = bfcl_items(select_entries(config.eval.categories, config.eval.limit_per_category))
@@ -240,8 +393,10 @@ def run_evaluation(
         rejected += model_rejected
         if progress is not None:
             progress(label, sum(len(rows) for rows in results.values()) + len(rejected))
-    summaries = {label: summarize(rows) for label, rows in results.items()}
-    paths = write_report(out_dir, summaries, results)
+    samples, seed = config.eval.bootstrap_samples, config.run.seed
+    summaries = {label: summarize(rows, samples=samples, seed=seed) for label, rows in results.items()}
+    found = comparisons(results, samples=samples, seed=seed)
+    paths = write_report(out_dir, summaries, results, found)
     paths["rejected"] = out_dir / "rejected.parquet"
     write_parquet(rejected, paths["rejected"], RejectedRow)
     return EvaluationRun(
@@ -251,15 +406,23 @@ def run_evaluation(
         summaries,
         paths,
         heldout_turns=len(heldout),
+        infra_errors=sum(r.infra_error != "" for rows in results.values() for r in rows),
+        comparisons=found,
     )
 
 
 def write_report(
-    out_dir: Path, summaries: dict[str, dict[str, CategorySummary]], results: dict[str, list[EntryResult]]
+    out_dir: Path,
+    summaries: dict[str, dict[str, CategorySummary]],
+    results: dict[str, list[EntryResult]],
+    found: Sequence[Comparison] = (),
 ) -> dict[str, Path]:
-    """Write report.json, report.md, per-answer results.jsonl and PNG plots; return their paths."""
+    """Write report.json, report.md, per-answer answers.jsonl and PNG plots; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {model: {cat: asdict(s) for cat, s in cats.items()} for model, cats in summaries.items()}
+    report: dict[str, Any] = {
+        model: {cat: asdict(s) for cat, s in cats.items()} for model, cats in summaries.items()
+    }
+    report["comparisons"] = [{**asdict(c), "sentence": c.sentence()} for c in found]
     paths = {
         "json": out_dir / "report.json",
         "markdown": out_dir / "report.md",
@@ -270,67 +433,120 @@ def write_report(
         for model, rows in results.items():
             for row in rows:
                 handle.write(json.dumps({"model": model, **asdict(row)}, ensure_ascii=False) + "\n")
-    paths["markdown"].write_text(render_markdown(summaries), encoding="utf-8")
+    paths["markdown"].write_text(render_markdown(summaries, found), encoding="utf-8")
     paths.update(plot_report(out_dir, summaries))
     return paths
 
 
-def render_markdown(summaries: dict[str, dict[str, CategorySummary]]) -> str:
-    """The report's tables: one row per (model, category); error categories as rates."""
+def _cell(value: float, interval: Interval) -> str:
+    return f"{value:.3f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+def render_markdown(
+    summaries: dict[str, dict[str, CategorySummary]], found: Sequence[Comparison] = ()
+) -> str:
+    """The report: one row per (model, category), every figure with its 95% bootstrap interval."""
     lines = [
         "# Evaluation report",
         "",
-        "ESM (mean), exact match (BFCL: ast_checker; held-out turns: ESM = 1) and error-category rates.",
+        "Mean ESM, exact match (BFCL: ast_checker; irrelevance: no call; held-out turns: ESM = 1) and",
+        "error-category rates, each with its 95% bootstrap interval over the questions. `infra` counts",
+        "requests the machinery failed; they are in no rate.",
         "",
     ]
-    header = ["model", "category", "n", "mean ESM", "exact match", *CATEGORIES]
+    header = ["model", "category", "n", "infra", "mean ESM", "exact match", *ERRORS]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for model, cats in summaries.items():
         for category, s in sorted(cats.items(), key=lambda kv: (kv[0] == "all", kv[0])):
-            cells = [model, category, str(s.n), f"{s.mean_esm:.3f}", f"{s.exact_match:.3f}"]
-            cells += [f"{s.error_rates.get(c, 0.0):.2f}" for c in CATEGORIES]
+            cells = [model, category, str(s.n), str(s.infra_errors)]
+            cells += [_cell(s.mean_esm, s.mean_esm_ci), _cell(s.exact_match, s.exact_match_ci)]
+            cells += [_cell(s.error_rates[e], s.error_rates_ci[e]) for e in ERRORS]
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "![ESM histogram](esm_histogram.png)", "", "![Error categories](error_categories.png)", ""]
+    if found:
+        lines += ["", "## Comparisons (paired bootstrap over the shared questions)", ""]
+        lines += [f"- {c.sentence()}" for c in found]
+    lines += ["", "![Exact match](exact_match.png)", "", "![Error categories](error_categories.png)"]
+    lines += ["", "![ESM histogram](esm_histogram.png)", ""]
     return "\n".join(lines)
 
 
+def _error_bars(values: Sequence[float], intervals: Sequence[Interval]) -> np.ndarray:
+    low = [max(v - lo, 0.0) for v, (lo, _hi) in zip(values, intervals, strict=True)]
+    high = [max(hi - v, 0.0) for v, (_lo, hi) in zip(values, intervals, strict=True)]
+    return np.nan_to_num(np.array([low, high]))
+
+
 def plot_report(out_dir: Path, summaries: dict[str, dict[str, CategorySummary]]) -> dict[str, Path]:
-    """ESM histogram and error-category bars, one series per model (base against aligned)."""
+    """Exact match per category and error rates per category (one bar per model, 95% intervals as
+    error bars), and the ESM histogram of each model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(summaries)
+    categories = sorted({c for cats in summaries.values() for c in cats}, key=lambda c: (c == "all", c))
     width = 0.8 / max(len(models), 1)
     paths = {}
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for i, model in enumerate(models):
-        hist = summaries[model]["all"].esm_histogram
-        ax.bar([b + i * width for b in range(HISTOGRAM_BINS)], hist, width=width, label=model)
-    ax.set_xticks(range(HISTOGRAM_BINS), [f"{b / HISTOGRAM_BINS:.1f}" for b in range(HISTOGRAM_BINS)])
-    ax.set_xlabel("ESM score (bin start)")
-    ax.set_ylabel("answers")
-    ax.set_title("ESM distribution")
+    def bars(ax: Any, value: Callable[[CategorySummary], tuple[float, Interval]]) -> None:
+        for i, model in enumerate(models):
+            points = [
+                value(summaries[model][c]) if c in summaries[model] else (0.0, (0.0, 0.0)) for c in categories
+            ]
+            heights = [p[0] for p in points]
+            ax.bar(
+                [x + i * width for x in range(len(categories))],
+                heights,
+                width=width,
+                yerr=_error_bars(heights, [p[1] for p in points]),
+                capsize=2,
+                label=model,
+            )
+        ax.set_xticks(
+            [x + width * (len(models) - 1) / 2 for x in range(len(categories))],
+            categories,
+            rotation=30,
+            ha="right",
+            fontsize=7,
+        )
+        ax.set_ylim(0, 1)
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    bars(ax, lambda s: (s.exact_match, s.exact_match_ci))
+    ax.set_ylabel("exact match")
+    ax.set_title("Exact match per category (95% bootstrap intervals)")
     ax.legend()
     fig.tight_layout()
-    paths["esm_histogram"] = out_dir / "esm_histogram.png"
-    fig.savefig(paths["esm_histogram"], dpi=100)
+    paths["exact_match"] = out_dir / "exact_match.png"
+    fig.savefig(paths["exact_match"], dpi=100)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for i, model in enumerate(models):
-        rates = [summaries[model]["all"].error_rates.get(c, 0.0) for c in CATEGORIES]
-        ax.bar([x + i * width for x in range(len(CATEGORIES))], rates, width=width, label=model)
-    ax.set_xticks(range(len(CATEGORIES)), CATEGORIES, rotation=30, ha="right")
-    ax.set_ylabel("share of answers")
-    ax.set_ylim(0, 1)
-    ax.set_title("Error categories")
-    ax.legend()
+    fig, axes = plt.subplots(2, (len(ERRORS) + 1) // 2, figsize=(16, 7), sharey=True)
+    for ax, error in zip(axes.flat, ERRORS, strict=False):
+        bars(ax, lambda s, e=error: (s.error_rates[e], s.error_rates_ci[e]))  # type: ignore[misc]
+        ax.set_title(error, fontsize=9)
+    for ax in list(axes.flat)[len(ERRORS) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("Share of answers with each error, per category (95% bootstrap intervals)")
     fig.tight_layout()
     paths["error_categories"] = out_dir / "error_categories.png"
     fig.savefig(paths["error_categories"], dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(models), figsize=(3.5 * len(models), 3), sharey=True, squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        ax.bar(range(HISTOGRAM_BINS), summaries[model]["all"].esm_histogram, width=0.9)
+        ax.set_xticks(
+            range(0, HISTOGRAM_BINS, 2), [f"{b / HISTOGRAM_BINS:.1f}" for b in range(0, HISTOGRAM_BINS, 2)]
+        )
+        ax.set_title(model)
+        ax.set_xlabel("ESM (bin start)")
+    axes[0][0].set_ylabel("answers")
+    fig.tight_layout()
+    paths["esm_histogram"] = out_dir / "esm_histogram.png"
+    fig.savefig(paths["esm_histogram"], dpi=100)
     plt.close(fig)
     return paths

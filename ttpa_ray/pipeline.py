@@ -195,20 +195,22 @@ def stage_reverse(ctx: RunContext) -> StageReport:
     )
 
 
-def stage_tps(ctx: RunContext) -> StageReport:
-    """Token-level preference sampling: dialogues -> turns -> candidates from the policy."""
+def _sample(ctx: RunContext, config: TTPAConfig, out_dir: Path, label: str) -> StageReport:
+    """Sample candidates of the training turns from the policy being aligned, with ``config.tps``."""
     from ttpa_ray.tps import bfcl_dialogues, run_sample_stage, turns_from_dialogues
 
-    init_ray(ctx.config)
+    init_ray(config)
     dialogues = training_dialogues(ctx.run_dir)  # the held-out ones never reach TPS
-    tps = ctx.config.tps
+    tps = config.tps
     if tps.bfcl_limit:
         dialogues += bfcl_dialogues(tps.bfcl_category, tps.bfcl_limit, start=tps.bfcl_offset)
     turns, without_turns = turns_from_dialogues(dialogues)
-    ctx.console.print(f"   {len(dialogues)} dialogues -> {len(turns)} tool-call turns")
+    ctx.console.print(
+        f"   {len(dialogues)} dialogues -> {len(turns)} tool-call turns ({tps.sampler} sampler)"
+    )
     # TPS samples the policy being aligned: the SFT'd one when SFT ran (DPO starts from it too)
     policy = ctx.models.get("sft", ctx.models["policy"])
-    with StageBar(ctx.console, "tps", len(turns)) as bar:
+    with StageBar(ctx.console, label, len(turns)) as bar:
 
         def progress(r: Any) -> None:
             bar.update(
@@ -216,13 +218,13 @@ def stage_tps(ctx: RunContext) -> StageReport:
                 detail=f"candidates {r.candidates} | {r.generated_tokens / max(r.seconds, 1e-9):,.0f} tok/s",
             )
 
-        report = run_sample_stage(ctx.config, policy, dialogues, ctx.run_dir / "tps", progress)
+        report = run_sample_stage(config, policy, dialogues, out_dir, progress)
         bar.update(len(turns), detail=f"candidates {report.candidates}")  # rejected turns are done too
     ctx.console.print(
         f"   {report.turns_sampled} turns sampled, {report.candidates} candidates; rejected {report.reasons}"
     )
     return StageReport(
-        "tps",
+        label,
         records_in=len(turns) + len(without_turns),
         records_out=report.turns_sampled,
         records_rejected=report.rejected,
@@ -233,6 +235,11 @@ def stage_tps(ctx: RunContext) -> StageReport:
             "reasons": report.reasons,
         },
     )
+
+
+def stage_tps(ctx: RunContext) -> StageReport:
+    """Token-level preference sampling: dialogues -> turns -> candidates from the policy."""
+    return _sample(ctx, ctx.config, ctx.run_dir / "tps", "tps")
 
 
 def training_dialogues(run_dir: Path) -> list[Dialogue]:
@@ -259,18 +266,17 @@ def count_sampled_inputs(sample_dir: Path) -> int:
     return len(turn_ids) + sum(1 for input_id in rejected if input_id not in turn_ids)
 
 
-def stage_pairs(ctx: RunContext) -> StageReport:
-    """ESM scoring (stateless Ray scorer actors) and the pair rule: candidates -> preference pairs."""
+def _pairs(ctx: RunContext, config: TTPAConfig, sample_dir: Path, out_dir: Path, label: str) -> StageReport:
     from ttpa_ray.pairs import run_pairs_stage
 
-    init_ray(ctx.config)
-    report = run_pairs_stage(ctx.config, ctx.run_dir / "tps", ctx.run_dir / "pairs")
+    init_ray(config)
+    report = run_pairs_stage(config, sample_dir, out_dir)
     ctx.console.print(
         f"   {report.pairs} pairs from {report.turns_paired} turns; rejected by reason {report.reasons}"
     )
     return StageReport(
-        "pairs",
-        records_in=count_sampled_inputs(ctx.run_dir / "tps"),
+        label,
+        records_in=count_sampled_inputs(sample_dir),
         records_out=report.turns_paired,
         records_rejected=report.rejected,
         outputs=report.outputs,
@@ -278,12 +284,21 @@ def stage_pairs(ctx: RunContext) -> StageReport:
     )
 
 
-def _train(ctx: RunContext, stage: str) -> StageReport:
+def stage_pairs(ctx: RunContext) -> StageReport:
+    """ESM scoring (stateless Ray scorer actors) and the pair rule: candidates -> preference pairs."""
+    return _pairs(ctx, ctx.config, ctx.run_dir / "tps", ctx.run_dir / "pairs", "pairs")
+
+
+def _train(
+    ctx: RunContext, stage: str, label: str, input_path: Path | None = None, out_dir: Path | None = None
+) -> StageReport:
+    """Train ``stage`` (sft or dpo); the exported policy becomes ``ctx.models[label]``."""
     from ttpa_ray.train.run import run_stage
 
     init_ray(ctx.config)
     steps = (ctx.config.train.sft if stage == "sft" else ctx.config.train.dpo).max_steps
-    with StageBar(ctx.console, stage, steps if steps > 0 else None) as bar:
+    name = stage if label in ("sft", "ttpa") else f"{stage} ({label})"
+    with StageBar(ctx.console, name, steps if steps > 0 else None) as bar:
 
         def progress(entry: dict[str, Any]) -> None:
             metrics = [f"loss {entry['loss']:.3f}"]
@@ -302,6 +317,8 @@ def _train(ctx: RunContext, stage: str) -> StageReport:
             run_name=ctx.config.run.name,
             dtype=ctx.config.model.dtype,
             progress=progress,
+            input_path=input_path,
+            out_dir=out_dir,
         )
     final = outcome.result.metrics
     ctx.console.print(
@@ -309,7 +326,7 @@ def _train(ctx: RunContext, stage: str) -> StageReport:
         f"({outcome.rows_rejected} rejected: {outcome.reject_counts}), "
         f"{final.get('step', '?')} steps, train loss {final.get('train_loss', float('nan')):.4f}"
     )
-    ctx.models["sft" if stage == "sft" else "aligned"] = str(outcome.result.policy_dir)
+    ctx.models[label] = str(outcome.result.policy_dir)
     return StageReport(
         stage,
         records_in=outcome.rows_used + outcome.rows_rejected,
@@ -329,7 +346,7 @@ def stage_sft(ctx: RunContext) -> StageReport:
     if ctx.config.train.dialogues is None and not training_dialogues(ctx.run_dir):
         ctx.console.print("   no reversed dialogue passed the filters: nothing to fine-tune on, skipped")
         return StageReport("sft", 0, 0, 0, notes={"skipped": "no dialogues"})
-    return _train(ctx, "sft")
+    return _train(ctx, "sft", "sft")
 
 
 def stage_dpo(ctx: RunContext) -> StageReport:
@@ -345,7 +362,48 @@ def stage_dpo(ctx: RunContext) -> StageReport:
     if pq.ParquetFile(pairs).metadata.num_rows == 0:
         ctx.console.print("   no preference pair: nothing to align on, skipped")
         return StageReport("dpo", 0, 0, 0, notes={"skipped": "no pairs"})
-    return _train(ctx, "dpo")
+    return _train(ctx, "dpo", "ttpa")
+
+
+def stage_sequence(ctx: RunContext) -> StageReport:
+    """The paper's baseline: sequence-level pairs (n whole samples per turn, ESM-labelled), capped at
+    the TTPA pair count, and DPO on them with the same steps; its policy is evaluated beside TTPA's."""
+    import pyarrow.parquet as pq
+
+    if not ctx.config.eval.sequence_baseline:
+        ctx.console.print("   eval.sequence_baseline is false: skipped")
+        return StageReport("sequence", 0, 0, 0, notes={"skipped": "disabled"})
+    ttpa_pairs = ctx.run_dir / "pairs" / "pairs.parquet"
+    wanted = pq.ParquetFile(ttpa_pairs).metadata.num_rows if ttpa_pairs.is_file() else 0
+    if not ctx.config.train.dpo.enabled or wanted == 0:
+        ctx.console.print("   no TTPA pairs to match (or DPO disabled): skipped")
+        return StageReport("sequence", 0, 0, 0, notes={"skipped": "no ttpa pairs"})
+    config = ctx.config.model_copy(update={"tps": ctx.config.tps.model_copy(update={"sampler": "sequence"})})
+    sampled = _sample(ctx, config, ctx.run_dir / "tps-sequence", "sequence sampling")
+    report = _pairs(ctx, config, ctx.run_dir / "tps-sequence", ctx.run_dir / "pairs-sequence", "sequence")
+    pairs_file = ctx.run_dir / "pairs-sequence" / "pairs.parquet"
+    table = pq.read_table(pairs_file)
+    if table.num_rows > wanted:  # the same number of pairs as TTPA, drawn with the run's seed
+        import numpy as np
+
+        keep = np.sort(
+            np.random.default_rng(ctx.config.run.seed).choice(table.num_rows, wanted, replace=False)
+        )
+        pq.write_table(table, ctx.run_dir / "pairs-sequence" / "pairs-all.parquet")
+        table = table.take(keep)
+        pq.write_table(table, pairs_file)
+    ctx.console.print(f"   {table.num_rows} sequence-level pairs for DPO (TTPA has {wanted})")
+    report.notes.update(
+        pairs_for_dpo=table.num_rows, ttpa_pairs=wanted, candidates=sampled.notes["candidates"]
+    )
+    if table.num_rows == 0:
+        ctx.console.print("   no sequence-level pair: no DPO to run")
+        return report
+    trained = _train(
+        ctx, "dpo", "sequence", input_path=pairs_file, out_dir=ctx.run_dir / "train" / "dpo-sequence"
+    )
+    report.outputs.update(trained.outputs)
+    return report
 
 
 def stage_evaluate(ctx: RunContext) -> StageReport:
@@ -354,7 +412,7 @@ def stage_evaluate(ctx: RunContext) -> StageReport:
 
     init_ray(ctx.config)
     models = {"base": ctx.models["policy"]}
-    models.update({label: ctx.models[label] for label in ("sft", "aligned") if label in ctx.models})
+    models.update({label: ctx.models[label] for label in ("sft", "ttpa", "sequence") if label in ctx.models})
     ctx.console.print(f"   evaluating {', '.join(f'{k} ({v})' for k, v in models.items())}")
     with StageBar(ctx.console, "evaluate", None) as bar:
         run = run_evaluation(
@@ -370,13 +428,25 @@ def stage_evaluate(ctx: RunContext) -> StageReport:
     )
     overall = {label: round(s["all"].mean_esm, 4) for label, s in run.summaries.items()}
     for label, summary in run.summaries.items():
-        held = summary.get("reversed_heldout")
+        every, held = summary["all"], summary.get("reversed_heldout")
         ctx.console.print(
-            f"   {label:>8}: mean ESM {summary['all'].mean_esm:.3f}, "
-            f"exact match {summary['all'].exact_match:.3f}"
-            + (f" | held-out turns: ESM {held.mean_esm:.3f} (n={held.n})" if held else "")
+            f"   {label:>8}: mean ESM {every.mean_esm:.3f} "
+            f"[{every.mean_esm_ci[0]:.2f}, {every.mean_esm_ci[1]:.2f}], exact match {every.exact_match:.3f}"
+            + (
+                f" | held-out turns: ESM {held.mean_esm:.3f} [{held.mean_esm_ci[0]:.2f}, "
+                f"{held.mean_esm_ci[1]:.2f}] (n={held.n})"
+                if held
+                else ""
+            )
         )
-    # An entry the model failed to answer is still scored (0, category parse): none is dropped.
+    for comparison in run.comparisons:
+        if comparison.metric == "mean_esm":
+            ctx.console.print(f"   {comparison.sentence()}")
+    if run.infra_errors:  # the machinery's failures: in no rate, but never silent
+        ctx.console.print(
+            f"   [yellow]{run.infra_errors} answers failed in the machinery (infra_error), not scored;"
+            f" see {run.paths['answers']}[/yellow]"
+        )
     return StageReport(
         "evaluate",
         records_in=run.entries * len(models),
@@ -399,6 +469,7 @@ STAGES: list[tuple[str, str, StageFn]] = [
     ("tps", "token-level preference sampling of alternative calls from the SFT'd policy", stage_tps),
     ("pairs", "ESM scoring of the candidates, chosen/rejected pairs in TRL's format", stage_pairs),
     ("dpo", "DPO on the pairs (Ray Train + DeepSpeed ZeRO)", stage_dpo),
+    ("sequence", "baseline: sequence-level pairs, as many, and DPO with the same steps", stage_sequence),
     ("evaluate", "ESM, errors and exact match on BFCL and held-out dialogues", stage_evaluate),
 ]
 

@@ -135,12 +135,16 @@ def run_stage(
     crash: CrashOnce | None = None,
     dtype: str = "float32",
     progress: Callable[[dict[str, Any]], None] | None = None,
+    out_dir: Path | None = None,
 ) -> StageOutcome:
-    """Check the inputs, precompute the DPO reference if asked, train on Ray Train and export."""
+    """Check the inputs, precompute the DPO reference if asked, train on Ray Train and export.
+
+    ``out_dir`` (default :func:`stage_dir`) lets a second run of a stage (the sequence-level
+    baseline's DPO) keep its own checkpoints and policy."""
     from transformers import AutoTokenizer
 
     run_dir = Path(run_dir)
-    out = stage_dir(train, run_dir, stage)
+    out = out_dir or stage_dir(train, run_dir, stage)
     out.mkdir(parents=True, exist_ok=True)
     stage_cfg = train.dpo if stage == "dpo" else train.sft
     model_path = policy
@@ -177,7 +181,7 @@ def run_stage(
         stage=stage,
         model_path=model_path,
         data_path=str(data_path.resolve()),
-        work_dir=str(Path(tempfile.gettempdir()) / f"ttpa-train-{os.getpid()}-{run_name}-{stage}"),
+        work_dir=str(Path(tempfile.gettempdir()) / f"ttpa-train-{os.getpid()}-{run_name}-{out.name}"),
         stage_config=stage_cfg.model_dump(mode="json"),
         deepspeed=load_deepspeed(train.deepspeed, model_path),
         use_gpu=train.use_gpu,
@@ -199,7 +203,7 @@ def run_stage(
             job,
             num_workers=train.num_workers,
             cpus_per_worker=train.cpus_per_worker,
-            run_name=f"{run_name}-{stage}",
+            run_name=f"{run_name}-{out.name}",
             storage_path=storage,
             keep_checkpoints=train.keep_checkpoints,
             max_failures=train.max_failures,
