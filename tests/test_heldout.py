@@ -5,27 +5,42 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from ttpa_ray.esm import ESMWeights
 from ttpa_ray.evaluate import HELDOUT_CATEGORY, Answer, heldout_items, score_answers, summarize
 from ttpa_ray.records import Dialogue, Message, read_parquet, write_parquet
-from ttpa_ray.reverse import split_dialogues
+from ttpa_ray.rundir import SplitMissing, check_not_heldout, split_dialogues, write_split
+
+
+def _two_way(dialogues: list[Dialogue], fraction: float, seed: int) -> tuple[list[Dialogue], list[Dialogue]]:
+    parts = split_dialogues(dialogues, fraction, seed)
+    assert parts["validation"] == []
+    return parts["train"], parts["heldout"]
 
 
 def test_split_is_deterministic_and_keeps_training_data() -> None:
     dialogues = [Dialogue(f"dlg-{i}", f"seed-{i}", (Message("user", "q"),)) for i in range(20)]
-    train, heldout = split_dialogues(dialogues, 0.1, seed=0)
+    train, heldout = _two_way(dialogues, 0.1, seed=0)
     assert len(heldout) == 2 and len(train) == 18
     assert {d.dialogue_id for d in train}.isdisjoint(d.dialogue_id for d in heldout)
-    _, again = split_dialogues(list(reversed(dialogues)), 0.1, seed=0)
+    _, again = _two_way(list(reversed(dialogues)), 0.1, seed=0)
     assert {d.dialogue_id for d in again} == {d.dialogue_id for d in heldout}  # the order does not matter
-    picks = {frozenset(d.dialogue_id for d in split_dialogues(dialogues, 0.1, seed=s)[1]) for s in range(5)}
+    picks = {frozenset(d.dialogue_id for d in _two_way(dialogues, 0.1, seed=s)[1]) for s in range(5)}
     assert len(picks) > 1 and all(len(p) == 2 for p in picks)  # the run's seed draws the held-out set
-    assert split_dialogues(dialogues, 0.0, seed=0) == (dialogues, [])
-    assert split_dialogues(dialogues[:1], 0.5, seed=0) == (
-        dialogues[:1],
-        [],
-    )  # one dialogue: kept for training
-    assert len(split_dialogues(dialogues[:2], 0.9, seed=0)[0]) == 1  # at least one stays for training
+    assert _two_way(dialogues, 0.0, seed=0) == (dialogues, [])
+    assert _two_way(dialogues[:1], 0.5, seed=0) == (dialogues[:1], [])  # one dialogue: kept for training
+    assert len(_two_way(dialogues[:2], 0.9, seed=0)[0]) == 1  # at least one stays for training
+
+
+def test_validation_part_is_disjoint_and_the_heldout_one_does_not_move() -> None:
+    dialogues = [Dialogue(f"dlg-{i}", f"seed-{i}", (Message("user", "q"),)) for i in range(20)]
+    parts = split_dialogues(dialogues, 0.2, 0, validation_fraction=0.15)
+    assert [len(parts[p]) for p in ("train", "validation", "heldout")] == [13, 3, 4]
+    ids = [{d.dialogue_id for d in parts[p]} for p in ("train", "validation", "heldout")]
+    assert sum(len(i) for i in ids) == 20 and len(set().union(*ids)) == 20
+    # adding a validation part takes it from training, never from the held-out dialogues
+    assert ids[2] == {d.dialogue_id for d in split_dialogues(dialogues, 0.2, 0)["heldout"]}
 
 
 def test_heldout_turns_are_scored_against_the_executed_calls(heldout_dialogues_file: Path) -> None:
@@ -61,13 +76,43 @@ def test_heldout_turns_are_scored_against_the_executed_calls(heldout_dialogues_f
 def test_sft_trains_on_the_train_split_not_the_heldout_one(tmp_path: Path) -> None:
     from ttpa_ray.train.run import default_source
 
-    assert default_source("sft", tmp_path) == tmp_path / "reverse"  # before any split exists
+    with pytest.raises(SplitMissing, match=r"dialogues/train\.parquet does not exist"):
+        default_source("sft", tmp_path)  # no split yet: an error, never all of reverse/
     dialogues = [Dialogue(f"dlg-{i}", f"seed-{i}", (Message("user", "q"),)) for i in range(10)]
-    train, heldout = split_dialogues(dialogues, 0.2, seed=0)
-    write_parquet(train, tmp_path / "dialogues" / "train.parquet", Dialogue)
-    write_parquet(heldout, tmp_path / "dialogues" / "heldout.parquet", Dialogue)
+    split = write_split(tmp_path, dialogues, 0.2, 0, validation_fraction=0.1)
     source = default_source("sft", tmp_path)
     assert source == tmp_path / "dialogues" / "train.parquet"
     ids = {d.dialogue_id for d in read_parquet(Dialogue, source)}
-    assert len(ids) == 8 and ids.isdisjoint(d.dialogue_id for d in heldout)
+    kept = {
+        d.dialogue_id for part in ("validation", "heldout") for d in read_parquet(Dialogue, split.paths[part])
+    }
+    assert len(ids) == 7 and len(kept) == 3 and ids.isdisjoint(kept)
     assert default_source("dpo", tmp_path) == tmp_path / "pairs"
+    check_not_heldout(tmp_path, read_parquet(Dialogue, source))  # the train part passes
+    with pytest.raises(ValueError, match="3 of the given dialogues are held out"):
+        check_not_heldout(tmp_path, dialogues)
+
+
+def test_sample_command_refuses_heldout_dialogues_and_evaluated_bfcl_entries(tmp_path: Path) -> None:
+    """`ttpa sample` (and jobs.sample) reads the train part; it refuses held-out input before any engine."""
+    import typer
+    from typer.testing import CliRunner
+
+    from ttpa_ray.tps_cli import sample_command
+
+    app = typer.Typer()
+    app.command()(sample_command)  # the app's one command: invoked without its name
+    dialogues = [Dialogue(f"dlg-{i}", f"seed-{i}", (Message("user", "q"),)) for i in range(10)]
+    write_split(tmp_path / "run", dialogues, 0.2, 0)
+    everything = write_parquet(dialogues, tmp_path / "all.parquet", Dialogue)
+    common = [f"run.run_dir={tmp_path / 'run'}", "model.policy=tiny"]
+    runner = CliRunner()
+    leaked = runner.invoke(app, ["--dialogues", str(everything), *common])
+    assert leaked.exit_code == 2 and "2 of the given dialogues are held out" in leaked.output
+    evaluated = runner.invoke(app, ["--bfcl", "simple_python", *common, "tps.bfcl_offset=0"])
+    assert (
+        evaluated.exit_code == 2
+        and "tps.bfcl_offset (0) must be >= eval.limit_per_category" in evaluated.output
+    )
+    missing = runner.invoke(app, [f"run.run_dir={tmp_path / 'none'}", "model.policy=tiny"])
+    assert missing.exit_code == 2 and "dialogues/train.parquet does not exist" in missing.output

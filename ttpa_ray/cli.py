@@ -157,7 +157,9 @@ def eval_command(
     cfg = load_or_exit(config, overrides)
     pairs = [m.partition("=") for m in model or [f"base={cfg.model.policy}"]]
     if any(not sep or not label for label, sep, _ in pairs):
-        console.print("[red]--model takes LABEL=PATH_OR_HUB_ID, e.g. --model ttpa=runs/local/train/dpo/policy[/red]")
+        console.print(
+            "[red]--model takes LABEL=PATH_OR_HUB_ID, e.g. --model ttpa=runs/local/train/dpo/policy[/red]"
+        )
         raise typer.Exit(2)
     try:
         models = {label: resolve_model(path, key=f"--model {label}") for label, _, path in pairs}

@@ -290,6 +290,8 @@ class EvalConfig(_Section):
     sequence_baseline: bool = True
     # Share of the reversed dialogues held out of TPS and SFT and evaluated (turn by turn) instead.
     heldout_fraction: float = Field(default=0.1, ge=0, lt=1)
+    # Share kept for choosing training settings (bench/alignment.py --tune); never trained on either.
+    validation_fraction: float = Field(default=0.0, ge=0, lt=1)
     # Held-out dialogues to evaluate (a Parquet file of Dialogue records); None: the run's own split,
     # <run_dir>/dialogues/heldout.parquet, when it exists.
     heldout_dialogues: Path | None = None

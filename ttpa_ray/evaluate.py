@@ -30,7 +30,7 @@ from ttpa_ray.codec import ToolCall, parse_any
 from ttpa_ray.config import TTPAConfig
 from ttpa_ray.esm import CATEGORIES, ESMWeights, prepare_reference, prepare_tools, score_calls
 from ttpa_ray.records import Dialogue, RejectedRow, read_parquet, reject, write_parquet
-from ttpa_ray.reverse import split_paths
+from ttpa_ray.rundir import split_path
 from ttpa_ray.tps import turns_from_dialogue
 
 HISTOGRAM_BINS = 10
@@ -367,7 +367,7 @@ def heldout_source(config: TTPAConfig) -> Path | None:
         if not path.is_file():
             raise FileNotFoundError(f"eval.heldout_dialogues: {path} is not a file")
         return path
-    own = split_paths(Path(config.run.run_dir))["heldout"]
+    own = split_path(Path(config.run.run_dir), "heldout")
     return own if own.is_file() else None
 
 

@@ -161,7 +161,8 @@ def show_dialogue(console: Console, dialogue: Dialogue) -> None:
 
 def stage_reverse(ctx: RunContext) -> StageReport:
     """Reversed construction: seeds -> dialogues + rejected rows (Parquet shards + manifest)."""
-    from ttpa_ray.reverse import run_reverse, write_split
+    from ttpa_ray.reverse import read_dialogues, run_reverse
+    from ttpa_ray.rundir import write_split
 
     init_ray(ctx.config)
     out_dir = ctx.run_dir / "reverse"
@@ -172,12 +173,15 @@ def stage_reverse(ctx: RunContext) -> StageReport:
         f"   {report.seeds} seeds -> {report.dialogues} dialogues ({share:.0%}); rejected by reason: "
         f"{dict(sorted(report.reasons.items(), key=lambda kv: -kv[1]))}"
     )
-    split = write_split(out_dir, ctx.run_dir, ctx.config.eval.heldout_fraction, ctx.config.run.seed)
-    if split.train:
+    ev = ctx.config.eval
+    split = write_split(
+        ctx.run_dir, read_dialogues(out_dir), ev.heldout_fraction, ctx.config.run.seed, ev.validation_fraction
+    )
+    if split.counts["train"]:
         show_dialogue(ctx.console, training_dialogues(ctx.run_dir)[0])
     ctx.console.print(
-        f"   {split.train} dialogues for TPS and SFT, {split.heldout} held out for the evaluation"
-        f" ({split.paths['heldout']})"
+        f"   {split.counts['train']} dialogues for TPS and SFT, {split.counts['validation']} for validation,"
+        f" {split.counts['heldout']} held out for the evaluation ({split.paths['heldout']})"
     )
     return StageReport(
         "reverse",
@@ -189,8 +193,9 @@ def stage_reverse(ctx: RunContext) -> StageReport:
             "reasons": report.reasons,
             "generated_tokens": report.generated_tokens,
             "engine_busy_fraction": round(report.busy_fraction, 3),
-            "train_dialogues": split.train,
-            "heldout_dialogues": split.heldout,
+            "train_dialogues": split.counts["train"],
+            "validation_dialogues": split.counts["validation"],
+            "heldout_dialogues": split.counts["heldout"],
         },
     )
 
@@ -243,14 +248,10 @@ def stage_tps(ctx: RunContext) -> StageReport:
 
 
 def training_dialogues(run_dir: Path) -> list[Dialogue]:
-    """The reversed dialogues that are not held out (the reverse stage's split)."""
-    from ttpa_ray.records import read_parquet
-    from ttpa_ray.reverse import split_paths
+    """The reversed dialogues that are neither validation nor held out (the reverse stage's split)."""
+    from ttpa_ray.rundir import read_split
 
-    path = split_paths(run_dir)["train"]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run the reverse stage first")
-    return read_parquet(Dialogue, path)
+    return read_split(run_dir, "train")
 
 
 def count_sampled_inputs(sample_dir: Path) -> int:
@@ -289,7 +290,7 @@ def stage_pairs(ctx: RunContext) -> StageReport:
     return _pairs(ctx, ctx.config, ctx.run_dir / "tps", ctx.run_dir / "pairs", "pairs")
 
 
-def _train(
+def train_policy(
     ctx: RunContext, stage: str, label: str, input_path: Path | None = None, out_dir: Path | None = None
 ) -> StageReport:
     """Train ``stage`` (sft or dpo); the exported policy becomes ``ctx.models[label]``."""
@@ -346,7 +347,7 @@ def stage_sft(ctx: RunContext) -> StageReport:
     if ctx.config.train.dialogues is None and not training_dialogues(ctx.run_dir):
         ctx.console.print("   no reversed dialogue passed the filters: nothing to fine-tune on, skipped")
         return StageReport("sft", 0, 0, 0, notes={"skipped": "no dialogues"})
-    return _train(ctx, "sft", "sft")
+    return train_policy(ctx, "sft", "sft")
 
 
 def stage_dpo(ctx: RunContext) -> StageReport:
@@ -362,7 +363,7 @@ def stage_dpo(ctx: RunContext) -> StageReport:
     if pq.ParquetFile(pairs).metadata.num_rows == 0:
         ctx.console.print("   no preference pair: nothing to align on, skipped")
         return StageReport("dpo", 0, 0, 0, notes={"skipped": "no pairs"})
-    return _train(ctx, "dpo", "ttpa")
+    return train_policy(ctx, "dpo", "ttpa")
 
 
 def stage_sequence(ctx: RunContext) -> StageReport:
@@ -399,7 +400,7 @@ def stage_sequence(ctx: RunContext) -> StageReport:
     if table.num_rows == 0:
         ctx.console.print("   no sequence-level pair: no DPO to run")
         return report
-    trained = _train(
+    trained = train_policy(
         ctx, "dpo", "sequence", input_path=pairs_file, out_dir=ctx.run_dir / "train" / "dpo-sequence"
     )
     report.outputs.update(trained.outputs)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 import re
 import time
@@ -1034,52 +1033,3 @@ def read_dialogues(out_dir: Path) -> list[Dialogue]:
     for shard in manifest["shards"]:
         out.extend(read_parquet(Dialogue, shard["dialogues"]))
     return out
-
-
-# ------------------------------------------------------------------------------------ held-out split
-SPLIT_DIR = "dialogues"  # <run_dir>/dialogues/{train,heldout}.parquet
-
-
-@dataclass
-class SplitReport:
-    """Where the reversed dialogues went: training (TPS and SFT) or held out for the evaluation."""
-
-    train: int
-    heldout: int
-    paths: dict[str, Path]
-
-
-def split_dialogues(
-    dialogues: Sequence[Dialogue], fraction: float, seed: int
-) -> tuple[list[Dialogue], list[Dialogue]]:
-    """(train, held-out): the ``ceil(fraction * n)`` dialogues with the lowest hash of (seed, id).
-
-    Deterministic and independent of the order the dialogues come in; at least one dialogue stays
-    for training. The held-out ones never reach TPS or SFT: the evaluation asks the model their turns.
-    """
-    if fraction <= 0 or len(dialogues) < 2:
-        return list(dialogues), []
-    wanted = min(len(dialogues) - 1, math.ceil(round(fraction * len(dialogues), 9)))
-
-    def rank(dialogue: Dialogue) -> bytes:
-        return hashlib.sha256(f"{seed}/{dialogue.dialogue_id}".encode()).digest()
-
-    heldout_ids = {d.dialogue_id for d in sorted(dialogues, key=rank)[:wanted]}
-    return (
-        [d for d in dialogues if d.dialogue_id not in heldout_ids],
-        [d for d in dialogues if d.dialogue_id in heldout_ids],
-    )
-
-
-def split_paths(run_dir: Path) -> dict[str, Path]:
-    """Where a run's split lives: ``train`` (TPS and SFT read it) and ``heldout`` (the evaluation's)."""
-    return {part: run_dir / SPLIT_DIR / f"{part}.parquet" for part in ("train", "heldout")}
-
-
-def write_split(reverse_dir: Path, run_dir: Path, fraction: float, seed: int) -> SplitReport:
-    """Split a finished reverse run's dialogues into :func:`split_paths`."""
-    train, heldout = split_dialogues(read_dialogues(reverse_dir), fraction, seed)
-    paths = split_paths(run_dir)
-    write_parquet(train, paths["train"], Dialogue)
-    write_parquet(heldout, paths["heldout"], Dialogue)
-    return SplitReport(len(train), len(heldout), paths)

@@ -1,8 +1,10 @@
 """`ttpa sample` and `ttpa pairs`: typer command functions over :mod:`ttpa_ray.tps` and :mod:`ttpa_ray.pairs`.
 
 Register them with ``app.command("sample")(sample_command)`` and ``app.command("pairs")(pairs_command)``.
-They read and write the run dir of the config: ``<run_dir>/reverse/shards`` (dialogues) ->
-``<run_dir>/tps`` (turns, candidates, rejected) -> ``<run_dir>/pairs`` (pairs, scored, rejected).
+They read and write the run dir of the config: the train part of the split
+(``<run_dir>/dialogues/train.parquet``, :mod:`ttpa_ray.rundir`) -> ``<run_dir>/tps`` (turns,
+candidates, rejected) -> ``<run_dir>/pairs`` (pairs, scored, rejected). Held-out dialogues and
+evaluated BFCL entries are refused as input.
 """
 
 from __future__ import annotations
@@ -24,17 +26,21 @@ def sample_command(
     overrides: OverridesArg = None,
     dialogues: Annotated[
         Path | None,
-        typer.Option(help="dialogue Parquet file or folder (default: <run_dir>/reverse/shards)"),
+        typer.Option(help="dialogue Parquet file or folder (default: <run_dir>/dialogues/train.parquet)"),
     ] = None,
     bfcl: Annotated[
         str | None,
-        typer.Option(help="use BFCL entries of this category as dialogues instead (e.g. simple_python)"),
+        typer.Option(
+            help="use BFCL entries of this category instead, from tps.bfcl_offset (never evaluated ones)"
+        ),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="at most this many dialogues")] = None,
 ) -> None:
     """Token-level preference sampling (or the sequence baseline, tps.sampler): dialogues -> candidates."""
+    from ttpa_ray.config import TTPAConfig
     from ttpa_ray.models import ModelNotFoundError, resolve_model
     from ttpa_ray.pipeline import init_ray
+    from ttpa_ray.rundir import check_not_heldout, read_split
     from ttpa_ray.tps import SampleReport, bfcl_dialogues, read_dialogues, run_sample_stage
 
     cfg = load_or_exit(config, overrides)
@@ -42,9 +48,15 @@ def sample_command(
     try:
         model = resolve_model(cfg.model.policy)
         if bfcl:
-            found = bfcl_dialogues(bfcl, limit)
+            # the config's own check refuses entries the evaluation asks (tps.bfcl_offset)
+            tps = {**cfg.tps.model_dump(), "bfcl_category": bfcl, "bfcl_limit": limit or 1_000_000}
+            cfg = TTPAConfig.model_validate({**cfg.model_dump(), "tps": tps})
+            found = bfcl_dialogues(bfcl, limit, start=cfg.tps.bfcl_offset)
+        elif dialogues is not None:
+            found = read_dialogues(dialogues)[:limit]
+            check_not_heldout(run_dir, found)
         else:
-            found = read_dialogues(dialogues or run_dir / "reverse" / "shards")[:limit]
+            found = read_split(run_dir, "train")[:limit]
     except (ModelNotFoundError, FileNotFoundError, ValueError) as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(2) from None

@@ -112,14 +112,16 @@ def stage_dir(train: TrainConfig, run_dir: Path, stage: Stage) -> Path:
 
 
 def default_source(stage: Stage, run_dir: Path) -> Path:
-    """What a stage trains on when nothing is named: the pairs, or the reversed dialogues that are not
-    held out for the evaluation (the reverse stage's split; the whole reverse output before it)."""
-    from ttpa_ray.reverse import split_paths
+    """What a stage trains on when nothing is named: the pairs, or the train part of the reverse
+    stage's split (never its validation or held-out part; no split is an error naming the file)."""
+    from ttpa_ray.rundir import SplitMissing, split_path
 
     if stage == "dpo":
         return run_dir / "pairs"
-    split = split_paths(run_dir)["train"]
-    return split if split.is_file() else run_dir / "reverse"
+    path = split_path(run_dir, "train")
+    if not path.is_file():
+        raise SplitMissing(f"{path} does not exist: run the reverse stage first, or name train.dialogues")
+    return path
 
 
 def run_stage(
