@@ -92,3 +92,34 @@ def test_yaml_round_trip_and_digest() -> None:
 def test_every_shipped_config_validates(path: Path) -> None:
     config = load_config(path)
     assert config.train.deepspeed in {"zero2", "zero3", None}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "train.pairs=/no/such/pairs.parquet",
+            "train.pairs: Value error, /no/such/pairs.parquet does not exist",
+        ),
+        ("train.dialogues=./nope", "train.dialogues: Value error, nope does not exist"),
+        (
+            "eval.heldout_dialogues=/x/h.parquet",
+            "eval.heldout_dialogues: Value error, /x/h.parquet does not exist",
+        ),
+        ("reverse.catalogue=builtin+./tols", "reverse.catalogue: Value error, './tols' is not builtin, bfcl"),
+    ],
+)
+def test_input_paths_must_exist_when_the_config_is_read(override: str, message: str) -> None:
+    """No silent fallback (issue 17): an input the config names that is not there is an error naming it."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(LOCAL, [override])
+
+
+def test_named_catalogues_and_existing_inputs_pass(tmp_path: Path) -> None:
+    (tmp_path / "pairs.parquet").write_bytes(b"")
+    config = load_config(
+        LOCAL,
+        ["reverse.catalogue=builtin+bfcl:GorillaFileSystem", f"train.pairs={tmp_path / 'pairs.parquet'}"],
+    )
+    assert config.reverse.catalogue == "builtin+bfcl:GorillaFileSystem"
+    assert config.train.pairs == tmp_path / "pairs.parquet"

@@ -10,10 +10,10 @@ import hashlib
 import json
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -67,6 +67,24 @@ class ModelConfig(_Section):
         return self.teacher or self.policy
 
 
+def _existing(path: Path | None) -> Path | None:
+    """An input path named in the config must exist when the config is read (no silent fallback)."""
+    if path is not None and not Path(path).exists():
+        raise ValueError(f"{path} does not exist")
+    return path
+
+
+def _check_catalogue(ref: str) -> str:
+    """Each ``+`` part names a catalogue: builtin, bfcl[:Class,...], or an existing folder or JSON file."""
+    if Path(ref).exists():
+        return ref
+    for part in ref.split("+"):
+        known = part in ("builtin", "bfcl") or part.startswith("bfcl:")
+        if not known and not Path(part).exists():
+            raise ValueError(f"{part!r} is not builtin, bfcl[:Class,...] or an existing folder or JSON file")
+    return ref
+
+
 class VLLMConfig(_Section):
     """vLLM replicas hosted by Ray Data actor pools."""
 
@@ -95,7 +113,9 @@ class VLLMConfig(_Section):
 class ReverseConfig(_Section):
     """Reversed dataset construction (DESIGN.md stage 1)."""
 
-    catalogue: str = "builtin"  # "builtin", "bfcl", "bfcl:Class,...", a folder of tool modules, a JSON file
+    catalogue: Annotated[str, AfterValidator(_check_catalogue)] = (
+        "builtin"  # builtin, bfcl, bfcl:Class,..., a folder of tool modules, a JSON file; a+b merges
+    )
     num_seeds: int = Field(default=32, ge=1)
     tool_window: int = Field(default=20, ge=1)  # tools shown to the scene simulation
     info_items: tuple[int, int] = (4, 7)
@@ -223,8 +243,9 @@ class TrainConfig(_Section):
     # A file name in configs/deepspeed ("zero2", "zero3"), a path to a DeepSpeed JSON, or None (plain DDP).
     deepspeed: str | None = "zero2"
     seed: int | None = None  # None: run.seed
-    dialogues: Path | None = None  # None: <run_dir>/reverse (the reversed-construction stage's output)
-    pairs: Path | None = None  # None: <run_dir>/pairs
+    # None: the train part of the run's split (<run_dir>/dialogues/train.parquet)
+    dialogues: Annotated[Path | None, AfterValidator(_existing)] = None
+    pairs: Annotated[Path | None, AfterValidator(_existing)] = None  # None: <run_dir>/pairs
     output_dir: Path | None = None  # None: <run_dir>/train
     storage_path: str | None = None  # Ray Train storage (local path or cloud URI); None: <output_dir>/ray
     save_steps: int = Field(default=50, ge=1)
@@ -294,7 +315,7 @@ class EvalConfig(_Section):
     validation_fraction: float = Field(default=0.0, ge=0, lt=1)
     # Held-out dialogues to evaluate (a Parquet file of Dialogue records); None: the run's own split,
     # <run_dir>/dialogues/heldout.parquet, when it exists.
-    heldout_dialogues: Path | None = None
+    heldout_dialogues: Annotated[Path | None, AfterValidator(_existing)] = None
 
 
 class TTPAConfig(_Section):
