@@ -37,8 +37,9 @@ def test_make_tiny_model_is_reproducible(tmp_path: Path, tiny_model_dir: Path) -
 def test_doctor_reports_versions_and_vllm() -> None:
     result = runner.invoke(app, ["doctor", "--no-ray"])
     assert result.exit_code == 0, result.output
-    for name in ("vllm", "ray", "trl", "deepspeed", "bfcl-eval", "transformers models"):
+    for name in ("vllm", "ray", "trl", "deepspeed", "bfcl-eval", "transformers models", "tool sandbox"):
         assert name in result.output
+    assert "isolated: no network" in result.output or "not enforced here" in result.output
 
 
 def test_run_with_missing_model_folder_fails_cleanly(tmp_path: Path) -> None:

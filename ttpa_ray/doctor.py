@@ -99,9 +99,21 @@ def check_ray(timeout: float = 120.0) -> Check:
     return Check("ray", False, f"a local cluster failed: {last}")
 
 
+def check_sandbox() -> Check:
+    """Whether tool workers get their own network and mount namespaces and a process cap here."""
+    from ttpa_ray.tools.sandbox import SandboxConfig, SandboxPool
+
+    with SandboxPool(SandboxConfig(workers=1)) as pool:
+        pool.warm()
+        missing = pool.not_enforced
+    if not missing:
+        return Check("tool sandbox", True, "isolated: no network, read-only but scratch, process cap")
+    return Check("tool sandbox", False, "not enforced here: " + "; ".join(missing))
+
+
 def run_checks(*, ray: bool = True) -> list[Check]:
     """All checks; ``ray=False`` skips starting a cluster (a few seconds)."""
-    checks = check_versions() + check_hardware() + [check_transformers(), check_vllm()]
+    checks = check_versions() + check_hardware() + [check_transformers(), check_vllm(), check_sandbox()]
     if ray:
         checks.append(check_ray())
     return checks

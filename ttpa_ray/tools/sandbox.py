@@ -11,10 +11,14 @@ pool only adds the guards:
   tool that allocates more than that gets ``MemoryError`` there (relative, because what a worker maps
   at start-up depends on the caller: a worker re-imports the caller's main script, which inside a Ray
   actor means Ray itself);
-- no network by default: the worker's ``socket.socket``, ``socket.create_connection`` and
-  ``socket.getaddrinfo`` raise ``PermissionError("network disabled for tools")``. This is a GUARD
-  against tools that reach out by accident, not a security boundary: ctypes, a subprocess or an
-  already-open descriptor get around it. Run untrusted tools in a container without a network.
+- isolation (``tools/isolation.py``): each worker lives in its own network namespace (no interface
+  up: no connection leaves it, from ``socket``, a subprocess or ctypes) and mount namespace (every
+  mount read-only but the worker's scratch folder, its working directory), in its own process
+  group, with a cap on its processes (``max_processes``: RLIMIT_NPROC, or a pids cgroup for root);
+  whatever a call started is killed when it returns. Where the machine refuses namespaces, the pool
+  says once what is not enforced and keeps the guard below;
+- the network guard, kept under the namespace: ``socket.socket``, ``socket.create_connection`` and
+  ``socket.getaddrinfo`` raise ``PermissionError("network disabled for tools")``;
 - stdout and stderr of a tool are captured per call into a bounded buffer (and the worker's fd 1 goes
   to /dev/null), so a tool printing megabytes neither floods the caller's terminal nor touches the
   pipe that carries requests and replies.
@@ -48,9 +52,11 @@ import itertools
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -83,6 +89,8 @@ class SandboxConfig:
     timeout_s: float = 10.0
     memory_mb: int | None = 2048  # address space a call may add to the idle worker's; None: no cap
     allow_network: bool = False
+    isolate: bool = True  # own network and mount namespaces, read-only filesystem (tools/isolation.py)
+    max_processes: int | None = 128  # tasks a worker and everything it starts may have at once
     max_response_chars: int = DEFAULT_MAX_RESPONSE_CHARS
     start_method: Literal["forkserver", "spawn"] = "forkserver"
     startup_timeout_s: float = 60.0
@@ -442,6 +450,8 @@ class _WorkerSettings:
     memory_mb: int | None
     allow_network: bool
     preload: tuple[ModuleRef, ...]
+    isolate: bool = True
+    max_processes: int | None = None
 
 
 def _install_network_guard() -> None:
@@ -482,19 +492,48 @@ def _set_memory_cap(memory_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
 
 
-def _worker_main(conn: Connection, settings: _WorkerSettings) -> None:
+def _end_descendants() -> None:
+    """Kill whatever a call left running (a tool's subprocesses, forks): a call leaves nothing behind."""
+    me = os.getpid()
+    try:
+        with open(f"/proc/{me}/task/{me}/children", encoding="ascii") as handle:
+            if not handle.read().strip():
+                return
+    except OSError:
+        pass
+    import psutil
+
+    children = psutil.Process(me).children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(children, timeout=5)  # reaps the direct children: no zombie stays behind
+
+
+def _worker_main(conn: Connection, settings: _WorkerSettings, scratch: str) -> None:
     """Entry point of a worker process: serve requests until the pipe closes."""
+    from ttpa_ray.tools import isolation
+
     # Ctrl-C in the terminal reaches the whole process group; the caller decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.setpgrp()  # a group of its own: killing the worker takes whatever its tools started with it
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)  # output below Python (C code, subprocesses) never reaches the caller's stdout
     host = ToolHost(settings.max_response_chars, settings.memory_mb)
     host.preload(settings.preload)
+    missing: list[str] = []
+    cgroup = None
+    if settings.max_processes is not None:
+        cgroup, not_capped = isolation.cap_processes(settings.max_processes)
+        missing += [not_capped] if not_capped else []
+    if settings.isolate:
+        missing += isolation.isolate(scratch, network=settings.allow_network)
     if not settings.allow_network:
-        _install_network_guard()
+        _install_network_guard()  # kept under the namespace: the same message for a refused socket
     if settings.memory_mb is not None:
         _set_memory_cap(settings.memory_mb)
-    conn.send(("ready", os.getpid()))
+    me = os.getpid()
+    conn.send(("ready", me, missing, cgroup))
     while True:
         try:
             message = conn.recv()
@@ -503,6 +542,9 @@ def _worker_main(conn: Connection, settings: _WorkerSettings) -> None:
         if message is None:
             break
         reply = host.handle(message)
+        if os.getpid() != me:  # a process the tool forked came back here: it must never answer
+            os._exit(0)
+        _end_descendants()
         try:
             conn.send(reply)
         except (BrokenPipeError, OSError):
@@ -515,7 +557,12 @@ class _Worker:
     generation: int
     process: Any  # multiprocessing.process.BaseProcess (the context's Process class)
     conn: Connection
+    scratch: str
     ready: bool = False
+    cgroup: str | None = None
+
+
+_reported_missing: set[str] = set()  # what isolation could not enforce, said once per process
 
 
 class _Failure(Exception):
@@ -548,6 +595,8 @@ class SandboxPool:
             memory_mb=self.config.memory_mb,
             allow_network=self.config.allow_network,
             preload=tuple(preload),
+            isolate=self.config.isolate,
+            max_processes=self.config.max_processes,
         )
         watch_this_process()  # the workers (and whatever a tool started) die with the pool's host
         self._ctx = multiprocessing.get_context(self.config.start_method)
@@ -561,28 +610,38 @@ class SandboxPool:
         self._sessions_per_slot = [0] * self.config.workers
         self._workers = [self._start_worker(slot) for slot in range(self.config.workers)]
         self.replaced = 0  # workers killed or found dead and replaced (for tests and logs)
+        self.not_enforced: list[str] = []  # what the last worker to start could not isolate
 
     # -- worker lifecycle -------------------------------------------------------------------------
 
     def _start_worker(self, slot: int) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        scratch = tempfile.mkdtemp(prefix=f"ttpa-tool-{slot}-")  # the one folder its tools may write
         process = self._ctx.Process(  # type: ignore[attr-defined]
             target=_worker_main,
-            args=(child_conn, self._settings),
+            args=(child_conn, self._settings, scratch),
             name=f"ttpa-tool-worker-{slot}",
             daemon=True,
         )
         process.start()
         # The parent's copy of the child end must go, or a dead worker would never read as EOF.
         child_conn.close()
-        return _Worker(slot=slot, generation=next(self._generations), process=process, conn=parent_conn)
+        return _Worker(
+            slot=slot, generation=next(self._generations), process=process, conn=parent_conn, scratch=scratch
+        )
 
     def _stop_worker(self, worker: _Worker, kill: bool) -> None:
+        from ttpa_ray.tools.isolation import remove_cgroup
+
         if kill and worker.process.is_alive():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(worker.process.pid, signal.SIGKILL)  # the worker and what its tools started
             worker.process.kill()
         worker.process.join(timeout=5)
         with contextlib.suppress(OSError):
             worker.conn.close()
+        remove_cgroup(worker.cgroup)
+        shutil.rmtree(worker.scratch, ignore_errors=True)
 
     def _replace(self, slot: int, kill: bool) -> None:
         self._stop_worker(self._workers[slot], kill=kill)
@@ -597,13 +656,18 @@ class SandboxPool:
             self._replace(slot, kill=True)
             raise _Failure(f"tool worker did not start within {self.config.startup_timeout_s} s")
         try:
-            worker.conn.recv()
+            _ready, _pid, missing, worker.cgroup = worker.conn.recv()
         except (EOFError, OSError) as exc:
             worker.process.join(timeout=5)
             code = _exit_description(worker.process.exitcode)
             self._replace(slot, kill=True)
             raise _Failure(f"tool worker failed to start ({code})") from exc
         worker.ready = True
+        self.not_enforced = list(missing)
+        for item in missing:
+            if item not in _reported_missing:
+                _reported_missing.add(item)
+                logger.warning("tool sandbox: %s", item)
 
     def _checkout(self, slot: int) -> None:
         """Make the slot's worker usable: replace it if it died while idle, wait until it is ready."""
