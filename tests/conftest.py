@@ -22,6 +22,28 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
+def engine_cores() -> set[tuple[int, float]]:
+    """(pid, start time) of every vLLM engine-core process on this machine."""
+    found = set()
+    for process in psutil.process_iter(["cmdline", "create_time"]):
+        if " ".join(process.info["cmdline"] or []).startswith("VLLM::EngineCore"):
+            found.add((process.pid, process.info["create_time"]))
+    return found
+
+
+def kill_new_engine_core(before: set[tuple[int, float]], timeout_s: float = 120) -> int:
+    """SIGKILL the first engine core that was not running ``before``; its pid."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        new = engine_cores() - before
+        if new:
+            pid = sorted(new)[0][0]
+            os.kill(pid, 9)
+            return pid
+        time.sleep(0.2)
+    raise AssertionError(f"no new vLLM engine core appeared within {timeout_s} s")
+
+
 def session_processes() -> list[psutil.Process]:
     """Live processes started by this session (by its mark), except this one and its own watchdog."""
     me, mark = os.getpid(), os.environ[SESSION_MARK]

@@ -129,3 +129,45 @@ def test_replica_crash_loses_and_duplicates_nothing(
     assert marker.exists()  # the replica really died once
     ids = [r["row_id"] for r in out]
     assert sorted(ids) == sorted(r["row_id"] for r in rows)  # every row, each exactly once
+
+
+@pytest.mark.slow
+def test_killed_engine_core_mid_stage_loses_and_duplicates_nothing(ray_cluster, tiny_model_dir: Path) -> None:
+    """SIGKILL to a replica's engine core while the evaluation's generation runs (issue 17): the replica
+    ends, Ray restarts it and retries its batch; every row comes back once, none as an error."""
+    import ray
+    from conftest import engine_cores, kill_new_engine_core
+
+    config = load_config(
+        None,
+        [
+            f"model.policy={tiny_model_dir}",
+            "vllm.batch_size=2",
+            "vllm.gpu_memory_utilization=0.1",
+            "model.dtype=float32",
+        ],
+    )
+    rows = [
+        {
+            "row_id": f"r{i}",
+            "messages": json.dumps([{"role": "user", "content": f"question {i}"}]),
+            "tools": "[]",
+            "json_schema": "",
+            "max_tokens": 48,
+            "temperature": 0.0,
+            "seed": i,
+        }
+        for i in range(16)
+    ]
+    before = engine_cores()
+    ds = generate_dataset(ray.data.from_items(rows, override_num_blocks=8), str(tiny_model_dir), config)
+    out, killed = [], None
+    for row in ds.iter_rows():
+        out.append(row)
+        if killed is None:  # the replica is serving: kill its engine core under it
+            killed = kill_new_engine_core(before)
+    assert killed is not None
+    ids = [r["row_id"] for r in out]
+    assert sorted(ids) == sorted(r["row_id"] for r in rows)  # every row, each exactly once
+    assert not [r for r in out if r["finish_reason"].startswith("error")]
+    assert all(r["completion_token_ids"] for r in out)

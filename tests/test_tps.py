@@ -226,3 +226,45 @@ def test_sample_and_pairs_commands_on_ray(ray_cluster: Any, tiny_model_dir: Any,
     assert all(p.chosen_score > p.rejected_score for p in pairs)
     missing = runner.invoke(app, ["pairs", f"run.run_dir={tmp_path / 'nowhere'}"])
     assert missing.exit_code == 2 and "run `ttpa sample` first" in missing.output
+
+
+@pytest.mark.slow
+def test_killed_engine_core_mid_tps_loses_and_duplicates_nothing(
+    ray_cluster: Any, tiny_model_dir: Any, tmp_path: Any
+) -> None:
+    """SIGKILL to a replica's engine core in the middle of TPS (issue 17): every turn ends once, as
+    candidates or a rejected row, and no turn is lost to the dead engine."""
+    import pyarrow.parquet as pq
+    from conftest import engine_cores, kill_new_engine_core
+
+    from ttpa_ray.config import load_config
+    from ttpa_ray.records import RejectedRow, read_parquet
+    from ttpa_ray.tps import run_sample_stage
+
+    dialogues = [two_step_dialogue(f"hand/{i}") for i in range(4)] + bfcl_dialogues("simple_python", 8)
+    config = load_config(
+        None,
+        [
+            f"model.policy={tiny_model_dir}",
+            "model.dtype=float32",
+            "vllm.gpu_memory_utilization=0.1",
+            "vllm.batch_size=2",
+            "tps.top_k=2",
+            "tps.max_branches=2",
+            "tps.max_tokens=16",
+        ],
+    )
+    before, killed = engine_cores(), []
+
+    def progress(report: Any) -> None:
+        if not killed and report.turns_sampled < report.turns:
+            killed.append(kill_new_engine_core(before))
+
+    report = run_sample_stage(config, str(tiny_model_dir), dialogues, tmp_path / "tps", progress)
+    assert killed, "the engine was never killed mid-stage"
+    turns = pq.read_table(tmp_path / "tps" / "turns.parquet").column("turn_id").to_pylist()
+    sampled = pq.read_table(tmp_path / "tps" / "candidates.parquet").column("turn_id").to_pylist()
+    rejected = [r.input_id for r in read_parquet(RejectedRow, tmp_path / "tps" / "rejected.parquet")]
+    assert len(turns) == report.turns == 16 and len(set(turns)) == 16
+    assert set(sampled) | set(rejected) == set(turns) and not set(sampled) & set(rejected)
+    assert len(rejected) == len(set(rejected))

@@ -6,12 +6,13 @@ vLLM's CPU build here and the CUDA build on a cluster: only the engine arguments
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -308,6 +309,18 @@ class Completion:
     finish_reason: str | None
 
 
+ENGINE_DEAD_EXIT_CODE = 75  # a replica process ending because its engine core died
+
+
+def _in_ray_actor() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:
+        return False
+
+
 class Engine:
     """A vLLM ``LLM`` with the project's prompt rendering; construct once per process (start-up ~20 s)."""
 
@@ -325,6 +338,22 @@ class Engine:
         self.tokenizer = self.llm.get_tokenizer()
         self.encoder = SegmentEncoder(self.tokenizer)
         remember_schema_checks()
+        self.in_actor = _in_ray_actor()
+
+    @contextlib.contextmanager
+    def _alive(self) -> Iterator[None]:
+        """A replica whose engine core died can never answer again: its actor ends, so that Ray
+        restarts it and retries its batch (max_restarts / max_task_retries) instead of the batch's
+        rows failing one by one. Outside an actor the error is the caller's."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        try:
+            yield
+        except EngineDeadError:
+            if not self.in_actor:
+                raise
+            log.error("vLLM engine core died: ending this replica so that Ray restarts it")
+            os._exit(ENGINE_DEAD_EXIT_CODE)
 
     def render_text(
         self,
@@ -393,7 +422,8 @@ class Engine:
         from vllm.inputs import TokensPrompt
 
         inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        with self._alive():
+            outputs = self.llm.generate(inputs, params, use_tqdm=False)
         return [
             Completion(
                 text=o.outputs[0].text,
@@ -417,12 +447,15 @@ class Engine:
         params.output_kind = RequestOutputKind.FINAL_ONLY  # only finished requests come back
         # One decode of the finished ids (in poll) instead of vLLM's per-token incremental detokenizer.
         params.detokenize = False
-        self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt)), params)
+        with self._alive():
+            self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt)), params)
 
     def poll(self) -> list[tuple[str, Completion]]:
         """Run one engine step; the requests that finished in it, as (request id, completion)."""
         finished = []
-        for output in self.llm.llm_engine.step():
+        with self._alive():
+            outputs = self.llm.llm_engine.step()
+        for output in outputs:
             if output.finished:
                 first = output.outputs[0]  # type: ignore[index]  # a generate request's output
                 finished.append(
