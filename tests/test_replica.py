@@ -91,6 +91,22 @@ class DyingOnceReplica(VLLMReplica):
         return super().__call__(batch)
 
 
+def _question_rows(n: int, *, max_tokens: int) -> list[dict[str, object]]:
+    """``n`` prompt rows without tools, greedy."""
+    return [
+        {
+            "row_id": f"r{i}",
+            "messages": json.dumps([{"role": "user", "content": f"question {i}"}]),
+            "tools": "[]",
+            "json_schema": "",
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "seed": i,
+        }
+        for i in range(n)
+    ]
+
+
 @pytest.mark.slow
 def test_replica_crash_loses_and_duplicates_nothing(
     ray_cluster, tiny_model_dir: Path, tmp_path: Path
@@ -112,18 +128,7 @@ def test_replica_crash_loses_and_duplicates_nothing(
             "model.dtype=float32",
         ],
     )
-    rows = [
-        {
-            "row_id": f"r{i}",
-            "messages": json.dumps([{"role": "user", "content": f"question {i}"}]),
-            "tools": "[]",
-            "json_schema": "",
-            "max_tokens": 4,
-            "temperature": 0.0,
-            "seed": i,
-        }
-        for i in range(12)
-    ]
+    rows = _question_rows(12, max_tokens=4)
     ds = ray.data.from_items(rows, override_num_blocks=4)
     out = generate_dataset(ds, str(tiny_model_dir), config, replica_cls=DyingOnceReplica).take_all()
     assert marker.exists()  # the replica really died once
@@ -147,18 +152,7 @@ def test_killed_engine_core_mid_stage_loses_and_duplicates_nothing(ray_cluster, 
             "model.dtype=float32",
         ],
     )
-    rows = [
-        {
-            "row_id": f"r{i}",
-            "messages": json.dumps([{"role": "user", "content": f"question {i}"}]),
-            "tools": "[]",
-            "json_schema": "",
-            "max_tokens": 48,
-            "temperature": 0.0,
-            "seed": i,
-        }
-        for i in range(16)
-    ]
+    rows = _question_rows(16, max_tokens=48)
     before = engine_cores()
     ds = generate_dataset(ray.data.from_items(rows, override_num_blocks=8), str(tiny_model_dir), config)
     out, killed = [], None

@@ -294,15 +294,7 @@ BfclCategory = Literal[
 class EvalConfig(_Section):
     """Evaluation on BFCL v4's AST categories (DESIGN.md stage 5)."""
 
-    categories: list[BfclCategory] = [
-        "simple_python",
-        "multiple",
-        "parallel",
-        "parallel_multiple",
-        "live_simple",
-        "live_multiple",
-        "irrelevance",
-    ]
+    categories: list[BfclCategory] = Field(default_factory=lambda: list(typing.get_args(BfclCategory)))
     limit_per_category: int | None = Field(default=None, ge=1)  # None: every entry
     max_tokens: int = Field(default=256, ge=16)
     bootstrap_samples: int = Field(default=1000, ge=100)  # resamplings of the questions per interval
