@@ -108,12 +108,14 @@ class RecordError(ValueError):
         problem: str,
         row_id: str | None = None,
         row_index: int | None = None,
+        source: str | None = None,
     ) -> None:
         self.record = record
         self.field = field
         self.problem = problem
         self.row_id = row_id
         self.row_index = row_index
+        self.source = source
         if row_id is not None:
             where = f" row {row_id!r}"
         elif row_index is not None:
@@ -121,11 +123,13 @@ class RecordError(ValueError):
         else:
             where = ""
         what = f" field {field!r}" if field is not None else ""
-        super().__init__(f"{record}{where}{what}: {problem}")
+        origin = f"{source}: " if source else ""
+        super().__init__(f"{origin}{record}{where}{what}: {problem}")
 
-    def at_index(self, row_index: int) -> RecordError:
-        """The same error, located by row index (for rows whose id could not be read)."""
-        return type(self)(self.record, self.field, self.problem, self.row_id, row_index)
+    def located(self, source: str, row_index: int | None = None) -> RecordError:
+        """The same error, naming the file it came from (and the row index when the id is unknown)."""
+        index = row_index if self.row_id is None else self.row_index
+        return type(self)(self.record, self.field, self.problem, self.row_id, index, source)
 
 
 class SchemaMismatchError(RecordError):
@@ -1099,7 +1103,7 @@ def from_table(cls: type[R], table: pa.Table, source: str = "table") -> list[R]:
         try:
             out.append(cls.from_row(row))
         except RecordError as exc:
-            raise (exc.at_index(index) if exc.row_id is None else exc) from None
+            raise exc.located(source, index) from None
     return out
 
 
