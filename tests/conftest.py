@@ -22,13 +22,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
-def engine_cores() -> set[tuple[int, float]]:
-    """(pid, start time) of every vLLM engine-core process on this machine."""
+def vllm_processes(prefix: str = "VLLM") -> set[tuple[int, float]]:
+    """(pid, start time) of the vLLM processes on this machine (engine cores and their workers)."""
     found = set()
     for process in psutil.process_iter(["cmdline", "create_time"]):
-        if " ".join(process.info["cmdline"] or []).startswith("VLLM::EngineCore"):
+        if " ".join(process.info["cmdline"] or []).startswith(prefix):
             found.add((process.pid, process.info["create_time"]))
     return found
+
+
+def engine_cores() -> set[tuple[int, float]]:
+    """(pid, start time) of every vLLM engine-core process on this machine."""
+    return vllm_processes("VLLM::EngineCore")
 
 
 def kill_new_engine_core(before: set[tuple[int, float]], timeout_s: float = 120) -> int:

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from ttpa_ray.codec import ToolCall
@@ -385,14 +384,43 @@ def test_stage_counts_and_determinism(ray_cluster, tiny_model_dir: Path, tmp_pat
     assert outputs[0] == outputs[1]  # same seed and config, same dialogues and rejections
 
 
-def _engine_processes() -> set[tuple[int, float]]:
-    """(pid, start time) of the vLLM engine-core and worker processes on this machine."""
-    found = set()
-    for process in psutil.process_iter(["name", "cmdline", "create_time"]):
-        words = " ".join(process.info["cmdline"] or [process.info["name"] or ""])
-        if words.startswith("VLLM"):
-            found.add((process.pid, process.info["create_time"]))
-    return found
+@pytest.mark.slow
+def test_killed_engine_core_mid_reverse_loses_and_duplicates_nothing(
+    ray_cluster, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """SIGKILL to the replica's engine core once a first shard is done (issue 17): the replica ends,
+    Ray restarts it and retries its shards; every seed ends once, as a dialogue or a rejected row."""
+    from conftest import engine_cores, kill_new_engine_core
+
+    config = load_config(
+        ROOT / "configs" / "local.yaml",
+        [
+            f"run.run_dir={tmp_path / 'run'}",
+            f"model.policy={tiny_model_dir}",
+            "reverse.num_seeds=16",
+            "reverse.shard_size=2",
+            "reverse.max_concurrent_dialogues=2",
+            "reverse.max_tokens=256",
+            "vllm.gpu_memory_utilization=0.1",
+        ],
+    )
+    before, killed = engine_cores(), []
+
+    def on_shard(_done: dict, _totals: dict, _n: int) -> None:
+        if not killed:
+            killed.append(kill_new_engine_core(before))
+
+    out_dir = tmp_path / "run" / "reverse"
+    report = run_reverse(config, str(tiny_model_dir), out_dir, on_shard)
+    assert killed
+    assert report.seeds == 16 == report.dialogues + report.rejected
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 8
+    ids = []
+    for shard in manifest["shards"]:
+        ids += [r.input_id for r in read_parquet(RejectedRow, shard["rejected"])]
+        ids += [d.seed_id for d in read_parquet(Dialogue, shard["dialogues"])]
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 16
 
 
 @pytest.mark.slow
@@ -400,11 +428,12 @@ def test_killed_job_resumes_without_loss_or_duplicates(
     ray_cluster, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     import ray
+    from conftest import vllm_processes
 
     config = _config(tmp_path, tiny_model_dir, "crash", seeds=32)
     out_dir = tmp_path / "crash" / "reverse"
     address = ray.get_runtime_context().gcs_address
-    engines_before = _engine_processes()
+    engines_before = vllm_processes()
     job = subprocess.Popen(
         [
             sys.executable,
@@ -432,11 +461,11 @@ def test_killed_job_resumes_without_loss_or_duplicates(
     while not any(markers.glob("*.done.json")) and time.time() < deadline and job.poll() is None:
         time.sleep(0.05)
     assert job.poll() is None, "the job ended before it could be killed half way"
-    assert _engine_processes() - engines_before, "the job's replicas run no vLLM engine process"
+    assert vllm_processes() - engines_before, "the job's replicas run no vLLM engine process"
     os.killpg(job.pid, signal.SIGKILL)  # kill the job half way, as soon as a first shard is written
     job.wait()
     deadline = time.time() + 60  # the engines the job's replicas ran die with them (issue 21)
-    while (orphans := _engine_processes() - engines_before) and time.time() < deadline:
+    while (orphans := vllm_processes() - engines_before) and time.time() < deadline:
         time.sleep(0.5)
     assert not orphans, f"vLLM processes of the killed job still running: {sorted(orphans)}"
     finished_before = sorted(p.name for p in markers.glob("*.done.json"))
