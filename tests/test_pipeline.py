@@ -19,26 +19,65 @@ LOCAL = Path(__file__).parent.parent / "configs" / "local.yaml"
 def test_local_pipeline_small(
     ray_cluster, tiny_model_dir: Path, tmp_path: Path, heldout_dialogues_file: Path
 ) -> None:
+    """The job killed (SIGKILL) after its reverse stage, then run again: the finished stages are
+    skipped, the others run, and every count adds up (issue 17)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+    from conftest import vllm_processes
+
     # The random tiny teacher's dialogues never pass the filters, so the run's own held-out split is
     # empty: the evaluation is pointed at two dialogues of really executed built-in calls instead.
-    config = load_config(
-        LOCAL,
-        [
-            f"run.run_dir={tmp_path / 'run'}",
-            f"model.policy={tiny_model_dir}",
-            "eval.categories=[simple_python, parallel]",
-            "eval.limit_per_category=3",
-            "eval.max_tokens=96",
-            "reverse.num_seeds=4",
-            "reverse.shard_size=4",
-            "tps.bfcl_limit=6",
-            "train.dpo.max_steps=4",
-            "train.save_steps=2",
-            f"eval.heldout_dialogues={heldout_dialogues_file}",
-        ],
+    overrides = [
+        f"run.run_dir={tmp_path / 'run'}",
+        f"model.policy={tiny_model_dir}",
+        "eval.categories=[simple_python, parallel]",
+        "eval.limit_per_category=3",
+        "eval.max_tokens=96",
+        "reverse.num_seeds=4",
+        "reverse.shard_size=4",
+        "tps.bfcl_limit=6",
+        "train.dpo.max_steps=4",
+        "train.save_steps=2",
+        f"eval.heldout_dialogues={heldout_dialogues_file}",
+    ]
+    before = vllm_processes()
+    address = ray.get_runtime_context().gcs_address
+    job = subprocess.Popen(
+        [sys.executable, "-m", "jobs.pipeline", "--config", str(LOCAL), *overrides, f"ray.address={address}"],
+        cwd=LOCAL.parent.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
+    summary_file = tmp_path / "run" / "pipeline.json"
+    deadline = time.time() + 600
+
+    def finished() -> list[str]:
+        if not summary_file.is_file():
+            return []
+        return [s["name"] for s in json.loads(summary_file.read_text())["stages_run"]]
+
+    while "reverse" not in finished() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.1)
+    assert job.poll() is None, "the job ended before it could be killed"
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    killed_after = finished()
+    assert killed_after[:2] == ["prepare-models", "reverse"] and "evaluate" not in killed_after
+    while vllm_processes() - before and time.time() < deadline:
+        time.sleep(0.5)  # the killed job's replicas go with it
+
+    config = load_config(LOCAL, overrides)
     console = Console(record=True, width=120)
     reports = run_pipeline(config, console)
+    shown = console.export_text()
+    for number, name in enumerate(killed_after, start=1):
+        assert f"[{number}/{len(STAGES)}] {name}: done by an earlier run, skipped" in shown
     stages = [name for name, _, _ in STAGES]
     assert [r.name for r in reports] == stages
     for report in reports:
@@ -84,8 +123,7 @@ def test_local_pipeline_small(
     markdown = (run_dir / "eval" / "report.md").read_text()
     assert "| base | all | 10 | 0 |" in markdown and "| ttpa | all | 10 | 0 |" in markdown
     assert (run_dir / "train" / "dpo" / "policy" / "config.json").exists()
-    shown = console.export_text()
-    assert f"[{len(stages)}/{len(stages)}] evaluate" in shown and "report:" in shown
+    assert f"[{len(stages)}/{len(stages)}] evaluate: ESM" in shown and "report:" in shown
 
 
 def test_evaluation_rejects_entries_with_unusable_ground_truth() -> None:

@@ -336,9 +336,9 @@ class TTPAConfig(_Section):
                 )
         return self
 
-    def digest(self) -> str:
-        """A short hash of the resolved config, recorded in provenance."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+    def digest(self, without: tuple[str, ...] = ()) -> str:
+        """A short hash of the resolved config (less the ``without`` sections), recorded in provenance."""
+        text = json.dumps(self.model_dump(mode="json", exclude=set(without)), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:

@@ -475,28 +475,64 @@ STAGES: list[tuple[str, str, StageFn]] = [
 ]
 
 
+# Where a run runs (which Ray cluster) does not change what it computes: a run resumed elsewhere resumes.
+RUN_PLACE = ("ray",)
+
+
 def _write_summary(run_dir: Path, config: TTPAConfig, reports: list[StageReport]) -> None:
     summary = {
         "config_digest": config.digest(),
+        "resume_digest": config.digest(without=RUN_PLACE),
         "stages_run": [asdict(r) for r in reports],
         "stages_pending": [name for name, _, _ in STAGES[len(reports) :]],
     }
     (run_dir / "pipeline.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
 
+# Which model a finished stage's output is, for the stages after it (a resumed run restores them).
+STAGE_MODELS = {"sft": "sft", "dpo": "ttpa", "sequence": "sequence"}
+
+
+def finished_stages(run_dir: Path, config: TTPAConfig) -> list[StageReport]:
+    """The stages a previous run of this same config finished (``pipeline.json``), in order."""
+    path = run_dir / "pipeline.json"
+    if not path.is_file():
+        return []
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    if summary.get("resume_digest") != config.digest(without=RUN_PLACE):
+        return []  # another config: nothing of that run is this run's
+    return [StageReport(**report) for report in summary.get("stages_run", [])]
+
+
 def run_pipeline(config: TTPAConfig, console: Console | None = None) -> list[StageReport]:
-    """Run every stage in order and write ``pipeline.json`` to the run dir."""
+    """Run every stage in order and write ``pipeline.json`` to the run dir.
+
+    A run of the same config that stopped part way (killed, failed) is resumed: the stages it
+    finished are skipped, the others run (reverse also skips its finished shards, training resumes
+    from its last checkpoint)."""
     console = console or Console()
     run_dir = Path(config.run.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
     ctx = RunContext(config=config, run_dir=run_dir, console=console)
+    done = {report.name: report for report in finished_stages(run_dir, config)}
 
     console.print(f"[bold]ttpa run[/bold] {config.run.name} -> {run_dir}")
     console.print("stages: " + " -> ".join(name for name, _, _ in STAGES))
 
     reports: list[StageReport] = []
     for number, (name, description, fn) in enumerate(STAGES, start=1):
+        if name in done and len(reports) == list(done).index(name):
+            report = done[name]
+            console.print(
+                f"[bold cyan]>> [{number}/{len(STAGES)}] {name}[/bold cyan]: done by an earlier run, skipped"
+            )
+            if name == "prepare-models":
+                ctx.models.update(report.outputs)
+            elif name in STAGE_MODELS and "policy" in report.outputs:
+                ctx.models[STAGE_MODELS[name]] = report.outputs["policy"]
+            reports.append(report)
+            continue
         console.print(f"[bold cyan]>> [{number}/{len(STAGES)}] {name}[/bold cyan]: {description}")
         start = time.perf_counter()
         report = fn(ctx)
