@@ -75,9 +75,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # them now so that what is left to find is only what nobody would have stopped.
     multiprocessing.forkserver._forkserver._stop()  # type: ignore[attr-defined]
     multiprocessing.resource_tracker._resource_tracker._stop()  # type: ignore[attr-defined]
+    from ttpa_ray.reaper import remove_unused_shm
+
     deadline = time.time() + 20  # what is ending (Ray's workers, engines, watchdogs) gets to finish
     while (left := session_processes()) and time.time() < deadline:
         time.sleep(0.5)
+    removed = remove_unused_shm(min_age_s=0.0)  # /dev/shm is RAM: what the killed processes left there
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if removed and reporter is not None:
+        reporter.write_line(f"removed {len(removed)} unused shared-memory segments from /dev/shm")
     if not left:
         return
     lines = []
@@ -89,7 +95,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         except psutil.NoSuchProcess:
             continue
     if lines:
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         message = "processes started by the test session still running at its end (now killed):"
         if reporter is not None:
             reporter.write_line(message, red=True)

@@ -127,3 +127,35 @@ def test_session_end_check_fails_a_run_that_leaves_a_process_behind(tmp_path: Pa
     assert "sleep 613" in result.stdout
     leaked = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "613"]]
     assert not [p for p in leaked if _alive(p.pid)]
+
+
+def test_unused_shared_memory_is_removed_and_memory_in_use_is_kept() -> None:
+    """A segment whose creator was SIGKILLed stays in /dev/shm (RAM) until removed; one in use stays."""
+    from multiprocessing import shared_memory
+
+    from ttpa_ray.reaper import remove_unused_shm
+
+    held = shared_memory.SharedMemory(create=True, size=1 << 20)
+    creator = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from multiprocessing import shared_memory\n"
+            "m = shared_memory.SharedMemory(create=True, size=1 << 20)\n"
+            "print(m.name, flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert creator.stdout is not None
+    orphan = creator.stdout.readline().strip()
+    creator.kill()  # SIGKILL: no chance to unlink it (its resource tracker dies with it)
+    creator.wait()
+    try:
+        assert Path("/dev/shm", orphan).exists()
+        removed = remove_unused_shm(min_age_s=0.0)
+        assert orphan in removed and not Path("/dev/shm", orphan).exists()
+        assert held.name not in removed and Path("/dev/shm", held.name).exists()
+    finally:
+        held.close()
+        held.unlink()

@@ -105,7 +105,10 @@ def run_command(config: ConfigOption = None, overrides: OverridesArg = None) -> 
             run_pipeline(cfg, terminal)
             import ray
 
+            from ttpa_ray.reaper import remove_unused_shm
+
             ray.shutdown()  # while output still goes to the log: replicas print teardown noise as they end
+            remove_unused_shm()  # shared memory its engines and trainers left in /dev/shm
         except (ModelNotFoundError, ClusterUnreachable) as err:
             terminal.print(f"[red]{err}[/red]")
             raise typer.Exit(2) from None

@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,18 @@ def default_source(stage: Stage, run_dir: Path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _shm_cleaned() -> Iterator[None]:
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm outlive every run (2 x 69 MB each): remove the
+    unused ones once training ends, however it ends."""
+    from ttpa_ray.reaper import remove_unused_shm
+
+    try:
+        yield
+    finally:
+        remove_unused_shm()
+
+
 def run_stage(
     stage: Stage,
     train: TrainConfig,
@@ -200,7 +212,7 @@ def run_stage(
         progress_file=str(progress_file.resolve()),
     )
     watcher = JsonLinesWatcher(progress_file, progress) if progress else contextlib.nullcontext()
-    with watcher:
+    with watcher, _shm_cleaned():
         result = run_torch_trainer(
             job,
             num_workers=train.num_workers,
