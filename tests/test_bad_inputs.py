@@ -38,11 +38,11 @@ def test_a_parquet_file_with_a_missing_or_mistyped_column_names_file_record_and_
     )
 
 
-def test_sample_on_a_broken_dialogue_file_is_one_line(bad_files: dict[str, Path], tmp_path: Path) -> None:
-    result = runner.invoke(
-        app,
-        ["sample", "--dialogues", str(bad_files["missing"]), f"run.run_dir={tmp_path}", "model.policy=tiny"],
-    )
+def test_sample_on_a_broken_dialogue_file_is_one_line(
+    bad_files: dict[str, Path], tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    overrides = [f"run.run_dir={tmp_path}", f"model.policy={tiny_model_dir}"]
+    result = runner.invoke(app, ["sample", "--dialogues", str(bad_files["missing"]), *overrides])
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if str(bad_files["missing"]) in line]
     assert lines == [f"{bad_files['missing']}: Dialogue row 'd-1' field 'messages': is missing"]

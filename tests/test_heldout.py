@@ -93,7 +93,9 @@ def test_sft_trains_on_the_train_split_not_the_heldout_one(tmp_path: Path) -> No
         check_not_heldout(tmp_path, dialogues)
 
 
-def test_sample_command_refuses_heldout_dialogues_and_evaluated_bfcl_entries(tmp_path: Path) -> None:
+def test_sample_command_refuses_heldout_dialogues_and_evaluated_bfcl_entries(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
     """`ttpa sample` (and jobs.sample) reads the train part; it refuses held-out input before any engine."""
     import typer
     from typer.testing import CliRunner
@@ -105,7 +107,7 @@ def test_sample_command_refuses_heldout_dialogues_and_evaluated_bfcl_entries(tmp
     dialogues = [Dialogue(f"dlg-{i}", f"seed-{i}", (Message("user", "q"),)) for i in range(10)]
     write_split(tmp_path / "run", dialogues, 0.2, 0)
     everything = write_parquet(dialogues, tmp_path / "all.parquet", Dialogue)
-    common = [f"run.run_dir={tmp_path / 'run'}", "model.policy=tiny"]
+    common = [f"run.run_dir={tmp_path / 'run'}", f"model.policy={tiny_model_dir}"]
     runner = CliRunner()
     leaked = runner.invoke(app, ["--dialogues", str(everything), *common])
     assert leaked.exit_code == 2 and "2 of the given dialogues are held out" in leaked.output
@@ -114,5 +116,5 @@ def test_sample_command_refuses_heldout_dialogues_and_evaluated_bfcl_entries(tmp
         evaluated.exit_code == 2
         and "tps.bfcl_offset (0) must be >= eval.limit_per_category" in evaluated.output
     )
-    missing = runner.invoke(app, [f"run.run_dir={tmp_path / 'none'}", "model.policy=tiny"])
+    missing = runner.invoke(app, [f"run.run_dir={tmp_path / 'none'}", f"model.policy={tiny_model_dir}"])
     assert missing.exit_code == 2 and "dialogues/train.parquet does not exist" in missing.output
