@@ -241,7 +241,7 @@ def test_killed_engine_core_mid_tps_loses_and_duplicates_nothing(
     from ttpa_ray.records import RejectedRow, read_parquet
     from ttpa_ray.tps import run_sample_stage
 
-    dialogues = [two_step_dialogue(f"hand/{i}") for i in range(4)] + bfcl_dialogues("simple_python", 8)
+    dialogues = [two_step_dialogue(f"hand/{i}") for i in range(8)] + bfcl_dialogues("simple_python", 24)
     config = load_config(
         None,
         [
@@ -251,7 +251,7 @@ def test_killed_engine_core_mid_tps_loses_and_duplicates_nothing(
             "vllm.batch_size=2",
             "tps.top_k=2",
             "tps.max_branches=2",
-            "tps.max_tokens=16",
+            "tps.max_tokens=32",
         ],
     )
     before, killed = engine_cores(), []
@@ -265,6 +265,6 @@ def test_killed_engine_core_mid_tps_loses_and_duplicates_nothing(
     turns = pq.read_table(tmp_path / "tps" / "turns.parquet").column("turn_id").to_pylist()
     sampled = pq.read_table(tmp_path / "tps" / "candidates.parquet").column("turn_id").to_pylist()
     rejected = [r.input_id for r in read_parquet(RejectedRow, tmp_path / "tps" / "rejected.parquet")]
-    assert len(turns) == report.turns == 16 and len(set(turns)) == 16
+    assert len(turns) == report.turns == 40 and len(set(turns)) == 40
     assert set(sampled) | set(rejected) == set(turns) and not set(sampled) & set(rejected)
     assert len(rejected) == len(set(rejected))

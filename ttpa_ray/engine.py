@@ -339,9 +339,45 @@ class Engine:
         self.encoder = SegmentEncoder(self.tokenizer)
         remember_schema_checks()
         self.in_actor = _in_ray_actor()
+        self._closing = False
+        self._watch_engine_core()
+
+    def _watch_engine_core(self) -> None:
+        """Turn the engine core's death into an :class:`EngineDeadError` for the caller.
+
+        vLLM's client notices a dead core on the next request, but a request in flight when the core
+        is SIGKILLed waits for its output forever; a thread that sees the core go hands that wait
+        the error instead."""
+        import threading
+        import time
+
+        import psutil
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        me = psutil.Process()
+        cores = [c for c in me.children() if " ".join(c.cmdline()).startswith("VLLM::EngineCore")]
+        client = getattr(self.llm.llm_engine, "engine_core", None)
+        outputs = getattr(client, "outputs_queue", None)
+        if not cores or outputs is None:
+            return  # an in-process core, or a client without the queue: nothing to watch
+        core = cores[0]
+
+        def watch() -> None:
+            while True:
+                try:
+                    if core.status() == psutil.STATUS_ZOMBIE:
+                        break
+                except psutil.NoSuchProcess:
+                    break
+                time.sleep(0.5)
+            if not self._closing:
+                log.error("vLLM engine core %s died", core.pid)
+                outputs.put_nowait(EngineDeadError())
+
+        threading.Thread(target=watch, name="engine-core-watch", daemon=True).start()
 
     @contextlib.contextmanager
-    def _alive(self) -> Iterator[None]:
+    def alive(self) -> Iterator[None]:
         """A replica whose engine core died can never answer again: its actor ends, so that Ray
         restarts it and retries its batch (max_restarts / max_task_retries) instead of the batch's
         rows failing one by one. Outside an actor the error is the caller's."""
@@ -422,7 +458,7 @@ class Engine:
         from vllm.inputs import TokensPrompt
 
         inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-        with self._alive():
+        with self.alive():
             outputs = self.llm.generate(inputs, params, use_tqdm=False)
         return [
             Completion(
@@ -447,13 +483,13 @@ class Engine:
         params.output_kind = RequestOutputKind.FINAL_ONLY  # only finished requests come back
         # One decode of the finished ids (in poll) instead of vLLM's per-token incremental detokenizer.
         params.detokenize = False
-        with self._alive():
+        with self.alive():
             self.llm.llm_engine.add_request(request_id, TokensPrompt(prompt_token_ids=list(prompt)), params)
 
     def poll(self) -> list[tuple[str, Completion]]:
         """Run one engine step; the requests that finished in it, as (request id, completion)."""
         finished = []
-        with self._alive():
+        with self.alive():
             outputs = self.llm.llm_engine.step()
         for output in outputs:
             if output.finished:
@@ -476,6 +512,7 @@ class Engine:
 
     def close(self) -> None:
         """Stop the engine's background process now rather than at interpreter exit."""
+        self._closing = True
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()

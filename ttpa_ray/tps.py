@@ -300,7 +300,8 @@ def _generate(engine: Engine, prompts: Sequence[Sequence[int]], params: Sequence
     if not prompts:
         return []
     inputs = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-    return list(engine.llm.generate(inputs, list(params), use_tqdm=False))
+    with engine.alive():
+        return list(engine.llm.generate(inputs, list(params), use_tqdm=False))
 
 
 def _completion_text(engine: Engine, ids: Sequence[int]) -> str:
