@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from ttpa_ray.config import StageConfig
-from ttpa_ray.records import Dialogue, Message, RejectedRow, read_parquet, reject, write_parquet
+from ttpa_ray.records import Dialogue, Message, RejectedRow, read_parquet
+from ttpa_ray.rundir import write_split
 from ttpa_ray.train.data import bfcl_preference_pairs, chat_token_counter, check_dialogues
 
 
@@ -59,12 +60,8 @@ def test_jobs_train_sft_on_ray_with_zero2(ray_cluster: Any, tiny_model_dir: Path
     run_dir = tmp_path / "run"
     good = _dialogues(12)
     bad = Dialogue("d-empty", "seed", (Message("user", "hello?"),), good[0].tools)  # no assistant turn
-    write_parquet([*good, bad], run_dir / "reverse" / "shard-0.dialogues.parquet")
-    # a stage's own rejected rows sit beside its output and are not training input
-    write_parquet(
-        [reject("x", "reverse", "no_successful_call", "", {})],
-        run_dir / "reverse" / "shard-0.rejected.parquet",
-    )
+    # SFT reads the train part of the run's split (ttpa_ray/rundir.py), never the reverse shards
+    write_split(run_dir, [*good, bad], 0.0, 0)
     config = yaml.safe_load(Path("configs/local.yaml").read_text(encoding="utf-8"))
     config["run"]["run_dir"] = str(run_dir)
     config["model"]["policy"] = str(tiny_model_dir)

@@ -82,7 +82,9 @@ def reap(pid: int, grace_s: float = GRACE_S, poll_s: float = POLL_S) -> list[int
 
 
 SHM_DIR = "/dev/shm"
-SHM_PREFIXES = ("deepspeed_allreduce_buffer_", "psm_", "sem.mp-")  # DeepSpeed, shared_memory, semaphores
+# DeepSpeed's all-reduce buffers and shared_memory segments (the big ones). Not multiprocessing's
+# named semaphores (sem.mp-*): tiny, and a live process may unlink its own at exit.
+SHM_PREFIXES = ("deepspeed_allreduce_buffer_", "psm_")
 
 
 def _shm_in_use() -> set[str]:
