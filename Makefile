@@ -20,7 +20,7 @@ test: setup lint
 lint: setup
 	.venv/bin/ruff check ttpa_ray jobs tests bench
 	.venv/bin/ruff format --check ttpa_ray jobs tests bench
-	.venv/bin/mypy ttpa_ray
+	.venv/bin/mypy --show-traceback ttpa_ray
 
 format: setup
 	.venv/bin/ruff check --fix ttpa_ray jobs tests bench
