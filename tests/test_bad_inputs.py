@@ -12,7 +12,15 @@ import pytest
 from typer.testing import CliRunner
 
 from ttpa_ray.cli import app
-from ttpa_ray.records import Dialogue, RecordError, read_parquet
+from ttpa_ray.codec import ToolCall
+from ttpa_ray.config import load_config
+from ttpa_ray.esm import ESMWeights
+from ttpa_ray.evaluate import HELDOUT_CATEGORY, Answer, EvalItem, score_answers
+from ttpa_ray.records import Dialogue, Message, RecordError, ToolSpec, conversation_problem, read_parquet
+from ttpa_ray.reverse import ReverseBuilder, make_seeds
+from ttpa_ray.tools.registry import ToolRegistry, load_catalogue
+from ttpa_ray.tps import turns_from_dialogues
+from ttpa_ray.train.data import check_dialogues
 
 runner = CliRunner()
 
@@ -72,3 +80,110 @@ def test_a_catalogue_without_one_usable_tool_stops_reverse_with_one_line(
     if kind == "all_broken":
         assert "first" in line
     assert "Traceback" not in result.output
+
+
+def _messages(*spec: tuple[str, ...]) -> tuple[Message, ...]:
+    """Messages from (role, content-or-call-name[, id]) tuples; an assistant 'call:<name>' calls."""
+    out = []
+    for role, text, *ids in spec:
+        if role == "assistant" and text.startswith("call:"):
+            out.append(Message(role, None, (ToolCall(text[5:], {}),), tool_call_ids=tuple(ids)))
+        elif role == "tool":
+            out.append(Message(role, text, tool_call_id=ids[0] if ids else None, name=text))
+        else:
+            out.append(Message(role, text))
+    return tuple(out)
+
+
+VALID = _messages(("system", "s"), ("user", "q"), ("assistant", "call:f", "c1"), ("tool", "f", "c1"))
+BROKEN = {
+    "system_later": (
+        _messages(("user", "q"), ("system", "s")),
+        "message 1 (system): a system message may only come first",
+    ),
+    "starts_with_assistant": (
+        _messages(("assistant", "hi"), ("user", "q")),
+        "message 0 (assistant): the conversation must start with a user message",
+    ),
+    "tool_without_call": (
+        _messages(("user", "q"), ("tool", "f")),
+        "message 1 (tool): answers no open tool call",
+    ),
+    "wrong_call_id": (
+        _messages(("user", "q"), ("assistant", "call:f", "c1"), ("tool", "f", "c9")),
+        "message 2 (tool): tool_call_id 'c9' is not one of ['c1']",
+    ),
+    "unanswered_call": (
+        _messages(("user", "q"), ("assistant", "call:f", "c1"), ("user", "again")),
+        "message 2 (user): ['f'] of the assistant before it have no tool response",
+    ),
+    "no_user": (_messages(("system", "s")), "no user message"),
+}
+
+
+def test_conversation_rules() -> None:
+    assert conversation_problem(VALID) is None
+    assert conversation_problem(VALID[:3]) is None  # a conversation may stop at a call (BFCL turns)
+    assert conversation_problem((*VALID, Message("assistant", "answer"))) is None
+    for name, (messages, problem) in BROKEN.items():
+        assert conversation_problem(messages) == problem, name
+
+
+def _dialogue(dialogue_id: str, messages: tuple[Message, ...]) -> Dialogue:
+    tools = (ToolSpec("f", "a tool", {"type": "object", "properties": {}}, source="test"),)
+    return Dialogue(dialogue_id, dialogue_id, messages, tools)
+
+
+def test_an_invalid_conversation_is_a_rejected_row_in_tps_and_sft() -> None:
+    dialogues = [_dialogue("ok", (*VALID, Message("assistant", "done")))]
+    dialogues += [_dialogue(name, messages) for name, (messages, _) in BROKEN.items()]
+    turns, rejected = turns_from_dialogues(dialogues)
+    assert [t.dialogue_id for t in turns] == ["ok"]
+    assert {(r.input_id, r.reason, r.detail) for r in rejected} == {
+        (name, "invalid_conversation", problem) for name, (_, problem) in BROKEN.items()
+    }
+    checked = check_dialogues([d.to_row() for d in dialogues], lambda messages, tools: 10, max_length=100)
+    assert checked.table.column("dialogue_id").to_pylist() == ["ok"]
+    assert {(r.input_id, r.reason, r.detail) for r in checked.rejected} == {
+        (name, "invalid_conversation", problem) for name, (_, problem) in BROKEN.items()
+    }
+
+
+def test_an_answer_whose_prompt_did_not_fit_is_rejected_not_scored() -> None:
+    item = EvalItem("h/0", HELDOUT_CATEGORY, [{"role": "user", "content": "q"}], [], reference=())
+    answers = {"h/0": Answer("", "prompt_too_long: 5000 prompt tokens, vllm.max_model_len 4096")}
+    results, rejected = score_answers([item], answers, ESMWeights())
+    assert results == []
+    assert [(r.input_id, r.reason, r.detail) for r in rejected] == [
+        ("h/0", "prompt_too_long", "5000 prompt tokens, vllm.max_model_len 4096")
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduling", ["continuous", "lockstep"])
+def test_a_reverse_prompt_longer_than_max_model_len_rejects_its_seed(
+    vllm_engine: Any, tmp_path: Path, scheduling: str
+) -> None:
+    """Tools whose descriptions alone exceed the engine's 4096 tokens: each seed ends prompt_too_long
+    (vLLM would refuse the request and fail the whole shard)."""
+    folder = tmp_path / "tools"
+    folder.mkdir()
+    wordy = " ".join(f"word{i}" for i in range(2500))
+    source = ""
+    for name in ("first", "second"):
+        source += (
+            f'def {name}(x: int) -> int:\n    """\n    {wordy}\n\n    Args:\n        x: A number.\n    """\n'
+        )
+        source += "    return x\n\n\n"
+    (folder / "wordy.py").write_text(source)
+    config = load_config(
+        None, ["reverse.num_seeds=3", f"reverse.catalogue={folder}", f"reverse.scheduling={scheduling}"]
+    )
+    catalogue = load_catalogue(config.reverse.catalogue)
+    seeds = make_seeds(catalogue, config.reverse, 0)
+    with ToolRegistry(catalogue) as registry:
+        dialogues, rejected = ReverseBuilder(vllm_engine, registry, config.reverse).run(seeds)
+    assert dialogues == []
+    assert sorted(r.input_id for r in rejected) == sorted(s.seed_id for s in seeds)
+    assert {r.reason for r in rejected} == {"prompt_too_long"}
+    assert all("vllm.max_model_len 4096" in r.detail for r in rejected)

@@ -59,8 +59,15 @@ def test_generate_dataset_returns_each_row_once(ray_cluster, tiny_model_dir: Pat
         }
         for i in range(10)
     ]
+    too_long = " ".join(f"word{i}" for i in range(3000))  # over max_model_len 4096: vLLM would refuse it
+    long_messages = json.dumps([{"role": "user", "content": too_long}])
+    rows.append({**rows[1], "row_id": "long", "messages": long_messages})
     out = generate_dataset(ray.data.from_items(rows), str(tiny_model_dir), config).take_all()
     assert sorted(r["row_id"] for r in out) == sorted(r["row_id"] for r in rows)
+    (long,) = [r for r in out if r["row_id"] == "long"]
+    assert long["finish_reason"].startswith("prompt_too_long: ") and long["prompt_tokens"] >= 4096
+    assert long["completion"] == "" and long["completion_token_ids"] == []
+    out.remove(long)
     for row in out:
         assert row["prompt_tokens"] > 50 and len(row["completion_token_ids"]) > 0
         if row["json_schema"]:

@@ -336,6 +336,10 @@ class Engine:
         self.max_num_seqs = vllm.max_num_seqs  # requests the engine runs at once
         self.llm = LLM(**engine_kwargs(model, vllm, dtype=dtype, seed=seed))
         self.tokenizer = self.llm.get_tokenizer()
+        # prompt + completion tokens a request may hold (vllm.max_model_len, as the engine resolved it)
+        self.max_model_len = int(
+            getattr(self.llm.llm_engine.model_config, "max_model_len", vllm.max_model_len)
+        )
         self.encoder = SegmentEncoder(self.tokenizer)
         remember_schema_checks()
         self.in_actor = _in_ray_actor()
@@ -390,6 +394,12 @@ class Engine:
                 raise
             log.error("vLLM engine core died: ending this replica so that Ray restarts it")
             os._exit(ENGINE_DEAD_EXIT_CODE)
+
+    def prompt_too_long(self, prompt: Sequence[int]) -> str | None:
+        """Why a prompt cannot be generated from (no room left under ``vllm.max_model_len``), else None."""
+        if len(prompt) < self.max_model_len:
+            return None
+        return f"{len(prompt)} prompt tokens, vllm.max_model_len {self.max_model_len}"
 
     def render_text(
         self,

@@ -30,6 +30,7 @@ from ttpa_ray.codec import ToolCall, parse_any
 from ttpa_ray.config import TTPAConfig
 from ttpa_ray.esm import CATEGORIES, ESMWeights, prepare_reference, prepare_tools, score_calls
 from ttpa_ray.records import Dialogue, RejectedRow, read_parquet, reject, write_parquet
+from ttpa_ray.replica import PROMPT_TOO_LONG
 from ttpa_ray.rundir import split_path
 from ttpa_ray.tps import turns_from_dialogue
 
@@ -175,6 +176,10 @@ def score_answers(
         except ValueError as err:
             reason = "invalid_ground_truth" if item.entry is not None else "invalid_reference"
             rejected.append(reject(item.id, "evaluate", reason, str(err), {"completion": answer.text}))
+            continue
+        if answer.finish_reason.startswith(PROMPT_TOO_LONG):  # nothing was asked: not the model's error
+            detail = answer.finish_reason.partition(": ")[2]
+            rejected.append(reject(item.id, "evaluate", PROMPT_TOO_LONG, detail, {"category": item.category}))
             continue
         if answer.infra_error:
             results.append(EntryResult(item.id, item.category, "", 0.0, [], False, answer.finish_reason))

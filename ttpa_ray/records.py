@@ -628,6 +628,48 @@ class Message:
         return cls(msg.role, msg.content, msg.tool_calls, msg.tool_call_id, msg.name, msg.tool_call_ids)
 
 
+def conversation_problem(messages: Sequence[Message]) -> str | None:
+    """What makes ``messages`` not a valid chat conversation, or None.
+
+    Valid: a system message only first; then a user message; every tool message answers a call of
+    the assistant message it follows (by id when ids are set, else by name), and every call is
+    answered before the next user or assistant message (a conversation may stop at a call).
+    """
+    open_calls: list[ToolCall] = []
+    open_ids: list[str] = []
+    seen_user = False
+    for i, message in enumerate(messages):
+        where = f"message {i} ({message.role})"
+        if message.role == "system":
+            if i:
+                return f"{where}: a system message may only come first"
+            continue
+        if not seen_user and message.role != "user":
+            return f"{where}: the conversation must start with a user message"
+        if message.role == "tool":
+            if not open_calls:
+                return f"{where}: answers no open tool call"
+            if open_ids:
+                if message.tool_call_id not in open_ids:
+                    return f"{where}: tool_call_id {message.tool_call_id!r} is not one of {open_ids}"
+                open_calls.pop(open_ids.index(message.tool_call_id))
+                open_ids.remove(message.tool_call_id)
+                continue
+            names = [c.name for c in open_calls]
+            if message.name is not None and message.name not in names:
+                return f"{where}: {message.name!r} is not one of the open calls {names}"
+            open_calls.pop(names.index(message.name) if message.name is not None else 0)
+            continue
+        if open_calls:
+            return f"{where}: {[c.name for c in open_calls]} of the assistant before it have no tool response"
+        seen_user = seen_user or message.role == "user"
+        if message.role == "assistant":
+            open_calls, open_ids = list(message.tool_calls), list(message.tool_call_ids)
+    if not seen_user:
+        return "no user message"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Dialogue:
     """A reversed-synthesis dialogue: system, user question, assistant calls + tool responses, answer."""

@@ -9,7 +9,8 @@ so every row comes out exactly once.
 Prompt rows (columns): ``row_id`` (str), ``messages`` (JSON text of chat messages), ``tools`` (JSON text of
 OpenAI tool specs, may be "[]"), ``json_schema`` (JSON text or ""), ``max_tokens`` (int),
 ``temperature`` (float), ``seed`` (int). Output rows keep these and add ``completion``,
-``completion_token_ids``, ``finish_reason`` and ``prompt_tokens``.
+``completion_token_ids``, ``finish_reason`` and ``prompt_tokens``. A prompt that leaves no room under
+``vllm.max_model_len`` is not sent: its row's finish_reason is ``prompt_too_long: <why>``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import pyarrow as pa
 from ttpa_ray.config import TTPAConfig, VLLMConfig
 from ttpa_ray.engine import Completion, Engine, has_cuda
 
+# The finish_reason of a row whose prompt leaves no room under vllm.max_model_len (nothing generated).
+PROMPT_TOO_LONG = "prompt_too_long"
 PROMPT_COLUMNS = ("row_id", "messages", "tools", "json_schema", "max_tokens", "temperature", "seed")
 
 
@@ -48,7 +51,13 @@ class VLLMReplica:
                     json_schema=schema,
                 )
             )
-        completions = self._generate(prompts, params)
+        too_long = {i: why for i, p in enumerate(prompts) if (why := self.engine.prompt_too_long(p))}
+        fitting = [i for i in range(len(prompts)) if i not in too_long]
+        generated = iter(self._generate([prompts[i] for i in fitting], [params[i] for i in fitting]))
+        completions = [
+            Completion("", [], f"{PROMPT_TOO_LONG}: {too_long[i]}") if i in too_long else next(generated)
+            for i in range(len(prompts))
+        ]
         return (
             batch.append_column("completion", pa.array([c.text for c in completions], pa.string()))
             .append_column(

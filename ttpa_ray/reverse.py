@@ -660,6 +660,16 @@ class ReverseBuilder:
         self._record(state)
         return True
 
+    def _fits(self, state: DialogueState, session: Any, prompt: list[int]) -> bool:
+        """Whether the step's prompt fits the engine; if not, the seed ends rejected (prompt_too_long)."""
+        why = self.engine.prompt_too_long(prompt)
+        if why is None:
+            return True
+        self._reject(state, "prompt_too_long", f"step {state.step} ({state.phase}): {why}")
+        session.close()
+        self._record(state)
+        return False
+
     def _record(self, state: DialogueState) -> None:
         result = state.result
         assert result is not None, "a dialogue ends with a record"
@@ -673,6 +683,8 @@ class ReverseBuilder:
         def submit(state: DialogueState, session: Any) -> None:
             request_id = f"{state.seed.seed_id}/{state.step}"
             prompt, params = self._request(state)
+            if not self._fits(state, session, prompt):
+                return
             in_flight[request_id] = (state, session)
             self.engine.submit(request_id, prompt, params)
             self.requests += 1
@@ -698,6 +710,14 @@ class ReverseBuilder:
             if not active:
                 return
             requests = [self._request(state) for state, _ in active]
+            fits = [
+                self._fits(state, session, p)
+                for (state, session), (p, _) in zip(active, requests, strict=True)
+            ]
+            active = [a for a, ok in zip(active, fits, strict=True) if ok]
+            requests = [r for r, ok in zip(requests, fits, strict=True) if ok]
+            if not active:
+                continue
             start = time.perf_counter()
             completions = self.engine.generate([p for p, _ in requests], [q for _, q in requests])
             self.requests += len(requests)

@@ -43,6 +43,7 @@ from ttpa_ray.records import (
     RejectedRow,
     Turn,
     batch_from_rows,
+    conversation_problem,
     reject,
     rows_from_batch,
 )
@@ -104,7 +105,8 @@ def turns_from_dialogue(dialogue: Dialogue) -> list[Turn]:
 
 
 def turns_from_dialogues(dialogues: Iterable[Dialogue]) -> tuple[list[Turn], list[RejectedRow]]:
-    """Turns of all dialogues; a dialogue that is not ``ok`` or has no tool-call turn is a rejected row."""
+    """Turns of all dialogues; a dialogue that is not ``ok``, is not a valid conversation
+    (:func:`~ttpa_ray.records.conversation_problem`) or has no tool-call turn is a rejected row."""
     turns: list[Turn] = []
     rejected: list[RejectedRow] = []
     for dialogue in dialogues:
@@ -114,6 +116,10 @@ def turns_from_dialogues(dialogues: Iterable[Dialogue]) -> tuple[list[Turn], lis
                     dialogue.dialogue_id, STAGE, "dialogue_not_ok", f"status {dialogue.status!r}", dialogue
                 )
             )
+            continue
+        problem = conversation_problem(dialogue.messages)
+        if problem is not None:
+            rejected.append(reject(dialogue.dialogue_id, STAGE, "invalid_conversation", problem, dialogue))
             continue
         found = turns_from_dialogue(dialogue)
         if not found:
@@ -340,7 +346,7 @@ class _BaseSampler:
         self.engine = engine
         self.config = config
         self.seed = seed
-        self.max_model_len = int(getattr(engine.llm.llm_engine.model_config, "max_model_len", 1 << 30))
+        self.max_model_len = engine.max_model_len
 
     def _finish(
         self,

@@ -2,10 +2,11 @@
 
 Every input row ends either in the training table or as a :class:`RejectedRow` with a reason
 (``invalid_record``, ``empty_chosen``, ``empty_rejected``, ``chosen_equals_rejected``, ``too_long``,
-``no_messages``, ``no_assistant_turn``), so a bad row never reaches the trainer and never crashes an
-epoch. The training tables keep TRL's conversational formats (``prompt``/``chosen``/``rejected`` or
-``messages``, plus a per-row ``tools``) as Arrow JSON columns, which ``datasets`` decodes to dicts,
-and a ``sample_index`` column so that the data order of a run can be recorded.
+``no_messages``, ``invalid_conversation``, ``no_assistant_turn``), so a bad row never reaches the
+trainer and never crashes an epoch. The training tables keep TRL's conversational formats
+(``prompt``/``chosen``/``rejected`` or ``messages``, plus a per-row ``tools``) as Arrow JSON columns,
+which ``datasets`` decodes to dicts, and a ``sample_index`` column so that the data order of a run
+can be recorded.
 
 :func:`bfcl_preference_pairs` builds honest pairs from BFCL ground truth (chosen = the ground-truth
 call, rejected = a systematically mutated call) for tests and the benchmark.
@@ -31,6 +32,7 @@ from ttpa_ray.records import (
     RecordError,
     RejectedRow,
     ToolSpec,
+    conversation_problem,
     reject,
     write_parquet,
 )
@@ -215,6 +217,10 @@ def check_dialogues(
             continue
         if not dialogue.messages:
             rejected.append(reject(dialogue_id, STAGE_NAME, "no_messages", "dialogue is empty", dict(row)))
+            continue
+        problem = conversation_problem(dialogue.messages)
+        if problem is not None:
+            rejected.append(reject(dialogue_id, STAGE_NAME, "invalid_conversation", problem, dict(row)))
             continue
         if not any(m.role == "assistant" and not _message_is_empty(m) for m in dialogue.messages):
             detail = "nothing to learn: no assistant turn"
