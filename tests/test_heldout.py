@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ttpa_ray.config import load_config
 from ttpa_ray.esm import ESMWeights
 from ttpa_ray.evaluate import HELDOUT_CATEGORY, Answer, heldout_items, score_answers, summarize
 from ttpa_ray.records import Dialogue, Message, read_parquet, write_parquet
@@ -93,6 +94,19 @@ def test_sft_trains_on_the_train_split_not_the_heldout_one(tmp_path: Path) -> No
         check_not_heldout(tmp_path, dialogues)
 
 
+def test_evaluated_bfcl_entries_are_trained_on_only_when_the_config_says_so() -> None:
+    common = ["tps.bfcl_limit=10", "tps.bfcl_category=simple_python", "eval.limit_per_category=6"]
+    with pytest.raises(ValueError) as refused:
+        load_config(None, [*common, "tps.bfcl_offset=2"])
+    assert "simple_python entries [2, 6) would be trained on" in str(refused.value)
+    assert "raise tps.bfcl_offset to 6, or set tps.allow_evaluated_bfcl=true" in str(refused.value)
+    assert load_config(None, [*common, "tps.bfcl_offset=6"]).tps.bfcl_offset == 6  # no overlap
+    allowed = load_config(None, [*common, "tps.bfcl_offset=2", "tps.allow_evaluated_bfcl=true"])
+    assert allowed.tps.allow_evaluated_bfcl
+    not_evaluated = load_config(None, [*common, "tps.bfcl_offset=0", "eval.categories=[multiple]"])
+    assert not_evaluated.tps.bfcl_offset == 0
+
+
 def test_sample_command_refuses_heldout_dialogues_and_evaluated_bfcl_entries(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
@@ -112,9 +126,11 @@ def test_sample_command_refuses_heldout_dialogues_and_evaluated_bfcl_entries(
     leaked = runner.invoke(app, ["--dialogues", str(everything), *common])
     assert leaked.exit_code == 2 and "2 of the given dialogues are held out" in leaked.output
     evaluated = runner.invoke(app, ["--bfcl", "simple_python", *common, "tps.bfcl_offset=0"])
+    assert evaluated.exit_code == 2
     assert (
-        evaluated.exit_code == 2
-        and "tps.bfcl_offset (0) must be >= eval.limit_per_category" in evaluated.output
+        "simple_python entries [0, 1000000) would be trained on (tps.bfcl_offset 0, tps.bfcl_limit "
+        "1000000) and evaluated (eval.limit_per_category None): set eval.limit_per_category, or set "
+        "tps.allow_evaluated_bfcl=true to train on them anyway" in " ".join(evaluated.output.split())
     )
     missing = runner.invoke(app, [f"run.run_dir={tmp_path / 'none'}", f"model.policy={tiny_model_dir}"])
     assert missing.exit_code == 2 and "dialogues/train.parquet does not exist" in missing.output

@@ -199,6 +199,9 @@ class TPSConfig(_Section):
     bfcl_category: str = "simple_python"
     bfcl_offset: int = Field(default=200, ge=0)
     bfcl_limit: int = Field(default=0, ge=0)
+    # Train on BFCL entries the evaluation also asks (refused unless true; their results are then not
+    # held out).
+    allow_evaluated_bfcl: bool = False
 
 
 # Where the shipped DeepSpeed configs live; a bare name like "zero2" means configs/deepspeed/zero2.json.
@@ -326,14 +329,22 @@ class TTPAConfig(_Section):
     @model_validator(mode="after")
     def _training_turns_not_evaluated(self) -> TTPAConfig:
         tps, ev = self.tps, self.eval
-        if tps.bfcl_limit and tps.bfcl_category in ev.categories:
-            evaluated = ev.limit_per_category
-            if evaluated is None or evaluated > tps.bfcl_offset:
-                raise ValueError(
-                    f"tps.bfcl_offset ({tps.bfcl_offset}) must be >= eval.limit_per_category ({evaluated}) "
-                    f"when {tps.bfcl_category} is both trained on and evaluated: training turns would be "
-                    "evaluated"
-                )
+        if not tps.bfcl_limit or tps.bfcl_category not in ev.categories or tps.allow_evaluated_bfcl:
+            return self
+        start, end = tps.bfcl_offset, tps.bfcl_offset + tps.bfcl_limit
+        evaluated = ev.limit_per_category  # the first entries of each category; None: all of them
+        overlap_end = end if evaluated is None else min(end, evaluated)
+        if overlap_end > start:
+            fix = (
+                "set eval.limit_per_category"
+                if evaluated is None
+                else f"raise tps.bfcl_offset to {evaluated}"
+            )
+            raise ValueError(
+                f"{tps.bfcl_category} entries [{start}, {overlap_end}) would be trained on (tps.bfcl_offset "
+                f"{start}, tps.bfcl_limit {tps.bfcl_limit}) and evaluated (eval.limit_per_category "
+                f"{evaluated}): {fix}, or set tps.allow_evaluated_bfcl=true to train on them anyway"
+            )
         return self
 
     def digest(self, without: tuple[str, ...] = ()) -> str:

@@ -209,6 +209,11 @@ def _sample(ctx: RunContext, config: TTPAConfig, out_dir: Path, label: str) -> S
     tps = config.tps
     if tps.bfcl_limit:
         dialogues += bfcl_dialogues(tps.bfcl_category, tps.bfcl_limit, start=tps.bfcl_offset)
+        if tps.allow_evaluated_bfcl:
+            ctx.console.print(
+                f"   [yellow]tps.allow_evaluated_bfcl: BFCL {tps.bfcl_category} entries from "
+                f"{tps.bfcl_offset} may also be evaluated; their results are not held out[/]"
+            )
     turns, without_turns = turns_from_dialogues(dialogues)
     ctx.console.print(
         f"   {len(dialogues)} dialogues -> {len(turns)} tool-call turns ({tps.sampler} sampler)"
