@@ -480,6 +480,19 @@ def test_killed_job_resumes_without_loss_or_duplicates(
         ids += [d.seed_id for d in read_parquet(Dialogue, shard["dialogues"])]
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 32
 
+    # the same records as a run that was never killed
+    clean_dir = tmp_path / "clean" / "reverse"
+    run_reverse(_config(tmp_path, tiny_model_dir, "clean", seeds=32), str(tiny_model_dir), clean_dir)
+    assert _records(out_dir) == _records(clean_dir)
+
+
+def _records(out_dir: Path) -> tuple[list[dict[str, object]], list[tuple[str, str, str]]]:
+    """A reverse stage's dialogues and rejected seeds, in seed order."""
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    rejected = [r for shard in manifest["shards"] for r in read_parquet(RejectedRow, shard["rejected"])]
+    dialogues = sorted(read_dialogues(out_dir), key=lambda d: d.seed_id)
+    return [d.to_row() for d in dialogues], sorted((r.input_id, r.reason, r.payload) for r in rejected)
+
 
 def test_mixed_catalogue_seeds_use_both_kinds_of_tools() -> None:
     catalogue = load_catalogue("builtin+bfcl:GorillaFileSystem")
