@@ -10,7 +10,7 @@ import pytest
 from ttpa_ray.codec import parse_any
 from ttpa_ray.config import load_config
 from ttpa_ray.engine import tool_call_schema
-from ttpa_ray.replica import VLLMReplica, generate_dataset, replica_resources
+from ttpa_ray.replica import VLLMReplica, generate_dataset
 
 TOOL = {
     "type": "function",
@@ -27,10 +27,6 @@ TOOL = {
         },
     },
 }
-
-
-def test_replica_resources_on_cpu() -> None:
-    assert replica_resources(load_config(None, ["vllm.cpus_per_replica=2"]).vllm) == {"num_cpus": 2.0}
 
 
 @pytest.mark.slow

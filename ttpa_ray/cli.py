@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ttpa_ray.cli_options import ConfigOption, OverridesArg, console, load_or_exit
+from ttpa_ray.cli_options import (
+    ClusterOption,
+    ConfigOption,
+    DryRunOption,
+    OverridesArg,
+    console,
+    dry_run,
+    load_or_exit,
+)
 from ttpa_ray.esm.cli import score_command
 from ttpa_ray.tools.cli import app as tools_app
 from ttpa_ray.tps_cli import pairs_command, sample_command
@@ -89,7 +97,12 @@ def doctor_command(
 
 
 @app.command("run")
-def run_command(config: ConfigOption = None, overrides: OverridesArg = None) -> None:
+def run_command(
+    config: ConfigOption = None,
+    overrides: OverridesArg = None,
+    dry: DryRunOption = False,
+    cluster: ClusterOption = None,
+) -> None:
     """Run the whole pipeline in one job: progress on the terminal, logs in <run_dir>/logs/run.log."""
     import traceback
 
@@ -98,6 +111,8 @@ def run_command(config: ConfigOption = None, overrides: OverridesArg = None) -> 
     from ttpa_ray.progress import console_and_log
 
     cfg = load_or_exit(config, overrides)
+    if dry:
+        return dry_run(cfg, None, cluster)
     log_path = Path(cfg.run.run_dir) / "logs" / "run.log"
     console.print(f"logs (Ray, vLLM, training workers): {log_path}")
     with console_and_log(log_path) as terminal:
@@ -119,12 +134,19 @@ def run_command(config: ConfigOption = None, overrides: OverridesArg = None) -> 
 
 
 @app.command("reverse")
-def reverse_command(config: ConfigOption = None, overrides: OverridesArg = None) -> None:
+def reverse_command(
+    config: ConfigOption = None,
+    overrides: OverridesArg = None,
+    dry: DryRunOption = False,
+    cluster: ClusterOption = None,
+) -> None:
     """Reversed dataset construction alone: seeds -> dialogues (+ rejected rows) in the run dir."""
     from ttpa_ray.models import ModelNotFoundError
     from ttpa_ray.pipeline import RunContext, stage_prepare_models, stage_reverse
 
     cfg = load_or_exit(config, overrides)
+    if dry:
+        return dry_run(cfg, ["reverse"], cluster)
     ctx = RunContext(config=cfg, run_dir=Path(cfg.run.run_dir), console=console)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -148,6 +170,8 @@ def eval_command(
         typer.Option("--model", "-m", help="LABEL=PATH_OR_HUB_ID, repeatable (default: base=model.policy)"),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="report folder (default: <run_dir>/eval)")] = None,
+    dry: DryRunOption = False,
+    cluster: ClusterOption = None,
 ) -> None:
     """Evaluate models on BFCL's AST categories and held-out reversed dialogues: ESM, errors, exact match.
 
@@ -158,6 +182,8 @@ def eval_command(
     from ttpa_ray.pipeline import init_ray
 
     cfg = load_or_exit(config, overrides)
+    if dry:
+        return dry_run(cfg, ["evaluate"], cluster)
     pairs = [m.partition("=") for m in model or [f"base={cfg.model.policy}"]]
     if any(not sep or not label for label, sep, _ in pairs):
         console.print(

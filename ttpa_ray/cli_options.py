@@ -26,3 +26,37 @@ def load_or_exit(config: Path | None, overrides: list[str] | None) -> TTPAConfig
     except ConfigError as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(2) from None
+
+
+DryRunOption = Annotated[
+    bool, typer.Option("--dry-run", help="print what the stage asks Ray for and where it reads and writes")
+]
+ClusterOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--cluster", help="with --dry-run: check the asks against this Ray cluster YAML's node types"
+    ),
+]
+
+
+def dry_run(cfg: TTPAConfig, stages: list[str] | None, cluster: Path | None) -> None:
+    """Print the plan of ``stages`` (None: all); with ``cluster``, exit 2 on a request it cannot host."""
+    from ttpa_ray.plan import check_against_cluster, describe, node_types, plan_run
+
+    plans = [p for p in plan_run(cfg) if stages is None or p.stage in stages]
+    for line in describe(plans):
+        console.print(line, markup=False, highlight=False)
+    if cluster is None:
+        return
+    try:
+        errors, notes = check_against_cluster(plans, node_types(cluster))
+    except ValueError as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+    for note in notes:
+        console.print(f"[yellow]{note}[/yellow]")
+    for error in errors:
+        console.print(f"[red]{error}[/red]")
+    if errors:
+        raise typer.Exit(2)
+    console.print(f"[green]every request fits a node type of {cluster}[/green]")

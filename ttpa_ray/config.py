@@ -99,6 +99,10 @@ class VLLMConfig(_Section):
     enable_prefix_caching: bool = True
     batch_size: int = Field(default=64, ge=1)
     cpus_per_replica: float = Field(default=1.0, gt=0)
+    # GPUs are asked for only when the config says so, never because the driver's machine has one.
+    use_gpu: bool = False
+    gpus_per_replica: float | None = Field(default=None, gt=0)  # None: tensor_parallel_size
+    accelerator_type: str | None = None  # Ray's accelerator type (e.g. L40S): replicas run only there
     max_restarts: int = Field(default=2, ge=0)
 
     @model_validator(mode="after")
@@ -241,8 +245,9 @@ class TrainConfig(_Section):
     """Ray Train + DeepSpeed for SFT and DPO; inputs and outputs default to the run directory."""
 
     num_workers: int = Field(default=2, ge=1)
-    use_gpu: bool = False
+    use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float = Field(default=1.0, gt=0)
+    accelerator_type: str | None = None  # Ray's accelerator type (e.g. A100): workers run only there
     # A file name in configs/deepspeed ("zero2", "zero3"), a path to a DeepSpeed JSON, or None (plain DDP).
     deepspeed: str | None = "zero2"
     seed: int | None = None  # None: run.seed
@@ -259,6 +264,10 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     sft: StageConfig = StageConfig()
     dpo: DPOStageConfig = DPOStageConfig()
+
+    def worker_resources(self) -> dict[str, float]:
+        """Ray resources of one training worker (Ray Train's ``resources_per_worker``)."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if self.use_gpu else {})}
 
     @model_validator(mode="after")
     def _known_deepspeed(self) -> TrainConfig:

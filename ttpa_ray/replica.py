@@ -1,8 +1,10 @@
 """vLLM replicas in Ray Data actor pools: a thin shell over :class:`ttpa_ray.engine.Engine`.
 
-``generate_dataset`` maps a dataset of prompt rows through ``map_batches(VLLMReplica, concurrency=
-(min, max), ...)``; each actor builds one engine in ``__init__`` and generates per batch in
-``__call__``. On GPUs a replica takes ``tensor_parallel_size`` GPUs; on the CPU build, CPUs.
+``generate_dataset`` maps a dataset of prompt rows through ``map_batches(VLLMReplica, compute=
+ActorPoolStrategy(min_size, max_size), ...)`` (:func:`replica_pool`); each actor builds one engine in
+``__init__`` and generates per batch in ``__call__``. A replica takes ``vllm.cpus_per_replica`` CPUs,
+and with ``vllm.use_gpu`` its GPUs (``tensor_parallel_size`` unless ``gpus_per_replica``), on nodes
+of ``vllm.accelerator_type`` when set: the config decides, never the driver's machine.
 A replica that dies is restarted by Ray and its batch retried (``max_restarts``/``max_task_retries``),
 so every row comes out exactly once.
 
@@ -21,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 
 from ttpa_ray.config import TTPAConfig, VLLMConfig
-from ttpa_ray.engine import Completion, Engine, has_cuda
+from ttpa_ray.engine import Completion, Engine
 
 # The finish_reason of a row whose prompt leaves no room under vllm.max_model_len (nothing generated).
 PROMPT_TOO_LONG = "prompt_too_long"
@@ -87,17 +89,29 @@ class VLLMReplica:
 
 
 def replica_resources(vllm: VLLMConfig) -> dict[str, Any]:
-    """Ray resources of one replica: GPUs = tensor-parallel size on a GPU cluster, else CPUs."""
-    if has_cuda():
-        return {"num_gpus": vllm.tensor_parallel_size, "num_cpus": vllm.cpus_per_replica}
-    return {"num_cpus": vllm.cpus_per_replica}
+    """Ray resources of one replica, from the config alone (never from the driver's machine): CPUs,
+    and with ``vllm.use_gpu`` its GPUs (default: the tensor-parallel size) and accelerator type."""
+    resources: dict[str, Any] = {"num_cpus": vllm.cpus_per_replica}
+    if vllm.use_gpu:
+        resources["num_gpus"] = vllm.gpus_per_replica or vllm.tensor_parallel_size
+        if vllm.accelerator_type is not None:
+            resources["accelerator_type"] = vllm.accelerator_type
+    return resources
 
 
-def replica_concurrency(vllm: VLLMConfig) -> int | tuple[int, int]:
-    """Ray Data's actor-pool size: fixed, or autoscaling between replicas_min and replicas_max."""
-    if vllm.replicas_min == vllm.replicas_max:
-        return vllm.replicas_min
-    return (vllm.replicas_min, vllm.replicas_max)
+def replica_pool(vllm: VLLMConfig) -> dict[str, Any]:
+    """``map_batches`` arguments of every replica pool: an actor pool autoscaling between
+    replicas_min and replicas_max, each actor with :func:`replica_resources`, restarted (and its
+    batch retried) up to ``vllm.max_restarts`` times."""
+    import ray.data
+
+    return {
+        "compute": ray.data.ActorPoolStrategy(min_size=vllm.replicas_min, max_size=vllm.replicas_max),
+        # Ray 2.60 takes these through ray_remote_args (its default is to restart forever)
+        "max_restarts": vllm.max_restarts,
+        "max_task_retries": vllm.max_restarts,
+        **replica_resources(vllm),
+    }
 
 
 def generate_dataset(
@@ -118,8 +132,5 @@ def generate_dataset(
         },
         batch_format="pyarrow",
         batch_size=vllm.batch_size,
-        concurrency=replica_concurrency(vllm),
-        max_restarts=vllm.max_restarts,
-        max_task_retries=vllm.max_restarts,
-        **replica_resources(vllm),
+        **replica_pool(vllm),
     )

@@ -915,7 +915,7 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
     """
     import ray
 
-    from ttpa_ray.replica import replica_concurrency, replica_resources
+    from ttpa_ray.replica import replica_pool
     from ttpa_ray.tools.registry import load_catalogue
 
     catalogue = load_catalogue(config.reverse.catalogue)
@@ -940,10 +940,7 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
             },
             batch_size=per_call,
             batch_format="numpy",
-            concurrency=replica_concurrency(vllm),
-            max_restarts=vllm.max_restarts,
-            max_task_retries=vllm.max_restarts,
-            **replica_resources(vllm),
+            **replica_pool(vllm),
         )
         watcher = _ShardWatcher(out_dir, [sid for sid, _ in todo], progress)
         watcher.start()

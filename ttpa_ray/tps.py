@@ -702,14 +702,9 @@ def sample_dataset(ds: ray.data.Dataset, model: str, config: TTPAConfig) -> ray.
 
     Split the (materialised) result with :func:`split_sample_table` or by the status column.
     """
-    from ttpa_ray.replica import replica_resources
+    from ttpa_ray.replica import replica_pool
 
     vllm = config.vllm
-    concurrency: int | tuple[int, int] = (
-        vllm.replicas_min
-        if vllm.replicas_min == vllm.replicas_max
-        else (vllm.replicas_min, vllm.replicas_max)
-    )
     return ds.map_batches(
         SamplerReplica,
         fn_constructor_kwargs={
@@ -721,10 +716,7 @@ def sample_dataset(ds: ray.data.Dataset, model: str, config: TTPAConfig) -> ray.
         },
         batch_format="pyarrow",
         batch_size=vllm.batch_size,
-        concurrency=concurrency,
-        max_restarts=vllm.max_restarts,
-        max_task_retries=vllm.max_restarts,
-        **replica_resources(vllm),
+        **replica_pool(vllm),
     )
 
 

@@ -14,7 +14,15 @@ from typing import Annotated
 
 import typer
 
-from ttpa_ray.cli_options import ConfigOption, OverridesArg, console, load_or_exit
+from ttpa_ray.cli_options import (
+    ClusterOption,
+    ConfigOption,
+    DryRunOption,
+    OverridesArg,
+    console,
+    dry_run,
+    load_or_exit,
+)
 
 
 def _reasons(reasons: dict[str, int]) -> str:
@@ -35,6 +43,8 @@ def sample_command(
         ),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="at most this many dialogues")] = None,
+    dry: DryRunOption = False,
+    cluster: ClusterOption = None,
 ) -> None:
     """Token-level preference sampling (or the sequence baseline, tps.sampler): dialogues -> candidates."""
     from ttpa_ray.config import TTPAConfig
@@ -44,6 +54,8 @@ def sample_command(
     from ttpa_ray.tps import SampleReport, bfcl_dialogues, read_dialogues, run_sample_stage
 
     cfg = load_or_exit(config, overrides)
+    if dry:
+        return dry_run(cfg, ["tps"], cluster)
     run_dir = Path(cfg.run.run_dir)
     try:
         model = resolve_model(cfg.model.policy)

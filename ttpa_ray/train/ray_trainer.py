@@ -315,7 +315,8 @@ def run_torch_trainer(
     job: TrainJob,
     *,
     num_workers: int,
-    cpus_per_worker: float,
+    resources_per_worker: dict[str, float],
+    accelerator_type: str | None,
     run_name: str,
     storage_path: str,
     keep_checkpoints: int,
@@ -336,7 +337,8 @@ def run_torch_trainer(
         scaling_config=ScalingConfig(
             num_workers=num_workers,
             use_gpu=job.use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})},
+            resources_per_worker=resources_per_worker,
+            accelerator_type=accelerator_type,
         ),
         torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
         run_config=RunConfig(

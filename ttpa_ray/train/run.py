@@ -216,7 +216,8 @@ def run_stage(
         result = run_torch_trainer(
             job,
             num_workers=train.num_workers,
-            cpus_per_worker=train.cpus_per_worker,
+            resources_per_worker=train.worker_resources(),
+            accelerator_type=train.accelerator_type,
             run_name=f"{run_name}-{out.name}",
             storage_path=storage,
             keep_checkpoints=train.keep_checkpoints,
