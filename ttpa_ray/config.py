@@ -103,6 +103,8 @@ class VLLMConfig(_Section):
     use_gpu: bool = False
     gpus_per_replica: float | None = Field(default=None, gt=0)  # None: tensor_parallel_size
     accelerator_type: str | None = None  # Ray's accelerator type (e.g. L40S): replicas run only there
+    # Custom Ray resources per replica, e.g. {replica_slot: 1} to keep replicas on the nodes declaring it.
+    resources: dict[str, float] = Field(default_factory=dict)
     max_restarts: int = Field(default=2, ge=0)
 
     @model_validator(mode="after")

@@ -55,6 +55,7 @@ def replica_ask(config: TTPAConfig) -> Ask:
     resources = {"CPU": float(args["num_cpus"])}
     if "num_gpus" in args:
         resources["GPU"] = float(args["num_gpus"])
+    resources.update(args.get("resources", {}))
     if "accelerator_type" in args:
         resources[f"accelerator_type:{args['accelerator_type']}"] = 0.001  # what Ray asks for it
     return Ask("vLLM replica", (vllm.replicas_min, vllm.replicas_max), resources)

@@ -96,6 +96,8 @@ def replica_resources(vllm: VLLMConfig) -> dict[str, Any]:
         resources["num_gpus"] = vllm.gpus_per_replica or vllm.tensor_parallel_size
         if vllm.accelerator_type is not None:
             resources["accelerator_type"] = vllm.accelerator_type
+    if vllm.resources:
+        resources["resources"] = dict(vllm.resources)
     return resources
 
 
