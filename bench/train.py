@@ -21,6 +21,8 @@ buffer exactly where the peak is, at the end of the forward; with accumulation Z
 gradient partition through the later micro-batches' forwards too. The 7B config's gradient checkpointing
 is not used: it would make each policy step ~4 forwards' worth of compute instead of ~3, so the live
 reference's one forward would weigh less (the step-time ratio would move towards 0.8 by construction).
+Before the runs, the reference log-probs of the same pairs are also computed on one vLLM replica
+(``train.dpo.reference: replicas``, the default), timed against TRL's precompute and compared to it.
 Runs, each DPO for the same steps and batches:
   1. Ray Train, 2 workers, ZeRO-2, precomputed reference   (memory, tokens/s, step time)
   2. Ray Train, 2 workers, ZeRO-3, precomputed reference   (memory, step time)
@@ -125,7 +127,7 @@ def _single_process(
     return console.history
 
 
-def _pairs(model_dir: Path, count: int, max_length: int, work: Path) -> tuple[Path, Path, Path]:
+def _pairs(model_dir: Path, count: int, max_length: int, work: Path, dtype: str) -> tuple[Path, Path, Path]:
     """The first ``count`` BFCL pairs that pass the training checks, written twice: without and with
         reference log-probs (computed once here, by the same pass run_stage would make); and the checked
     training table with those log-probs, for the single-process run."""
@@ -147,7 +149,9 @@ def _pairs(model_dir: Path, count: int, max_length: int, work: Path) -> tuple[Pa
     pairs = [p for p in pairs if p.pair_id in set(keep)]
     plain = write_parquet(pairs, work / "pairs.parquet")
     table = checked.table.slice(0, count)
-    ref = precompute_reference_logps(model_dir, table, max_length=max_length)
+    started = time.perf_counter()
+    ref = precompute_reference_logps(model_dir, table, max_length=max_length, dtype=dtype)
+    print(f"reference_trl_precompute_s = {time.perf_counter() - started:.1f}", flush=True)
     chosen = ref.column("ref_chosen_logps").to_pylist()
     rejected = ref.column("ref_rejected_logps").to_pylist()
     logps = dict(zip(ref.column("pair_id").to_pylist(), zip(chosen, rejected, strict=True), strict=True))
@@ -159,6 +163,31 @@ def _pairs(model_dir: Path, count: int, max_length: int, work: Path) -> tuple[Pa
 
     pq.write_table(ref, work / "table.parquet")
     return plain, write_parquet(with_ref, work / "pairs_with_reference.parquet"), work / "table.parquet"
+
+
+def _replica_reference(model_dir: Path, table_path: Path, max_length: int, dtype: str) -> None:
+    """The same pairs' reference log-probs on one vLLM replica (train.dpo.reference: replicas), timed
+    with the engine's start-up, and how far they are from TRL's."""
+    import pyarrow.parquet as pq
+
+    from ttpa_ray.config import VLLMConfig
+    from ttpa_ray.reference import replica_reference_logps
+    from ttpa_ray.train.data import REF_COLUMNS
+
+    trl = pq.read_table(table_path)
+    started = time.perf_counter()
+    ours = replica_reference_logps(
+        VLLMConfig(gpu_memory_utilization=0.1), str(model_dir), trl, max_length=max_length, dtype=dtype
+    )
+    seconds = time.perf_counter() - started
+    gaps = [
+        abs(a - b)
+        for c in REF_COLUMNS
+        for a, b in zip(ours.column(c).to_pylist(), trl.column(c).to_pylist(), strict=True)
+    ]
+    scale = statistics.mean(abs(v) for v in trl.column(REF_COLUMNS[0]).to_pylist())
+    print(f"reference_replicas_s = {seconds:.1f} (one replica, vLLM start-up included)", flush=True)
+    print(f"reference_replicas_max_abs_gap_to_trl = {max(gaps):.4f} (mean |logp| {scale:.1f})", flush=True)
 
 
 def main() -> None:
@@ -190,7 +219,7 @@ def main() -> None:
         )
         dtype, described = "float32", f"Qwen2 hidden={hidden} layers={layers} heads={heads} (make_tiny_model)"
     pairs_n = steps * workers * batch * accumulation  # every run sees each pair once
-    plain_pairs, ref_pairs, table = _pairs(model_dir, pairs_n, max_length, work)
+    plain_pairs, ref_pairs, table = _pairs(model_dir, pairs_n, max_length, work, dtype)
     zero3 = load_deepspeed("zero3", model_dir)
     assert zero3 is not None
     live = zero3["zero_optimization"]["stage3_max_live_parameters"]
@@ -203,6 +232,7 @@ def main() -> None:
     )
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    _replica_reference(model_dir, table, max_length, dtype)
     results: dict[str, Any] = {}
     runs = {
         "zero2_precomputed": ("zero2", "precomputed"),

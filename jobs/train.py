@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=config.run.seed,
             run_name=config.run.name,
             dtype=config.model.dtype,
+            vllm=config.vllm,
         )
     except (TrainInputError, FileNotFoundError) as err:
         print(err, file=sys.stderr)

@@ -13,12 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from ttpa_ray.config import TrainConfig
 from ttpa_ray.records import RejectedRow, read_parquet, write_parquet
-from ttpa_ray.train.data import bfcl_preference_pairs, chat_token_counter, check_pairs
+from ttpa_ray.train.data import REF_COLUMNS, bfcl_preference_pairs, chat_token_counter, check_pairs
 from ttpa_ray.train.dpo import precompute_reference_logps, reward_accuracy
 from ttpa_ray.train.export import check_policy_folder
 from ttpa_ray.train.run import run_stage
@@ -51,7 +52,7 @@ def test_dpo_zero3_precomputed_reference_learns_on_held_out_pairs(
         save_steps=1000,
         report_to=["tensorboard"],
         dpo={
-            "reference": "precomputed",
+            "reference": "replicas",  # the default: the vLLM replicas score the pairs before training
             "learning_rate": 1e-3,
             "num_epochs": 2,
             "per_device_batch_size": 4,
@@ -66,6 +67,11 @@ def test_dpo_zero3_precomputed_reference_learns_on_held_out_pairs(
     assert outcome.rows_rejected == len(rejected) > 0
     assert outcome.rows_used + outcome.rows_rejected == len(train_pairs)
     assert {r.reason for r in rejected} == {"too_long"}
+
+    # the reference log-probs came from the replicas, one per pair, and travelled with the pairs
+    trained_on = pq.read_table(outcome.out_dir / "train_table.parquet")
+    assert trained_on.num_rows == outcome.rows_used
+    assert all(v < 0 for c in REF_COLUMNS for v in trained_on.column(c).to_pylist())
 
     # per-step metrics with DPO's rewards, and TensorBoard event files
     history = outcome.result.history

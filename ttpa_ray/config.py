@@ -235,10 +235,11 @@ class DPOStageConfig(StageConfig):
     learning_rate: float = Field(default=1e-5, gt=0)
     beta: float = Field(default=0.1, gt=0)
     loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"
-    # "precomputed": reference log-probs are computed once before training (or taken from the pairs'
-    # ref_chosen_logps/ref_rejected_logps columns), so training holds no reference model.
-    # "live": TRL's reference model runs beside the policy at every step.
-    reference: Literal["precomputed", "live"] = "precomputed"
+    # Reference log-probs of the pairs (taken from their ref_chosen_logps/ref_rejected_logps columns
+    # when they have them): "replicas": computed once before training on the vLLM replicas
+    # (ttpa_ray/reference.py); "precomputed": computed once by TRL's own pass on the driver; either way
+    # training holds no reference model. "live": TRL's reference model runs beside the policy.
+    reference: Literal["replicas", "precomputed", "live"] = "replicas"
     # Start DPO from the exported SFT policy when one exists in the run directory.
     init_from_sft: bool = True
 

@@ -479,6 +479,23 @@ class Engine:
             for o in outputs
         ]
 
+    def completion_logprobs(self, sequences: Sequence[list[int]], starts: Sequence[int]) -> list[float]:
+        """For each token sequence, the sum of the log-probs of its tokens from ``start`` on, each given
+        the tokens before it (teacher forcing: vLLM's prompt log-probs, nothing generated that counts)."""
+        from vllm.inputs import TokensPrompt
+
+        inputs = [TokensPrompt(prompt_token_ids=list(s)) for s in sequences]
+        params = [self.sampling_params(max_tokens=1, prompt_logprobs=0) for _ in sequences]
+        with self.alive():
+            outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        sums = []
+        for sequence, start, output in zip(sequences, starts, outputs, strict=True):
+            per_token: list[Any] = list(output.prompt_logprobs or [])  # None at position 0
+            sums.append(
+                sum(float(per_token[i][sequence[i]].logprob) for i in range(max(start, 1), len(sequence)))
+            )
+        return sums
+
     # -- continuous batching: requests join the running batch as soon as they are known ----------
     def submit(self, request_id: str, prompt: list[int], params: Any) -> None:
         """Add one request to the engine's running batch without waiting for anything.

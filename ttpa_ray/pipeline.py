@@ -325,6 +325,7 @@ def train_policy(
             progress=progress,
             input_path=input_path,
             out_dir=out_dir,
+            vllm=ctx.config.vllm,
         )
     final = outcome.result.metrics
     ctx.console.print(

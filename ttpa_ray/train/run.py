@@ -2,8 +2,9 @@
 
 ``run_stage("dpo", train_config, policy=..., run_dir=...)`` reads the pairs (or, for "sft", the
 dialogues), writes the rows that fail the checks to ``<out>/rejected.parquet`` with their reasons,
-precomputes reference log-probs when configured, runs the TorchTrainer and copies the exported policy
-to ``<out>/policy``. Outputs land in ``<train.output_dir or run_dir/train>/<stage>/``.
+computes the DPO reference log-probs when configured (on the vLLM replicas by default), runs the
+TorchTrainer and copies the exported policy to ``<out>/policy``. Outputs land in
+``<train.output_dir or run_dir/train>/<stage>/``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from ttpa_ray.config import TrainConfig, resolve_deepspeed_path
+from ttpa_ray.config import TrainConfig, VLLMConfig, resolve_deepspeed_path
 from ttpa_ray.progress import JsonLinesWatcher
 from ttpa_ray.records import Dialogue, PreferencePair
 from ttpa_ray.train.data import (
@@ -150,11 +152,13 @@ def run_stage(
     dtype: str = "float32",
     progress: Callable[[dict[str, Any]], None] | None = None,
     out_dir: Path | None = None,
+    vllm: VLLMConfig | None = None,
 ) -> StageOutcome:
     """Check the inputs, precompute the DPO reference if asked, train on Ray Train and export.
 
     ``out_dir`` (default :func:`stage_dir`) lets a second run of a stage (the sequence-level
-    baseline's DPO) keep its own checkpoints and policy."""
+    baseline's DPO) keep its own checkpoints and policy. ``vllm``: the replicas that compute the
+    reference log-probs when ``train.dpo.reference`` is ``replicas`` (default: VLLMConfig's defaults)."""
     from transformers import AutoTokenizer
 
     run_dir = Path(run_dir)
@@ -179,12 +183,31 @@ def run_stage(
             f"{stage}: no usable rows in {source} ({checked.summary()}); see {out / 'rejected.parquet'}"
         )
     table = checked.table
-    precomputed = stage == "dpo" and train.dpo.reference == "precomputed"
+    precomputed = stage == "dpo" and train.dpo.reference != "live"
     if precomputed and "ref_chosen_logps" not in table.column_names:
-        from ttpa_ray.train.dpo import precompute_reference_logps
+        start = time.perf_counter()
+        if train.dpo.reference == "replicas":
+            from ttpa_ray.reference import replica_reference_logps
 
-        table = precompute_reference_logps(model_path, table, max_length=stage_cfg.max_length, dtype=dtype)
-        print(f"[{stage}] reference log-probs precomputed for {table.num_rows} pairs", flush=True)
+            table = replica_reference_logps(
+                vllm or VLLMConfig(),
+                model_path,
+                table,
+                max_length=stage_cfg.max_length,
+                dtype=dtype,
+                seed=seed,
+            )
+        else:
+            from ttpa_ray.train.dpo import precompute_reference_logps
+
+            table = precompute_reference_logps(
+                model_path, table, max_length=stage_cfg.max_length, dtype=dtype
+            )
+        print(
+            f"[{stage}] reference log-probs of {table.num_rows} pairs ({train.dpo.reference}) in "
+            f"{time.perf_counter() - start:.1f} s",
+            flush=True,
+        )
     data_path = out / "train_table.parquet"
     pq.write_table(table, data_path)
 
