@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,6 +28,54 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def ray_head(args: list[str], env: dict[str, str], log: Path) -> Iterator[Path]:
+    """A Ray head of its own (``ray start --head --block`` + ``args``), stopped with everything it
+    started: --block keeps the head, its agents and any node its autoscaler starts in one process
+    group, so stopping it touches no other Ray on the machine (the session's own included). Yields
+    the head's temp dir (its logs are under ``session_latest/logs``)."""
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: unix socket paths are limited to 107 chars
+    with log.open("w") as out:
+        head = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "ray"),
+                "start",
+                "--head",
+                "--block",
+                f"--temp-dir={temp}",
+                *args,
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            yield Path(temp)
+        finally:
+            os.killpg(head.pid, signal.SIGTERM)
+            head.wait(timeout=90)
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def reverse_seed_ids(out_dir: Path) -> list[str]:
+    """The seed id of every record (dialogue or rejected seed) a reverse stage's manifest lists."""
+    from ttpa_ray.records import Dialogue, RejectedRow, read_parquet
+
+    ids = []
+    for shard in json.loads((out_dir / "manifest.json").read_text())["shards"]:
+        ids += [r.input_id for r in read_parquet(RejectedRow, shard["rejected"])]
+        ids += [d.seed_id for d in read_parquet(Dialogue, shard["dialogues"])]
+    return ids
 
 
 def vllm_processes(prefix: str = "VLLM") -> set[tuple[int, float]]:

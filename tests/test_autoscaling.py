@@ -7,19 +7,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from ttpa_ray.records import Dialogue, RejectedRow, read_parquet
+from conftest import free_port, ray_head, reverse_seed_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -29,12 +24,6 @@ ENV = {
     "RAY_FAKE_CLUSTER": "1",
     "AUTOSCALER_UPDATE_INTERVAL_S": "1",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
 
 
 def _fake_cluster_config(gcs_address: str) -> dict[str, object]:
@@ -77,40 +66,22 @@ def _fake_cluster_config(gcs_address: str) -> dict[str, object]:
 
 @pytest.fixture
 def fake_cluster(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """(GCS address, monitor log) of a fake multi-node cluster, stopped (with its nodes) afterwards."""
+    """(GCS address, autoscaler log) of a fake multi-node cluster, stopped (with its nodes) afterwards."""
     import ray
 
     ip = ray._private.services.get_node_ip_address()
-    address = f"{ip}:{_free_port()}"
+    address = f"{ip}:{free_port()}"
     config = tmp_path / "fake-cluster.json"
     config.write_text(json.dumps(_fake_cluster_config(address)))
-    ray_tmp = tempfile.mkdtemp(prefix="rf", dir="/tmp")  # unix socket paths are limited to 107 chars
-    head_log = (tmp_path / "head.log").open("w")
-    # --block: the head, its autoscaler and the nodes the autoscaler starts stay in this process group
-    head = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--port={address.rpartition(':')[2]}",
-            f"--node-ip-address={ip}",
-            "--num-cpus=1",
-            "--include-dashboard=false",
-            f"--autoscaling-config={config}",
-            f"--temp-dir={ray_tmp}",
-        ],
-        env=ENV,
-        stdout=head_log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        yield address, Path(ray_tmp) / "session_latest" / "logs" / "monitor.log"
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=90)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    args = [
+        f"--port={address.rpartition(':')[2]}",
+        f"--node-ip-address={ip}",
+        "--num-cpus=1",
+        "--include-dashboard=false",
+        f"--autoscaling-config={config}",
+    ]
+    with ray_head(args, ENV, tmp_path / "head.log") as temp:
+        yield address, temp / "session_latest" / "logs" / "monitor.log"
 
 
 def _replica_nodes_alive(address: str) -> int:
@@ -159,11 +130,7 @@ def test_reverse_on_an_autoscaling_cluster_launches_replica_nodes_and_lets_them_
     )
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
 
-    manifest = json.loads((run_dir / "reverse" / "manifest.json").read_text())
-    ids = []
-    for shard in manifest["shards"]:
-        ids += [r.input_id for r in read_parquet(RejectedRow, shard["rejected"])]
-        ids += [d.seed_id for d in read_parquet(Dialogue, shard["dialogues"])]
+    ids = reverse_seed_ids(run_dir / "reverse")
     assert len(ids) == len(set(ids)) == 8  # every seed once
 
     launched = re.findall(r"Adding (\d) node\(s\) of type replica", monitor_log.read_text())

@@ -5,56 +5,33 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port, ray_head
 
 ROOT = Path(__file__).parent.parent
 BIN = ROOT / ".venv" / "bin"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.mark.slow
 def test_pipeline_through_ray_job_submit(tiny_model_dir: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    dashboard = _free_port()
-    ray_tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: unix socket paths are limited to 107 chars
-    head_log = (tmp_path / "head.log").open("w")
-    # --block keeps this head in one process group we can stop without touching other Ray instances.
-    head = subprocess.Popen(
-        [
-            str(BIN / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--port={_free_port()}",
-            f"--dashboard-port={dashboard}",
-            "--include-dashboard=true",
-            "--num-cpus=2",
-            f"--ray-client-server-port={_free_port()}",
-            f"--dashboard-agent-listen-port={_free_port()}",
-            f"--temp-dir={ray_tmp}",
-        ],
-        env=env,
-        stdout=head_log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    dashboard = free_port()
+    head_args = [
+        f"--port={free_port()}",
+        f"--dashboard-port={dashboard}",
+        "--include-dashboard=true",
+        "--num-cpus=2",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+    ]
     address = f"http://127.0.0.1:{dashboard}"
     run_dir = tmp_path / "run"
-    try:
+    with ray_head(head_args, env, tmp_path / "head.log"):
         submit = [
             str(BIN / "ray"),
             "job",
@@ -96,10 +73,6 @@ def test_pipeline_through_ray_job_submit(tiny_model_dir: Path, tmp_path: Path) -
         head_output = (tmp_path / "head.log").read_text()[-2000:]
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + head_output
         assert "succeeded" in result.stdout + result.stderr
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
 
     summary = json.loads((run_dir / "pipeline.json").read_text())
     for stage in summary["stages_run"]:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import reverse_seed_ids
 
 from ttpa_ray.codec import ToolCall
 from ttpa_ray.config import load_config
@@ -373,14 +374,9 @@ def test_stage_counts_and_determinism(ray_cluster, tiny_model_dir: Path, tmp_pat
         assert sorted(seen) == [("shard-00000", 2), ("shard-00001", 2)]  # each shard reported once
         assert report.seeds == 8 == report.dialogues + report.rejected
         assert sum(report.reasons.values()) == report.rejected
-        manifest = json.loads((out_dir / "manifest.json").read_text())
-        rejected = [r for shard in manifest["shards"] for r in read_parquet(RejectedRow, shard["rejected"])]
-        dialogues = read_dialogues(out_dir)
-        ids = [r.input_id for r in rejected] + [d.seed_id for d in dialogues]
+        ids = reverse_seed_ids(out_dir)
         assert len(ids) == len(set(ids)) == 8
-        outputs.append(
-            ([d.to_row() for d in dialogues], [(r.input_id, r.reason, r.payload) for r in rejected])
-        )
+        outputs.append(_records(out_dir))
     assert outputs[0] == outputs[1]  # same seed and config, same dialogues and rejections
 
 
@@ -414,12 +410,8 @@ def test_killed_engine_core_mid_reverse_loses_and_duplicates_nothing(
     report = run_reverse(config, str(tiny_model_dir), out_dir, on_shard)
     assert killed
     assert report.seeds == 16 == report.dialogues + report.rejected
-    manifest = json.loads((out_dir / "manifest.json").read_text())
-    assert len(manifest["shards"]) == 8
-    ids = []
-    for shard in manifest["shards"]:
-        ids += [r.input_id for r in read_parquet(RejectedRow, shard["rejected"])]
-        ids += [d.seed_id for d in read_parquet(Dialogue, shard["dialogues"])]
+    assert len(json.loads((out_dir / "manifest.json").read_text())["shards"]) == 8
+    ids = reverse_seed_ids(out_dir)
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 16
 
 
@@ -473,11 +465,7 @@ def test_killed_job_resumes_without_loss_or_duplicates(
 
     report = run_reverse(config, str(tiny_model_dir), out_dir)  # the rerun skips finished shards
     assert report.seeds == 32 == report.dialogues + report.rejected
-    manifest = json.loads((out_dir / "manifest.json").read_text())
-    ids = []
-    for shard in manifest["shards"]:
-        ids += [r.input_id for r in read_parquet(RejectedRow, shard["rejected"])]
-        ids += [d.seed_id for d in read_parquet(Dialogue, shard["dialogues"])]
+    ids = reverse_seed_ids(out_dir)
     assert sorted(ids) == sorted(set(ids)) and len(ids) == 32
 
     # the same records as a run that was never killed
