@@ -31,14 +31,18 @@ def test_the_gpu_config_fits_cluster_yaml_and_asks_for_its_gpus() -> None:
     (replicas,) = plans["reverse"].asks
     assert replicas.count == (4, 16)
     assert replicas.resources == {"CPU": 4.0, "GPU": 1.0, "accelerator_type:L40S": 0.001}
-    (workers,) = plans["dpo"].asks
+    reference, workers = plans["dpo"].asks  # the replicas score the reference log-probs first
+    assert reference == replicas
     assert workers.count == (16, 16) and workers.resources["GPU"] == 1.0
     assert check_against_cluster(list(plans.values()), node_types(CLUSTER)) == ([], [])
 
     result = runner.invoke(app, ["run", "--dry-run", "-c", str(GPU), "--cluster", str(CLUSTER)])
     assert result.exit_code == 0, result.output
     assert "[2/8] reverse: 4..16 x vLLM replica (CPU 4, GPU 1, on L40S)" in result.output
-    assert "[6/8] dpo: 16 x training worker (CPU 8, GPU 1, on A100)" in result.output
+    assert (
+        "x vLLM replica (CPU 4, GPU 1, on L40S); 16 x training worker (CPU 8, GPU 1, on A100)"
+        in result.output
+    )
     assert "reads /home/ubuntu/ttpa-runs/qwen2.5-7b/pairs" in result.output
     assert "every request fits a node type of" in result.output
 

@@ -100,8 +100,8 @@ def plan_run(config: TTPAConfig) -> list[StagePlan]:
         StagePlan("tps", (replicas,), (dialogues,), (str(run / "tps"),)),
         StagePlan("pairs", (scorer,), (str(run / "tps"),), (str(run / "pairs"),)),
         StagePlan(
-            "dpo",
-            (workers,),
+            "dpo",  # the replicas first score the pairs' reference log-probs (train.dpo.reference)
+            (replicas, workers) if config.train.dpo.reference == "replicas" else (workers,),
             (str(config.train.pairs or run / "pairs"),),
             (str(train_dir / "dpo"), storage),
             "" if config.train.dpo.enabled else "train.dpo.enabled is false",
