@@ -17,11 +17,12 @@ evaluated on the validation turns only; the setting with the best validation mea
 both DPO rows. Every setting tried and its validation score are printed. ``--no-tune`` (and
 ``--quick``) keep configs/local.yaml's settings instead.
 
-Sizes: full, 160 seeds and 12 entries per BFCL category (at most 90 minutes here); --quick, 64 seeds,
-6 entries per category, no tuning (21.3 minutes measured). Seeds come from the built-in catalogue:
-with BFCL's executable environments added (``reverse.catalogue=builtin+bfcl``), a shard of 16 seeds
-took 746 s of 1,474 requests and gave no dialogue (restart 7, no_successful_call 7, too_few_tools 2)
-on the 135M teacher, so the full size would not fit in 90 minutes and would add nothing.
+Sizes: full, 160 seeds and 12 entries per BFCL category (58.8 minutes measured, tuning included);
+--quick, 64 seeds, 6 entries per category, no tuning (21.3 minutes measured). Seeds come from the
+built-in catalogue: with BFCL's executable environments added (``reverse.catalogue=builtin+bfcl``),
+a shard of 16 seeds took 746 s of 1,474 requests and gave no dialogue (restart 7,
+no_successful_call 7, too_few_tools 2) on the 135M teacher, so the full size would not fit in 90
+minutes and would add nothing.
 Last line: ``ttpa_minus_sft_heldout_esm = <number>``, the ttpa row's mean ESM minus the SFT row's on
 the held-out reversed turns (paired, the same turns).
 """
