@@ -131,7 +131,7 @@ def test_bfcl_pairs_are_ground_truth_against_a_real_mutation() -> None:
 
 def test_train_config_and_deepspeed_files() -> None:
     cfg = TrainConfig()
-    assert cfg.deepspeed == "zero2" and cfg.dpo.reference == "precomputed"
+    assert cfg.deepspeed == "zero2" and cfg.dpo.reference == "replicas"  # the replicas score the reference
     with pytest.raises(ValueError, match="zero9"):
         TrainConfig(deepspeed="zero9")
     with pytest.raises(ValueError, match="extra"):
