@@ -16,7 +16,8 @@ appended; control tools ``answer`` and ``restart``; nudges as the call budget ru
 Quality filters (reasons of rejected rows): ``no_successful_call``, ``too_few_tools`` (fewer than
 two distinct tools), ``restart``, ``question_names_tool``, ``answer_ungrounded`` (the answer uses no
 value any call returned), ``parse_failure`` (teacher output unparseable beyond the retry limit),
-``no_tools`` (the seed's window has no usable tool).
+``no_tools`` (the seed's window has no usable tool), ``prompt_too_long`` (a step's prompt leaves no
+room under ``vllm.max_model_len``; it is never sent).
 
 The Ray shell (:func:`run_reverse`) hosts one builder per vLLM replica in a Ray Data actor pool. Each
 input row is one shard of seeds; a replica writes its shard's dialogues and rejected rows as Parquet
