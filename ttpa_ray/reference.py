@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from ttpa_ray.config import VLLMConfig
-from ttpa_ray.replica import VLLMReplica, replica_pool
+from ttpa_ray.replica import VLLMReplica, replica_map
 from ttpa_ray.train.data import REF_COLUMNS
 
 
@@ -79,18 +79,7 @@ def replica_reference_logps(
     plain = table.append_column("max_length", pa.array([max_length] * table.num_rows, pa.int64()))
     # JSON columns travel as text: a replica decodes them itself
     plain = pa.table({name: _as_text(plain.column(name)) for name in plain.column_names})
-    out = ray.data.from_arrow(plain).map_batches(
-        ReferenceReplica,
-        fn_constructor_kwargs={
-            "model": model,
-            "vllm_config": vllm.model_dump(),
-            "dtype": dtype,
-            "seed": seed,
-        },
-        batch_format="pyarrow",
-        batch_size=vllm.batch_size,
-        **replica_pool(vllm),
-    )
+    out = replica_map(ray.data.from_arrow(plain), ReferenceReplica, model, vllm, dtype=dtype, seed=seed)
     scored = {
         int(r["sample_index"]): (r[REF_COLUMNS[0]], r[REF_COLUMNS[1]])
         for r in out.select_columns(["sample_index", *REF_COLUMNS]).take_all()

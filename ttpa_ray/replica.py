@@ -116,6 +116,24 @@ def replica_pool(vllm: VLLMConfig) -> dict[str, Any]:
     }
 
 
+def replica_map(
+    ds: Any, replica_cls: type[VLLMReplica], model: str, vllm: VLLMConfig, *, dtype: str, seed: int
+) -> Any:
+    """``ds`` mapped through a pool of ``replica_cls`` actors (:func:`replica_pool`), one engine each."""
+    return ds.map_batches(
+        replica_cls,
+        fn_constructor_kwargs={
+            "model": model,
+            "vllm_config": vllm.model_dump(),
+            "dtype": dtype,
+            "seed": seed,
+        },
+        batch_format="pyarrow",
+        batch_size=vllm.batch_size,
+        **replica_pool(vllm),
+    )
+
+
 def generate_dataset(
     ds: Any, model: str, config: TTPAConfig, replica_cls: type[VLLMReplica] = VLLMReplica
 ) -> Any:
@@ -123,16 +141,4 @@ def generate_dataset(
 
     ``replica_cls`` lets a stage host a subclass (its own per-batch work) with the same resources.
     """
-    vllm = config.vllm
-    return ds.map_batches(
-        replica_cls,
-        fn_constructor_kwargs={
-            "model": model,
-            "vllm_config": vllm.model_dump(),
-            "dtype": config.model.dtype,
-            "seed": config.run.seed,
-        },
-        batch_format="pyarrow",
-        batch_size=vllm.batch_size,
-        **replica_pool(vllm),
-    )
+    return replica_map(ds, replica_cls, model, config.vllm, dtype=config.model.dtype, seed=config.run.seed)
