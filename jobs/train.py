@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ttpa_ray.config import ConfigError, load_config
 
@@ -28,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ttpa_ray.models import ModelNotFoundError, resolve_model
     from ttpa_ray.pipeline import ClusterUnreachable, init_ray
+    from ttpa_ray.store import mirrored
     from ttpa_ray.train.run import TrainInputError, run_stage
 
     try:
@@ -41,16 +41,17 @@ def main(argv: list[str] | None = None) -> int:
         print(err, file=sys.stderr)
         return 2
     try:
-        outcome = run_stage(
-            args.stage,
-            config.train,
-            policy=policy,
-            run_dir=Path(config.run.run_dir),
-            seed=config.run.seed,
-            run_name=config.run.name,
-            dtype=config.model.dtype,
-            vllm=config.vllm,
-        )
+        with mirrored(config.run.remote, config.run.work_dir):
+            outcome = run_stage(
+                args.stage,
+                config.train,
+                policy=policy,
+                run_dir=config.run.work_dir,
+                seed=config.run.seed,
+                run_name=config.run.name,
+                dtype=config.model.dtype,
+                vllm=config.vllm,
+            )
     except (TrainInputError, FileNotFoundError) as err:
         print(err, file=sys.stderr)
         return 2

@@ -37,6 +37,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# The S3 server of the storage tests (moto's, on 127.0.0.1, started by the ``s3_server`` fixture):
+# its address is set here, before any Ray process starts, so that Ray's workers (the replicas, the
+# training workers) inherit it as a real cluster's nodes would their credentials.
+S3_PORT = free_port()
+os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{S3_PORT}"
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+os.environ["TTPA_CACHE"] = tempfile.mkdtemp(prefix="ttpa-cache-")  # store.local_copy's downloads
+
+
 @contextlib.contextmanager
 def ray_head(args: list[str], env: dict[str, str], log: Path) -> Iterator[Path]:
     """A Ray head of its own (``ray start --head --block`` + ``args``), stopped with everything it
@@ -137,6 +148,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     while (left := session_processes()) and time.time() < deadline:
         time.sleep(0.5)
     removed = remove_unused_shm(min_age_s=0.0)  # /dev/shm is RAM: what the killed processes left there
+    shutil.rmtree(os.environ["TTPA_CACHE"], ignore_errors=True)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if removed and reporter is not None:
         reporter.write_line(f"removed {len(removed)} unused shared-memory segments from /dev/shm")
@@ -173,6 +185,41 @@ def ray_cluster() -> Iterator[object]:
     ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3-protocol server (moto's standalone server) on 127.0.0.1:S3_PORT, once per session;
+    yields its address. Tests make their own buckets."""
+    log = tmp_path_factory.mktemp("s3") / "moto.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(S3_PORT)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"the S3 server did not start: {log.read_text()[-2000:]}") from None
+                time.sleep(0.2)
+        yield os.environ["AWS_ENDPOINT_URL"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def make_bucket(name: str) -> str:
+    """A new bucket on the session's S3 server; its URI."""
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The main job on a small setting: each stage's counts add up and the report exists and parses."""
+"""The main job on a small setting, its run dir in a bucket: each stage's counts add up, the report
+exists and parses, and a killed run resumes from the bucket."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ LOCAL = Path(__file__).parent.parent / "configs" / "local.yaml"
 
 
 @pytest.mark.slow
-def test_local_pipeline_small(
-    ray_cluster, tiny_model_dir: Path, tmp_path: Path, heldout_dialogues_file: Path
+def test_pipeline_in_a_bucket_killed_and_resumed_elsewhere(
+    ray_cluster, s3_server: str, tiny_model_dir: Path, tmp_path: Path, heldout_dialogues_file: Path
 ) -> None:
-    """The job killed (SIGKILL) after its reverse stage, then run again: the finished stages are
-    skipped, the others run, and every count adds up (issue 17)."""
+    """The job on a run dir in an S3 bucket (a real S3 server on 127.0.0.1), killed (SIGKILL) after
+    its reverse stage, then run again from another, empty working copy: the stages the bucket says are
+    finished are skipped, the others run, every count adds up, and everything a later run needs is in
+    the bucket (issues 17 and 19)."""
     import os
     import signal
     import subprocess
@@ -28,12 +31,15 @@ def test_local_pipeline_small(
     import time
 
     import ray
-    from conftest import vllm_processes
+    from conftest import make_bucket, vllm_processes
 
+    from ttpa_ray import store
+
+    remote = make_bucket("pipeline") + "/runs/small"
     # The random tiny teacher's dialogues never pass the filters, so the run's own held-out split is
     # empty: the evaluation is pointed at two dialogues of really executed built-in calls instead.
     overrides = [
-        f"run.run_dir={tmp_path / 'run'}",
+        f"run.run_dir={remote}",
         f"model.policy={tiny_model_dir}",
         "eval.categories=[simple_python, parallel]",
         "eval.limit_per_category=3",
@@ -48,19 +54,28 @@ def test_local_pipeline_small(
     before = vllm_processes()
     address = ray.get_runtime_context().gcs_address
     job = subprocess.Popen(
-        [sys.executable, "-m", "jobs.pipeline", "--config", str(LOCAL), *overrides, f"ray.address={address}"],
+        [
+            sys.executable,
+            "-m",
+            "jobs.pipeline",
+            "--config",
+            str(LOCAL),
+            *overrides,
+            f"run.local_dir={tmp_path / 'first'}",
+            f"ray.address={address}",
+        ],
         cwd=LOCAL.parent.parent,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    summary_file = tmp_path / "run" / "pipeline.json"
+    summary_uri = remote + "/pipeline.json"
     deadline = time.time() + 600
 
-    def finished() -> list[str]:
-        if not summary_file.is_file():
+    def finished() -> list[str]:  # as the bucket has it
+        if not store.exists(summary_uri):
             return []
-        return [s["name"] for s in json.loads(summary_file.read_text())["stages_run"]]
+        return [s["name"] for s in json.loads(store.read_text(summary_uri))["stages_run"]]
 
     while "reverse" not in finished() and time.time() < deadline and job.poll() is None:
         time.sleep(0.1)
@@ -69,9 +84,11 @@ def test_local_pipeline_small(
     job.wait()
     killed_after = finished()
     assert killed_after[:2] == ["prepare-models", "reverse"] and "evaluate" not in killed_after
+    assert store.exists(remote + "/reverse/shards/shard-00000.done.json")  # written by the replica
     while vllm_processes() - before and time.time() < deadline:
         time.sleep(0.5)  # the killed job's replicas go with it
 
+    overrides.append(f"run.local_dir={tmp_path / 'second'}")  # another machine: nothing local
     config = load_config(LOCAL, overrides)
     console = Console(record=True, width=120)
     reports = run_pipeline(config, console)
@@ -83,7 +100,13 @@ def test_local_pipeline_small(
     for report in reports:
         assert report.records_in == report.records_out + report.records_rejected, report
 
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "second"  # the working copy; the bucket holds the same
+    assert store.read_text(remote + "/pipeline.json") == (run_dir / "pipeline.json").read_text()
+    assert store.read_text(remote + "/eval/report.json") == (run_dir / "eval" / "report.json").read_text()
+    fs, root = store.resolve(remote + "/train/dpo/ray")
+    saved = [i.path for i in fs.get_file_info(store.pafs.FileSelector(root, recursive=True))]
+    assert any("checkpoint_" in p for p in saved), saved  # Ray Train wrote its checkpoints there
+    assert not (run_dir / "train" / "dpo" / "ray").exists()
     summary = json.loads((run_dir / "pipeline.json").read_text())
     assert [s["name"] for s in summary["stages_run"]] == stages
     assert summary["stages_pending"] == []

@@ -43,7 +43,7 @@ def test_the_gpu_config_fits_cluster_yaml_and_asks_for_its_gpus() -> None:
         "x vLLM replica (CPU 4, GPU 1, on L40S); 16 x training worker (CPU 8, GPU 1, on A100)"
         in result.output
     )
-    assert "reads /home/ubuntu/ttpa-runs/qwen2.5-7b/pairs" in result.output
+    assert "reads s3://ttpa-runs/qwen2.5-7b/pairs" in result.output
     assert "every request fits a node type of" in result.output
 
 

@@ -113,7 +113,7 @@ def run_command(
     cfg = load_or_exit(config, overrides)
     if dry:
         return dry_run(cfg, None, cluster)
-    log_path = Path(cfg.run.run_dir) / "logs" / "run.log"
+    log_path = cfg.run.work_dir / "logs" / "run.log"
     console.print(f"logs (Ray, vLLM, training workers): {log_path}")
     with console_and_log(log_path) as terminal:
         try:
@@ -143,15 +143,17 @@ def reverse_command(
     """Reversed dataset construction alone: seeds -> dialogues (+ rejected rows) in the run dir."""
     from ttpa_ray.models import ModelNotFoundError
     from ttpa_ray.pipeline import RunContext, stage_prepare_models, stage_reverse
+    from ttpa_ray.store import mirrored
 
     cfg = load_or_exit(config, overrides)
     if dry:
         return dry_run(cfg, ["reverse"], cluster)
-    ctx = RunContext(config=cfg, run_dir=Path(cfg.run.run_dir), console=console)
+    ctx = RunContext(config=cfg, run_dir=cfg.run.work_dir, console=console)
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        stage_prepare_models(ctx)
-        report = stage_reverse(ctx)
+        with mirrored(cfg.run.remote, ctx.run_dir):
+            stage_prepare_models(ctx)
+            report = stage_reverse(ctx)
     except (ModelNotFoundError, ValueError) as err:
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(2) from None
@@ -180,6 +182,7 @@ def eval_command(
     from ttpa_ray.evaluate import run_evaluation
     from ttpa_ray.models import ModelNotFoundError, resolve_model
     from ttpa_ray.pipeline import init_ray
+    from ttpa_ray.store import mirrored
 
     cfg = load_or_exit(config, overrides)
     if dry:
@@ -196,7 +199,8 @@ def eval_command(
         console.print(f"[red]{err}[/red]")
         raise typer.Exit(2) from None
     init_ray(cfg)
-    run = run_evaluation(cfg, models, out or Path(cfg.run.run_dir) / "eval")
+    with mirrored(cfg.run.remote, cfg.run.work_dir):
+        run = run_evaluation(cfg, models, out or cfg.run.work_dir / "eval")
     for label, summary in run.summaries.items():
         console.print(
             f"{label}: mean ESM {summary['all'].mean_esm:.3f}, exact match {summary['all'].exact_match:.3f} "

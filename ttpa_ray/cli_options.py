@@ -44,6 +44,12 @@ def dry_run(cfg: TTPAConfig, stages: list[str] | None, cluster: Path | None) -> 
     from ttpa_ray.plan import check_against_cluster, describe, node_types, plan_run
 
     plans = [p for p in plan_run(cfg) if stages is None or p.stage in stages]
+    if cfg.run.remote is not None:
+        console.print(
+            f"run dir {cfg.run.remote}: the driver works in {cfg.run.work_dir}, synced after every stage",
+            markup=False,
+            highlight=False,
+        )
     for line in describe(plans):
         console.print(line, markup=False, highlight=False)
     if cluster is None:

@@ -29,8 +29,40 @@ class RunConfig(_Section):
     """Where a run writes and how it is seeded."""
 
     name: str = "local"
-    run_dir: Path = Path("runs/local")
+    # A local path (one machine or a mount every node shares) or an object-store URI (s3://, gs://,
+    # abfs://, hdfs://): ttpa_ray/store.py says what goes where.
+    run_dir: str = "runs/local"
+    # With a URI run dir: the driver's working copy (None: ~/.cache/ttpa/runs/<scheme>/<path>).
+    local_dir: Path | None = None
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_run_dir(self) -> RunConfig:
+        from ttpa_ray.store import check_uri, is_uri
+
+        problem = check_uri(self.run_dir) if is_uri(self.run_dir) else None
+        if problem:
+            raise ValueError(f"run.run_dir={self.run_dir}: {problem}")
+        return self
+
+    @property
+    def remote(self) -> str | None:
+        """The run dir's URI when it lives in an object store."""
+        from ttpa_ray.store import is_uri
+
+        return self.run_dir.rstrip("/") if is_uri(self.run_dir) else None
+
+    @property
+    def work_dir(self) -> Path:
+        """Where this driver reads and writes the run dir: itself, or its working copy of a URI."""
+        if self.remote is None:
+            return Path(self.run_dir)
+        if self.local_dir is not None:
+            return self.local_dir
+        from ttpa_ray.store import CACHE
+
+        scheme, _, rest = self.remote.partition("://")
+        return CACHE / "runs" / scheme / rest
 
 
 class RayConfig(_Section):
@@ -360,8 +392,13 @@ class TTPAConfig(_Section):
         return self
 
     def digest(self, without: tuple[str, ...] = ()) -> str:
-        """A short hash of the resolved config (less the ``without`` sections), recorded in provenance."""
-        text = json.dumps(self.model_dump(mode="json", exclude=set(without)), sort_keys=True)
+        """A short hash of the resolved config (less the ``without`` sections or ``section.key``s),
+        recorded in provenance."""
+        exclude: dict[str, Any] = {}
+        for name in without:
+            section, _, key = name.partition(".")
+            exclude[section] = {key} if key else True
+        text = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:

@@ -329,9 +329,11 @@ class Engine:
         from vllm import LLM
 
         from ttpa_ray.reaper import watch_this_process
+        from ttpa_ray.store import local_copy
 
         watch_this_process()  # the engine core and its worker processes die with their host
 
+        model = local_copy(model)  # a model folder of a run dir in an object store: fetched once
         self.model = model
         self.max_num_seqs = vllm.max_num_seqs  # requests the engine runs at once
         self.llm = LLM(**engine_kwargs(model, vllm, dtype=dtype, seed=seed))

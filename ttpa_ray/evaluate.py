@@ -372,7 +372,7 @@ def heldout_source(config: TTPAConfig) -> Path | None:
         if not path.is_file():
             raise FileNotFoundError(f"eval.heldout_dialogues: {path} is not a file")
         return path
-    own = split_path(Path(config.run.run_dir), "heldout")
+    own = split_path(config.run.work_dir, "heldout")
     return own if own.is_file() else None
 
 

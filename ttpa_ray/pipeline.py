@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -20,6 +20,9 @@ from rich.table import Table
 from ttpa_ray.config import TTPAConfig
 from ttpa_ray.progress import StageBar
 from ttpa_ray.records import Dialogue
+
+if TYPE_CHECKING:
+    from ttpa_ray.store import Mirror
 
 
 @dataclass
@@ -481,8 +484,9 @@ STAGES: list[tuple[str, str, StageFn]] = [
 ]
 
 
-# Where a run runs (which Ray cluster) does not change what it computes: a run resumed elsewhere resumes.
-RUN_PLACE = ("ray",)
+# Where a run runs (which Ray cluster, where its driver keeps its working copy) does not change what it
+# computes: a run resumed elsewhere resumes.
+RUN_PLACE = ("ray", "run.local_dir")
 
 
 def _write_summary(run_dir: Path, config: TTPAConfig, reports: list[StageReport]) -> None:
@@ -516,14 +520,25 @@ def run_pipeline(config: TTPAConfig, console: Console | None = None) -> list[Sta
     A run of the same config that stopped part way (killed, failed) is resumed: the stages it
     finished are skipped, the others run (reverse also skips its finished shards, training resumes
     from its last checkpoint)."""
+    from ttpa_ray.store import mirrored
+
     console = console or Console()
-    run_dir = Path(config.run.run_dir)
+    run_dir = config.run.work_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    with mirrored(config.run.remote, run_dir) as mirror:
+        if mirror is not None:
+            console.print(f"run dir {mirror.remote}: working copy {run_dir}, synced after every stage")
+        return _run_stages(config, run_dir, console, mirror)
+
+
+def _run_stages(
+    config: TTPAConfig, run_dir: Path, console: Console, mirror: Mirror | None
+) -> list[StageReport]:
     (run_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
     ctx = RunContext(config=config, run_dir=run_dir, console=console)
     done = {report.name: report for report in finished_stages(run_dir, config)}
 
-    console.print(f"[bold]ttpa run[/bold] {config.run.name} -> {run_dir}")
+    console.print(f"[bold]ttpa run[/bold] {config.run.name} -> {config.run.run_dir}")
     console.print("stages: " + " -> ".join(name for name, _, _ in STAGES))
 
     reports: list[StageReport] = []
@@ -550,6 +565,8 @@ def run_pipeline(config: TTPAConfig, console: Console | None = None) -> list[Sta
             )
         reports.append(report)
         _write_summary(run_dir, config, reports)
+        if mirror is not None:
+            mirror.push()  # a later run, anywhere, resumes after this stage
 
     table = Table(title="stages")
     for column in ("stage", "in", "out", "rejected", "seconds"):

@@ -18,7 +18,8 @@ import yaml
 
 from ttpa_ray.config import TTPAConfig
 from ttpa_ray.replica import replica_resources
-from ttpa_ray.rundir import split_path
+from ttpa_ray.rundir import SPLIT_DIR
+from ttpa_ray.store import join
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,19 @@ def worker_ask(config: TTPAConfig) -> Ask:
 
 def plan_run(config: TTPAConfig) -> list[StagePlan]:
     """One plan per pipeline stage, in order."""
-    run = Path(config.run.run_dir)
-    train_dir = config.train.output_dir or run / "train"
-    storage = config.train.storage_path or str(train_dir / "ray")
+
+    def at(*parts: str) -> str:  # in the run dir, as the replicas and workers see it (maybe a URI)
+        return join(config.run.run_dir, *parts)
+
+    def train_dir(stage: str) -> str:
+        return str(config.train.output_dir / stage) if config.train.output_dir else at("train", stage)
+
+    def storage(stage: str) -> str:  # Ray Train's checkpoints
+        return str(config.train.storage_path or join(train_dir(stage), "ray"))
+
     models = [config.model.policy] + ([config.model.teacher] if config.model.teacher else [])
-    dialogues = str(config.train.dialogues or split_path(run, "train"))
-    heldout = str(config.eval.heldout_dialogues or split_path(run, "heldout"))
+    dialogues = str(config.train.dialogues or at(SPLIT_DIR, "train.parquet"))
+    heldout = str(config.eval.heldout_dialogues or at(SPLIT_DIR, "heldout.parquet"))
     replicas, workers = replica_ask(config), worker_ask(config)
     scorer = Ask("ESM scorer", (1, 1), {"CPU": 1.0})
     evaluated = ["base"] + (["sft"] if config.train.sft.enabled else []) + ["ttpa"]
@@ -88,36 +96,36 @@ def plan_run(config: TTPAConfig) -> list[StagePlan]:
             "reverse",
             (replicas,),
             (f"catalogue {config.reverse.catalogue}",),
-            (str(run / "reverse" / "shards"), str(split_path(run, "train").parent)),
+            (at("reverse", "shards"), at(SPLIT_DIR)),
         ),
         StagePlan(
             "sft",
             (workers,),
             (dialogues,),
-            (str(train_dir / "sft"), storage),
+            (train_dir("sft"), storage("sft")),
             "" if config.train.sft.enabled else "train.sft.enabled is false",
         ),
-        StagePlan("tps", (replicas,), (dialogues,), (str(run / "tps"),)),
-        StagePlan("pairs", (scorer,), (str(run / "tps"),), (str(run / "pairs"),)),
+        StagePlan("tps", (replicas,), (dialogues,), (at("tps"),)),
+        StagePlan("pairs", (scorer,), (at("tps"),), (at("pairs"),)),
         StagePlan(
             "dpo",  # the replicas first score the pairs' reference log-probs (train.dpo.reference)
             (replicas, workers) if config.train.dpo.reference == "replicas" else (workers,),
-            (str(config.train.pairs or run / "pairs"),),
-            (str(train_dir / "dpo"), storage),
+            (str(config.train.pairs or at("pairs")),),
+            (train_dir("dpo"), storage("dpo")),
             "" if config.train.dpo.enabled else "train.dpo.enabled is false",
         ),
         StagePlan(
             "sequence",
             (replicas, scorer, workers),
             (dialogues,),
-            (str(run / "tps-sequence"), str(run / "pairs-sequence"), str(train_dir / "dpo-sequence")),
+            (at("tps-sequence"), at("pairs-sequence"), train_dir("dpo-sequence")),
             "" if config.eval.sequence_baseline else "eval.sequence_baseline is false",
         ),
         StagePlan(
             "evaluate",
             (replicas,),
             ("BFCL " + ",".join(config.eval.categories), heldout, "models " + ",".join(evaluated)),
-            (str(run / "eval"),),
+            (at("eval"),),
         ),
     ]
 

@@ -120,10 +120,12 @@ def replica_map(
     ds: Any, replica_cls: type[VLLMReplica], model: str, vllm: VLLMConfig, *, dtype: str, seed: int
 ) -> Any:
     """``ds`` mapped through a pool of ``replica_cls`` actors (:func:`replica_pool`), one engine each."""
+    from ttpa_ray.store import shared
+
     return ds.map_batches(
         replica_cls,
         fn_constructor_kwargs={
-            "model": model,
+            "model": shared(model),
             "vllm_config": vllm.model_dump(),
             "dtype": dtype,
             "seed": seed,

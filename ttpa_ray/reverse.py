@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ttpa_ray import store
 from ttpa_ray.codec import ToolCall, parse_any
 from ttpa_ray.config import ReverseConfig, TTPAConfig
 from ttpa_ray.engine import (
@@ -49,7 +50,7 @@ from ttpa_ray.engine import (
     call_head_regex,
     tool_call_schema,
 )
-from ttpa_ray.records import Dialogue, Message, RejectedRow, ToolSpec, reject, write_parquet
+from ttpa_ray.records import Dialogue, Message, RejectedRow, ToolSpec, reject, to_table
 
 STAGE = "reverse"
 SYSTEM_PROMPT = "You are a helpful assistant that can use tools. Call tools when needed, then answer."
@@ -731,13 +732,13 @@ class ReverseBuilder:
 
 
 # ----------------------------------------------------------------------------------------- Ray shell
-def shard_paths(out_dir: Path, shard_id: str) -> dict[str, Path]:
-    """Where one shard's outputs live; ``done`` is written last."""
-    base = out_dir / "shards"
+def shard_paths(out_dir: str | Path, shard_id: str) -> dict[str, str]:
+    """Where one shard's outputs live (paths, or URIs of a run dir in an object store); ``done`` is
+    written last."""
     return {
-        "dialogues": base / f"{shard_id}.dialogues.parquet",
-        "rejected": base / f"{shard_id}.rejected.parquet",
-        "done": base / f"{shard_id}.done.json",
+        "dialogues": store.join(out_dir, "shards", f"{shard_id}.dialogues.parquet"),
+        "rejected": store.join(out_dir, "shards", f"{shard_id}.rejected.parquet"),
+        "done": store.join(out_dir, "shards", f"{shard_id}.done.json"),
     }
 
 
@@ -751,7 +752,7 @@ class ReverseReplica:
         from ttpa_ray.tools.registry import ToolRegistry, load_catalogue
 
         self.config = TTPAConfig.model_validate(config)
-        self.out_dir = Path(out_dir)
+        self.out_dir = out_dir
         self.engine = Engine(
             model, self.config.vllm, dtype=self.config.model.dtype, seed=self.config.run.seed
         )
@@ -770,8 +771,8 @@ class ReverseReplica:
         todo: dict[str, list[Seed]] = {}
         for shard_id, seeds_json in zip(batch["shard_id"], batch["seeds"], strict=True):
             paths = shard_paths(self.out_dir, str(shard_id))
-            if paths["done"].exists():
-                done[str(shard_id)] = json.loads(paths["done"].read_text())
+            if store.exists(paths["done"]):
+                done[str(shard_id)] = json.loads(store.read_text(paths["done"]))
             else:
                 todo[str(shard_id)] = [Seed.from_json(s) for s in json.loads(seeds_json)]
         if todo:
@@ -822,12 +823,10 @@ class ReverseReplica:
         paths = shard_paths(self.out_dir, shard_id)
         dialogues = [r for r in results if isinstance(r, Dialogue)]
         rejected = [r for r in results if isinstance(r, RejectedRow)]
-        paths["done"].parent.mkdir(parents=True, exist_ok=True)
-        # Write to temporary names, then rename: a crash never leaves a half-written shard behind.
+        # Each file is written whole (store.write_table), the marker last: a crash never leaves a
+        # half-written shard behind, nor a marker without its shard.
         for key, records, cls in (("dialogues", dialogues, Dialogue), ("rejected", rejected, RejectedRow)):
-            tmp = paths[key].with_suffix(".tmp")
-            write_parquet(records, tmp, cls)
-            tmp.replace(paths[key])
+            store.write_table(to_table(records, cls), paths[key])
         done = {
             "shard_id": shard_id,
             "dialogues": len(dialogues),
@@ -836,9 +835,7 @@ class ReverseReplica:
             "reasons": dict(Counter(r.reason for r in rejected)),
             "seed_ids": [s.seed_id for s in seeds],
         }
-        tmp_done = paths["done"].with_suffix(".tmp")
-        tmp_done.write_text(json.dumps(done))
-        tmp_done.replace(paths["done"])
+        store.write_text(paths["done"], json.dumps(done))
         return done
 
     def __del__(self) -> None:
@@ -926,7 +923,9 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
         )
     seeds = make_seeds(catalogue, config.reverse, config.run.seed)
     shards = _shards(seeds, config.reverse.shard_size)
-    todo = [(sid, s) for sid, s in shards if not shard_paths(out_dir, sid)["done"].exists()]
+    # Replicas write the shards where every node reaches them: the object store of a run dir there.
+    shards_at = store.shared(out_dir)
+    todo = [(sid, s) for sid, s in shards if not store.exists(shard_paths(shards_at, sid)["done"])]
     start = time.perf_counter()
     if todo:
         vllm = config.vllm
@@ -935,15 +934,15 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
         ds = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // per_call)).map_batches(
             ReverseReplica,
             fn_constructor_kwargs={
-                "model": teacher,
+                "model": store.shared(teacher),
                 "config": config.model_dump(mode="json"),
-                "out_dir": str(out_dir),
+                "out_dir": shards_at,
             },
             batch_size=per_call,
             batch_format="numpy",
             **replica_pool(vllm),
         )
-        watcher = _ShardWatcher(out_dir, [sid for sid, _ in todo], progress)
+        watcher = _ShardWatcher(shards_at, [sid for sid, _ in todo], progress)
         watcher.start()
         try:
             finished = sum(1 for _ in ds.iter_rows())  # a row per shard, once its replica call returns
@@ -951,7 +950,7 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
             watcher.stop()
         if finished != len(todo):
             raise RuntimeError(f"reverse: {finished} shard rows came back for {len(todo)} shards")
-    return write_manifest(out_dir, seeds, shards, time.perf_counter() - start)
+    return write_manifest(out_dir, seeds, shards, time.perf_counter() - start, shards_at)
 
 
 class _ShardWatcher:
@@ -961,7 +960,7 @@ class _ShardWatcher:
     markers (the run directory is shared by the driver and the replicas) rather than the rows.
     """
 
-    def __init__(self, out_dir: Path, shard_ids: Sequence[str], progress: Any, interval: float = 1.0) -> None:
+    def __init__(self, out_dir: str, shard_ids: Sequence[str], progress: Any, interval: float = 1.0) -> None:
         import threading
 
         self.markers = {sid: shard_paths(out_dir, sid)["done"] for sid in shard_ids}
@@ -986,10 +985,10 @@ class _ShardWatcher:
 
     def poll(self) -> None:
         for sid, marker in self.markers.items():
-            if sid in self.reported or not marker.exists():
+            if sid in self.reported or not store.exists(marker):
                 continue
             self.reported.add(sid)
-            done = json.loads(marker.read_text())
+            done = json.loads(store.read_text(marker))
             self.totals.update({"shards": 1, "dialogues": done["dialogues"], "rejected": done["rejected"]})
             self.totals["tokens"] += int(done["tokens"])
             if self.progress is not None:
@@ -997,15 +996,21 @@ class _ShardWatcher:
 
 
 def write_manifest(
-    out_dir: Path, seeds: Sequence[Seed], shards: Sequence[tuple[str, list[Seed]]], seconds: float
+    out_dir: Path,
+    seeds: Sequence[Seed],
+    shards: Sequence[tuple[str, list[Seed]]],
+    seconds: float,
+    shards_at: str | None = None,
 ) -> ReverseReport:
-    """Check every seed ended as one dialogue or one rejected row, and write manifest.json."""
+    """Check every seed ended as one dialogue or one rejected row, and write manifest.json (in
+    ``out_dir``; the shards are in ``shards_at``, by default the same)."""
+    shards_at = shards_at or str(out_dir)
     reasons: Counter[str] = Counter()
     seen: Counter[str] = Counter()
     dialogues = rejected = tokens = 0
     busy = total = 0.0
     for sid, _ in shards:
-        done = json.loads(shard_paths(out_dir, sid)["done"].read_text())
+        done = json.loads(store.read_text(shard_paths(shards_at, sid)["done"]))
         dialogues += done["dialogues"]
         rejected += done["rejected"]
         tokens += done["tokens"]
@@ -1033,10 +1038,7 @@ def write_manifest(
     manifest = {
         "stage": STAGE,
         "report": report.__dict__,
-        "shards": [
-            {"shard_id": sid, **{k: str(v) for k, v in shard_paths(out_dir, sid).items()}}
-            for sid, _ in shards
-        ],
+        "shards": [{"shard_id": sid, **shard_paths(shards_at, sid)} for sid, _ in shards],
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     return report

@@ -703,12 +703,13 @@ def sample_dataset(ds: ray.data.Dataset, model: str, config: TTPAConfig) -> ray.
     Split the (materialised) result with :func:`split_sample_table` or by the status column.
     """
     from ttpa_ray.replica import replica_pool
+    from ttpa_ray.store import shared
 
     vllm = config.vllm
     return ds.map_batches(
         SamplerReplica,
         fn_constructor_kwargs={
-            "model": model,
+            "model": shared(model),
             "vllm_config": vllm.model_dump(),
             "tps_config": config.tps.model_dump(),
             "dtype": config.model.dtype,

@@ -23,6 +23,7 @@ from ttpa_ray.cli_options import (
     dry_run,
     load_or_exit,
 )
+from ttpa_ray.store import mirrored
 
 
 def _reasons(reasons: dict[str, int]) -> str:
@@ -56,39 +57,41 @@ def sample_command(
     cfg = load_or_exit(config, overrides)
     if dry:
         return dry_run(cfg, ["tps"], cluster)
-    run_dir = Path(cfg.run.run_dir)
-    try:
-        model = resolve_model(cfg.model.policy)
-        if bfcl:
-            # the config's own check refuses entries the evaluation asks (tps.bfcl_offset)
-            tps = {**cfg.tps.model_dump(), "bfcl_category": bfcl, "bfcl_limit": limit or 1_000_000}
-            cfg = TTPAConfig.model_validate({**cfg.model_dump(), "tps": tps})
-            found = bfcl_dialogues(bfcl, limit, start=cfg.tps.bfcl_offset)
-        elif dialogues is not None:
-            found = read_dialogues(dialogues)[:limit]
-            check_not_heldout(run_dir, found)
-        else:
-            found = read_split(run_dir, "train")[:limit]
-    except (ModelNotFoundError, FileNotFoundError, ValueError) as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(2) from None
+    run_dir = cfg.run.work_dir
+    with mirrored(cfg.run.remote, run_dir):
+        try:
+            model = resolve_model(cfg.model.policy)
+            if bfcl:
+                # the config's own check refuses entries the evaluation asks (tps.bfcl_offset)
+                tps = {**cfg.tps.model_dump(), "bfcl_category": bfcl, "bfcl_limit": limit or 1_000_000}
+                cfg = TTPAConfig.model_validate({**cfg.model_dump(), "tps": tps})
+                found = bfcl_dialogues(bfcl, limit, start=cfg.tps.bfcl_offset)
+            elif dialogues is not None:
+                found = read_dialogues(dialogues)[:limit]
+                check_not_heldout(run_dir, found)
+            else:
+                found = read_split(run_dir, "train")[:limit]
+        except (ModelNotFoundError, FileNotFoundError, ValueError) as err:
+            console.print(f"[red]{err}[/red]")
+            raise typer.Exit(2) from None
 
-    def progress(report: SampleReport) -> None:
-        rate = report.generated_tokens / max(report.seconds, 1e-9)
+        def progress(report: SampleReport) -> None:
+            rate = report.generated_tokens / max(report.seconds, 1e-9)
+            console.print(
+                f"   sample: {report.turns_sampled}/{report.turns} turns sampled | "
+                f"{report.candidates} candidates | "
+                f"{rate:,.0f} generated tok/s | {report.seconds:,.0f} s"
+            )
+
+        console.print(f"sample ({cfg.tps.sampler}): {len(found)} dialogues, policy {model}")
+        init_ray(cfg)
+        report = run_sample_stage(cfg, model, found, run_dir / "tps", progress)
         console.print(
-            f"   sample: {report.turns_sampled}/{report.turns} turns sampled | "
-            f"{report.candidates} candidates | "
-            f"{rate:,.0f} generated tok/s | {report.seconds:,.0f} s"
+            f"sample: {report.dialogues} dialogues -> {report.turns} turns -> "
+            f"{report.candidates} candidates; "
+            f"{report.rejected} rejected{_reasons(report.reasons)}; {report.seconds:.0f} s; "
+            f"wrote {run_dir / 'tps'}"
         )
-
-    console.print(f"sample ({cfg.tps.sampler}): {len(found)} dialogues, policy {model}")
-    init_ray(cfg)
-    report = run_sample_stage(cfg, model, found, run_dir / "tps", progress)
-    console.print(
-        f"sample: {report.dialogues} dialogues -> {report.turns} turns -> {report.candidates} candidates; "
-        f"{report.rejected} rejected{_reasons(report.reasons)}; {report.seconds:.0f} s; "
-        f"wrote {run_dir / 'tps'}"
-    )
 
 
 def pairs_command(config: ConfigOption = None, overrides: OverridesArg = None) -> None:
@@ -97,16 +100,19 @@ def pairs_command(config: ConfigOption = None, overrides: OverridesArg = None) -
     from ttpa_ray.pipeline import init_ray
 
     cfg = load_or_exit(config, overrides)
-    run_dir = Path(cfg.run.run_dir)
-    if not (run_dir / "tps" / "turns.parquet").exists():
-        console.print(f"[red]{run_dir / 'tps' / 'turns.parquet'} not found: run `ttpa sample` first[/red]")
-        raise typer.Exit(2)
-    init_ray(cfg)
-    try:
-        report = run_pairs_stage(cfg, run_dir / "tps", run_dir / "pairs")
-    except FileNotFoundError as err:
-        console.print(f"[red]{err}[/red]")
-        raise typer.Exit(2) from None
+    run_dir = cfg.run.work_dir
+    with mirrored(cfg.run.remote, run_dir):
+        if not (run_dir / "tps" / "turns.parquet").exists():
+            console.print(
+                f"[red]{run_dir / 'tps' / 'turns.parquet'} not found: run `ttpa sample` first[/red]"
+            )
+            raise typer.Exit(2)
+        init_ray(cfg)
+        try:
+            report = run_pairs_stage(cfg, run_dir / "tps", run_dir / "pairs")
+        except FileNotFoundError as err:
+            console.print(f"[red]{err}[/red]")
+            raise typer.Exit(2) from None
     console.print(
         f"pairs: {report.turns} turns -> {report.pairs} pairs from {report.turns_paired} turns + "
         f"{report.rejected} rejected{_reasons(report.reasons)}; {report.single_field_share:.1%} of pairs "

@@ -180,6 +180,7 @@ def train_loop(job_fields: dict[str, Any]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ttpa_ray.config import DPOStageConfig, StageConfig
+    from ttpa_ray.store import local_copy
     from ttpa_ray.train.arguments import RunSettings
     from ttpa_ray.train.metrics import ModelStateMeter, SampleLog, model_state_mib
 
@@ -188,7 +189,7 @@ def train_loop(job_fields: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and job.resume_path:
         # a killed job run again: Ray Train V2 dropped resume_from_checkpoint, so the loop takes it
-        checkpoint = ray.train.Checkpoint.from_directory(job.resume_path)
+        checkpoint = ray.train.Checkpoint(job.resume_path)  # a folder or an object-store URI
     resume_from: str | None = None
     attempt = "fresh"
     if checkpoint is not None:
@@ -206,7 +207,8 @@ def train_loop(job_fields: dict[str, Any]) -> None:
     # a fresh scratch folder per attempt: a crashed attempt may have left half-written checkpoints
     work_dir = Path(job.work_dir) / attempt
 
-    tokenizer = AutoTokenizer.from_pretrained(job.model_path)
+    model_path = local_copy(job.model_path)  # a policy in a run dir's object store: fetched once per node
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
     table = pq.read_table(job.data_path)
     use_cpu = not job.use_gpu
     settings = RunSettings(
@@ -240,7 +242,7 @@ def train_loop(job_fields: dict[str, Any]) -> None:
         from ttpa_ray.train.sft import build_sft_trainer, sft_args
 
         args = sft_args(StageConfig(**job.stage_config), work_dir, settings)
-    model = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     callbacks = _callbacks(job, rank, local_rank)
     if job.stage == "dpo":
         trainer: Any = build_dpo_trainer(model, tokenizer, table, args, callbacks)
@@ -330,7 +332,7 @@ def run_torch_trainer(
     previous = latest_checkpoint(storage_path, run_name)
     if previous is not None:
         print(f"[{job.stage}] resuming run {run_name!r} from {previous}", flush=True)
-    job_fields = asdict(job) | {"resume_path": str(previous) if previous else None}
+    job_fields = asdict(job) | {"resume_path": previous}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=job_fields,
@@ -359,9 +361,9 @@ def run_torch_trainer(
     finals: list[dict[str, Any]] = []
     policy_dir = None
     checkpoint = result.checkpoint
-    if previous is not None and (previous / POLICY).is_dir():
+    if previous is not None and previous.rstrip("/").endswith("final_policy"):
         # the run had already finished: its final checkpoint is the result
-        checkpoint = Checkpoint.from_directory(str(previous))
+        checkpoint = Checkpoint(previous)
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             summary = Path(folder) / "metrics.json"
@@ -391,19 +393,28 @@ def run_torch_trainer(
     )
 
 
-def latest_checkpoint(storage_path: str, run_name: str) -> Path | None:
-    """The newest checkpoint a previous run of ``run_name`` left in local storage (a killed job is resumed
-    by running it again); None for a new run. A finished run's last checkpoint holds its policy."""
-    if "://" in storage_path:
-        return None  # cloud storage: Ray Train's own run snapshot restores it
-    run_dir = Path(storage_path) / run_name
-    final = run_dir / "final_policy"
-    if (final / POLICY).is_dir():
+def latest_checkpoint(storage_path: str, run_name: str) -> str | None:
+    """The newest checkpoint a previous run of ``run_name`` left in its storage (a local path or an
+    object-store URI: a killed job is resumed by running it again); None for a new run. A finished
+    run's last checkpoint holds its policy."""
+    import pyarrow.fs as pafs
+
+    from ttpa_ray import store
+
+    run_dir = store.join(storage_path, run_name)
+    final = store.join(run_dir, "final_policy")
+    if store.exists(store.join(final, POLICY)):
         return final
+    fs, path = store.resolve(run_dir)
+    folders = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     steps = sorted(
-        p for p in run_dir.glob("checkpoint_*") if (p / HF_CHECKPOINT / "trainer_state.json").is_file()
+        info.base_name
+        for info in folders
+        if info.type == pafs.FileType.Directory
+        and info.base_name.startswith("checkpoint_")
+        and store.exists(store.join(run_dir, info.base_name, HF_CHECKPOINT, "trainer_state.json"))
     )
-    return steps[-1] if steps else None
+    return store.join(run_dir, steps[-1]) if steps else None
 
 
 def _worker_env(use_gpu: bool) -> dict[str, str]:

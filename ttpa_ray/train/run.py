@@ -21,6 +21,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from ttpa_ray import store
 from ttpa_ray.config import TrainConfig, VLLMConfig, resolve_deepspeed_path
 from ttpa_ray.progress import JsonLinesWatcher
 from ttpa_ray.records import Dialogue, PreferencePair
@@ -211,13 +212,15 @@ def run_stage(
     data_path = out / "train_table.parquet"
     pq.write_table(table, data_path)
 
-    storage = train.storage_path or str((out / "ray").resolve())
+    # In a run dir in an object store, the checkpoints and the table go there, and the workers fetch
+    # the model from there (store.shared); otherwise all three are local paths.
+    storage = train.storage_path or store.shared((out / store.RAY_STORAGE).resolve())
     progress_file = out / "progress.jsonl"  # a line per logged step, for the driver's progress bar
     progress_file.unlink(missing_ok=True)
     job = TrainJob(
         stage=stage,
-        model_path=model_path,
-        data_path=str(data_path.resolve()),
+        model_path=store.shared(model_path),
+        data_path=store.shared(data_path.resolve()),
         work_dir=str(Path(tempfile.gettempdir()) / f"ttpa-train-{os.getpid()}-{run_name}-{out.name}"),
         stage_config=stage_cfg.model_dump(mode="json"),
         deepspeed=load_deepspeed(train.deepspeed, model_path),

@@ -1,0 +1,234 @@
+"""A run dir in an object store (``s3://``, ``gs://``, ``abfs://``, ``hdfs://``), through pyarrow.fs.
+
+``run.run_dir`` is a local path (one machine, or a mount every node shares) or a URI. With a URI:
+
+- the driver reads and writes a local working copy (``run.local_dir``, by default under
+  ``~/.cache/ttpa/runs/``), which :class:`Mirror` fills from the store when the run starts (a
+  resumed run starts from what the store holds) and uploads to it after every stage;
+- what replicas and training workers read or write goes through the store itself: the reverse
+  stage's shards and markers, the training table and Ray Train's checkpoints (``storage_path``), and
+  every model folder of the run (a trained policy) handed to a replica or a worker, which
+  :func:`local_copy` downloads once per node.
+
+Credentials and endpoints are pyarrow's: ``AWS_*`` variables (``AWS_ENDPOINT_URL`` for an
+S3-compatible server), ``GOOGLE_APPLICATION_CREDENTIALS``, ``AZURE_STORAGE_*``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs")
+CACHE = Path(os.environ.get("TTPA_CACHE", Path.home() / ".cache" / "ttpa"))
+SYNC_RECORD = ".ttpa-sync.json"  # in a working copy: what it holds that the store holds too
+RAY_STORAGE = "ray"  # a training stage's Ray Train storage folder (train/run.py)
+
+
+def is_uri(target: str | os.PathLike[str]) -> bool:
+    """Whether ``target`` names an object store rather than a local path."""
+    return "://" in str(target)
+
+
+def check_uri(uri: str) -> str | None:
+    """What is wrong with a run dir URI, or None."""
+    scheme = uri.partition("://")[0]
+    if scheme not in SCHEMES:
+        return f"unsupported scheme {scheme!r}: use a local path or one of {', '.join(SCHEMES)}"
+    if not uri.partition("://")[2].strip("/"):
+        return "no bucket or path after the scheme"
+    return None
+
+
+def resolve(target: str | os.PathLike[str]) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of a URI or a local path."""
+    if is_uri(target):
+        return pafs.FileSystem.from_uri(str(target))
+    return pafs.LocalFileSystem(), str(Path(target).absolute())
+
+
+def join(base: str | os.PathLike[str], *parts: str) -> str:
+    """``base/part/...`` for a URI or a local path."""
+    return "/".join([str(base).rstrip("/"), *parts]) if is_uri(base) else str(Path(base).joinpath(*parts))
+
+
+def exists(target: str | os.PathLike[str]) -> bool:
+    fs, path = resolve(target)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_text(target: str | os.PathLike[str]) -> str:
+    fs, path = resolve(target)
+    with fs.open_input_stream(path) as stream:
+        return bytes(stream.read()).decode("utf-8")
+
+
+def write_text(target: str | os.PathLike[str], text: str) -> None:
+    """Write a whole file at once: locally through a temporary name and a rename, on an object store
+    as one upload (an object appears whole or not at all), so no reader sees half of it."""
+    if is_uri(target):
+        fs, path = resolve(target)
+        with fs.open_output_stream(path) as stream:
+            stream.write(text.encode("utf-8"))
+        return
+    out = Path(target)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+
+
+def write_table(table: pa.Table, target: str | os.PathLike[str]) -> None:
+    """Write a Parquet file whole, as :func:`write_text` does."""
+    if is_uri(target):
+        pq.write_table(table, str(target))
+        return
+    out = Path(target)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(out)
+
+
+def _files(fs: pafs.FileSystem, root: str) -> dict[str, pafs.FileInfo]:
+    """Every file under ``root``, by its path relative to it."""
+    selector = pafs.FileSelector(root, allow_not_found=True, recursive=True)
+    return {
+        info.path[len(root) :].lstrip("/"): info
+        for info in fs.get_file_info(selector)
+        if info.type == pafs.FileType.File
+    }
+
+
+class Mirror:
+    """A driver's local working copy of a run dir that lives in an object store."""
+
+    def __init__(self, remote: str, local: Path) -> None:
+        self.remote = remote.rstrip("/")
+        self.local = Path(local).absolute()
+        self.fs, self.root = resolve(self.remote)
+
+    def uri(self, path: str | os.PathLike[str]) -> str:
+        """The store's address of a path inside the working copy."""
+        relative = Path(path).absolute().relative_to(self.local)
+        return join(self.remote, *relative.parts)
+
+    def _record(self) -> dict[str, list[int]]:
+        path = self.local / SYNC_RECORD
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    def _save(self, record: dict[str, list[int]]) -> None:
+        write_text(self.local / SYNC_RECORD, json.dumps(record, sort_keys=True))
+
+    @staticmethod
+    def _stamp(path: Path) -> list[int]:
+        info = path.stat()
+        return [info.st_size, info.st_mtime_ns]
+
+    def pull(self) -> int:
+        """Download what the store holds and the working copy lacks (or holds in another size); the
+        number of files. Ray Train's storage (folders named ``ray``: checkpoints) stays in the store:
+        the workers read it from there."""
+        record = self._record()
+        count = 0
+        for relative, info in _files(self.fs, self.root).items():
+            if RAY_STORAGE in relative.split("/")[:-1] or relative == SYNC_RECORD:
+                continue
+            target = self.local / relative
+            if target.is_file() and target.stat().st_size == info.size:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(info.path, str(target), source_filesystem=self.fs)
+            record[relative] = self._stamp(target)
+            count += 1
+        self._save(record)
+        return count
+
+    def push(self, path: str | os.PathLike[str] | None = None) -> int:
+        """Upload the files of the working copy (or of ``path`` inside it) that changed since they
+        were last pulled or pushed; the number of files."""
+        record = self._record()
+        base = Path(path).absolute() if path is not None else self.local
+        files = [base] if base.is_file() else [p for p in base.rglob("*") if p.is_file()]
+        count = 0
+        for file in files:
+            relative = file.relative_to(self.local).as_posix()
+            if relative == SYNC_RECORD or file.name.endswith(".tmp"):
+                continue
+            stamp = self._stamp(file)
+            if record.get(relative) == stamp:
+                continue
+            pafs.copy_files(str(file), f"{self.root}/{relative}", destination_filesystem=self.fs)
+            record[relative] = stamp
+            count += 1
+        self._save(record)
+        return count
+
+
+_active: Mirror | None = None
+
+
+@contextlib.contextmanager
+def mirrored(remote: str | None, local: Path) -> Iterator[Mirror | None]:
+    """While inside, the working copy ``local`` mirrors ``remote`` (pulled first, pushed at the end,
+    also when the block fails); with no ``remote``, nothing to do."""
+    global _active
+    if remote is None:
+        yield None
+        return
+    mirror = Mirror(remote, local)
+    mirror.pull()
+    _active = mirror
+    try:
+        yield mirror
+    finally:
+        _active = None
+        mirror.push()
+
+
+def active() -> Mirror | None:
+    """The mirror of the run this driver is running, if its run dir is in an object store."""
+    return _active
+
+
+def shared(path: str | os.PathLike[str]) -> str:
+    """How a replica or a training worker on another node reaches ``path``: its URI (uploaded first)
+    when it is inside the working copy of a run dir in an object store, else the path itself."""
+    mirror = _active
+    if mirror is None or is_uri(path) or not Path(path).absolute().is_relative_to(mirror.local):
+        return str(path)
+    if Path(path).exists():
+        mirror.push(path)
+    return mirror.uri(path)
+
+
+def local_copy(target: str) -> str:
+    """A local folder with the contents of ``target``: ``target`` itself unless it is a URI, which is
+    downloaded once per machine and version (under ``~/.cache/ttpa/store/``, keyed by the URI and
+    its files' sizes and times; a lock keeps the replicas of one node to one download)."""
+    if not is_uri(target):
+        return target
+    fs, path = resolve(target)
+    files = _files(fs, path)
+    if not files:
+        raise FileNotFoundError(f"{target}: no model folder there")
+    listing = sorted((name, info.size, str(info.mtime)) for name, info in files.items())
+    digest = hashlib.sha256(json.dumps([target.rstrip("/"), listing]).encode()).hexdigest()[:16]
+    folder = CACHE / "store" / digest
+    done = folder / ".complete"
+    folder.mkdir(parents=True, exist_ok=True)
+    with (CACHE / "store" / f"{digest}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.is_file():
+            pafs.copy_files(path, str(folder), source_filesystem=fs)
+            done.write_text(target, encoding="utf-8")
+    return str(folder)
