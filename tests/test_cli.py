@@ -63,3 +63,15 @@ def test_config_validate_refuses_a_mistyped_model_folder(tmp_path: Path) -> None
     result = runner.invoke(app, ["config", "validate", "-c", LOCAL, "model.policy=./modles/tny"])
     assert result.exit_code == 2 and "model.policy" in result.output and "modles/tny" in result.output
     assert "valid" not in result.output.replace("invalid", "")
+
+
+def test_ttpa_train_refuses_an_unknown_stage_in_one_line() -> None:
+    result = runner.invoke(app, ["train", "ppo"])
+    assert result.exit_code == 2
+    assert "ttpa train: stage must be sft or dpo, got 'ppo'" in result.output
+    planned = runner.invoke(app, ["train", "dpo", "--dry-run", "run.run_dir=s3://b/r"])
+    assert (
+        planned.exit_code == 0
+        and "[1/1] dpo:" in planned.output
+        and "writes s3://b/r/train/dpo" in planned.output
+    )

@@ -55,7 +55,7 @@ def test_sft_loss_covers_assistant_turns_only(tiny_model_dir: Path, tmp_path: Pa
 
 @pytest.mark.slow
 def test_jobs_train_sft_on_ray_with_zero2(ray_cluster: Any, tiny_model_dir: Path, tmp_path: Path) -> None:
-    from jobs.train import main
+    from ttpa_ray.cli import main  # what `python -m jobs.train` runs
 
     run_dir = tmp_path / "run"
     good = _dialogues(12)
@@ -69,18 +69,19 @@ def test_jobs_train_sft_on_ray_with_zero2(ray_cluster: Any, tiny_model_dir: Path
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
 
-    code = main(
-        [
-            "--config",
-            str(config_file),
-            "--stage",
-            "sft",
-            "train.sft.max_steps=3",
-            "train.sft.learning_rate=1e-3",
-        ]
-    )
+    with pytest.raises(SystemExit) as ended:
+        main(
+            [
+                "train",
+                "sft",
+                "--config",
+                str(config_file),
+                "train.sft.max_steps=3",
+                "train.sft.learning_rate=1e-3",
+            ]
+        )
 
-    assert code == 0
+    assert ended.value.code == 0
     out = run_dir / "train" / "sft"
     rejected = read_parquet(RejectedRow, out / "rejected.parquet")
     assert [(r.input_id, r.reason) for r in rejected] == [("d-empty", "no_assistant_turn")]
@@ -93,4 +94,6 @@ def test_jobs_train_sft_on_ray_with_zero2(ray_cluster: Any, tiny_model_dir: Path
 
     assert check_policy_folder(out / "policy")["architecture"] == "Qwen2ForCausalLM"
     # a bad override is one clear message, not a traceback
-    assert main(["--config", str(config_file), "--stage", "sft", "train.deepspeed=zero9"]) == 2
+    with pytest.raises(SystemExit) as ended:
+        main(["train", "sft", "--config", str(config_file), "train.deepspeed=zero9"])
+    assert ended.value.code == 2

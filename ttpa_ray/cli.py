@@ -163,6 +163,41 @@ def reverse_command(
     )
 
 
+@app.command("train")
+def train_command(
+    stage: Annotated[str, typer.Argument(help="sft or dpo")],
+    config: ConfigOption = None,
+    overrides: OverridesArg = None,
+    dry: DryRunOption = False,
+    cluster: ClusterOption = None,
+) -> None:
+    """SFT or DPO alone, as the pipeline runs it (Ray Train + DeepSpeed): the run dir's train split
+    (sft) or pairs (dpo) -> a policy in <run_dir>/train/<stage>/policy."""
+    from ttpa_ray.models import ModelNotFoundError
+    from ttpa_ray.pipeline import RunContext, stage_dpo, stage_prepare_models, stage_sft
+    from ttpa_ray.store import mirrored
+    from ttpa_ray.train.run import TrainInputError
+
+    stages = {"sft": stage_sft, "dpo": stage_dpo}
+    if stage not in stages:
+        console.print(f"[red]ttpa train: stage must be sft or dpo, got {stage!r}[/red]")
+        raise typer.Exit(2)
+    cfg = load_or_exit(config, overrides)
+    if dry:
+        return dry_run(cfg, [stage], cluster)
+    ctx = RunContext(config=cfg, run_dir=cfg.run.work_dir, console=console)
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with mirrored(cfg.run.remote, ctx.run_dir):
+            stage_prepare_models(ctx)
+            report = stages[stage](ctx)
+    except (ModelNotFoundError, TrainInputError, FileNotFoundError, ValueError) as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+    done = f"policy {report.outputs['policy']}" if "policy" in report.outputs else report.notes
+    console.print(f"{stage}: {report.records_out} rows trained, {report.records_rejected} rejected; {done}")
+
+
 @app.command("eval")
 def eval_command(
     config: ConfigOption = None,
