@@ -1040,7 +1040,7 @@ def write_manifest(
         "report": report.__dict__,
         "shards": [{"shard_id": sid, **shard_paths(shards_at, sid)} for sid, _ in shards],
     }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    store.write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
     return report
 
 
