@@ -866,27 +866,20 @@ def _shards(seeds: Sequence[Seed], size: int) -> list[tuple[str, list[Seed]]]:
 def dialogues_in_flight(reverse: ReverseConfig, max_num_seqs: int) -> int:
     """``reverse.max_concurrent_dialogues``, or when unset four times the engine's ``max_num_seqs``:
     more dialogues than slots keeps a waiting queue, so a slot freed by a finished step is refilled at
-    the engine's next step instead of after the driver's round trip (tool call, next prompt).
-
-    bench/reverse.py, continuous, on the CPU build: 0.86-0.88 of raw with four times the slots against
-    0.81-0.84 with twice (two runs each, alternated). Waiting requests hold no KV cache, only a prompt.
+    the engine's next step instead of after the driver's round trip (tool call, next prompt). Waiting
+    requests hold no KV cache, only a prompt. (bench/reverse.py measures the stage against raw vLLM.)
     """
     return reverse.max_concurrent_dialogues or 4 * max_num_seqs
 
 
 def scheduling_mode(reverse: ReverseConfig) -> str:
-    """``reverse.scheduling``, with ``auto`` resolved: ``continuous``, on the CPU build as on GPUs.
+    """``reverse.scheduling``, with ``auto`` resolved: ``continuous``, on the CPU build as on GPUs
+    (bench/reverse.py measures both against raw vLLM).
 
-    Measured by bench/reverse.py on the CPU build (2 cores, 512 seeds, twice the engine's slots in
-    flight, the default then): continuous 0.78-0.89 of raw vLLM (0.83 on average over five runs),
-    lockstep 0.78-0.79 in the same runs.
-    Calls in two requests made the steps short and unequal (a head is ~20 tokens, a scene ~150), and a
-    lockstep round waits for its longest step with the engine's batch emptying meanwhile. Continuous
-    refills each slot as it frees; its cost is the driver's work (tool calls, next prompts) beside the
-    engine on the same cores, which the remembered grammar checks and cached prompt segments keep
-    small. (With one-request calls and cold grammars, lockstep measured ahead: 0.67-0.70 against
-    0.67.) On a GPU node the driver has cores of its own, so continuous overlaps its work with decoding
-    entirely.
+    A dialogue's steps are short and unequal (a call head is ~20 tokens, a scene ~150): a lockstep
+    round waits for its longest step while the engine's batch empties. Continuous refills each slot as
+    it frees; its cost is the driver's work (tool calls, next prompts) beside the engine, which on a
+    GPU node has cores of its own.
     """
     if reverse.scheduling != "auto":
         return reverse.scheduling
