@@ -7,13 +7,12 @@ parse), candidates' arguments as JSON text so parsing counts. Rows of one entry 
 the candidates of one turn are in TPS output.
 
 (a) single core: ``score_prepared`` over the rows, reference and tool index prepared once per entry.
-(b) Ray: ``score_dataset`` on a local 2-CPU Ray (default: the eager pass, 2 scorer tasks; the
-    scoring and the split into scored/rejected in one pass, both outputs in the object store) over
-    >= 1,000,000 rows (200,000 with --quick) held as Arrow blocks of 50,000 rows (tools and
-    reference dictionary-encoded), reported as a ratio of its rows/s to the single-core loop's
-    rows/s. Timed: from the ``score_dataset`` call until both outputs are counted (Ray's worker
-    start-up and task scheduling included; ``ray.init`` and putting the input blocks in the object
-    store are not). ``--workers actors`` times the Ray Data ``map_batches`` path instead.
+(b) Ray: ``score_dataset`` on a local 2-CPU Ray (a pool of 2 stateless scorer actors, one
+    ``map_batches`` pass, materialised, then split into scored/rejected) over >= 1,000,000 rows
+    (200,000 with --quick) held as Arrow blocks of 50,000 rows (tools and reference
+    dictionary-encoded), reported as a ratio of its rows/s to the single-core loop's rows/s. Timed:
+    from the ``score_dataset`` call until both outputs are counted (Ray's worker start-up included;
+    ``ray.init`` and putting the input blocks in the object store are not).
 
 The machines are shared: wall-clock rates move with the neighbours' load (printed). The headline,
 the last line ``esm_calls_per_second = N``, is calls per CPU-second of the single-core loop (what one
@@ -22,7 +21,7 @@ timed just before and just after the Ray run; "rows per CPU-second, stage / loop
 efficiency independent of load (CPU of every Ray worker process during the stage, start-up
 included); the CPU breakdown shows where the stage's time went (scorers, driver, raylet/GCS).
 
-Usage: .venv/bin/python bench/esm.py [--quick] [--workers tasks|actors].
+Usage: .venv/bin/python bench/esm.py [--quick].
 """
 
 from __future__ import annotations
@@ -186,7 +185,7 @@ def _cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str,
     return kinds
 
 
-def bench_ray(table: pa.Table, block_rows: int, workers: str) -> dict[str, Any]:
+def bench_ray(table: pa.Table, block_rows: int) -> dict[str, Any]:
     """Rows/s of the stage on a local 2-CPU Ray (cold: worker start-up included), counts, mean score."""
     import ray
 
@@ -200,8 +199,8 @@ def bench_ray(table: pa.Table, block_rows: int, workers: str) -> dict[str, Any]:
         ds = ray.data.from_arrow(blocks)
         cpu_before = _cpu_by_process()
         start = time.perf_counter()
-        scored, rejected = score_dataset(ds, concurrency=2, workers=workers)
-        scoring_pass = time.perf_counter() - start  # eager: scoring and split; actors: + materialise
+        scored, rejected = score_dataset(ds, scorers=(2, 2))
+        scoring_pass = time.perf_counter() - start  # scoring, materialised
         n_scored = scored.count()
         n_rejected = rejected.count()
         elapsed = time.perf_counter() - start
@@ -223,7 +222,6 @@ def bench_ray(table: pa.Table, block_rows: int, workers: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="200k rows for Ray, shorter single-core timing")
-    parser.add_argument("--workers", choices=("tasks", "actors"), default="tasks", help="Ray scorers")
     args = parser.parse_args()
     total = 200_000 if args.quick else 1_000_000
     block_rows = 50_000
@@ -234,7 +232,7 @@ def main() -> None:
     )
     expected_mean = statistics.fmean(scores[i % len(rows)] for i in range(total))
     table = arrow_table(base_table(rows), total)
-    ray_result = bench_ray(table, block_rows, args.workers)
+    ray_result = bench_ray(table, block_rows)
     # Timed again right after: the ratio uses the mean of both single-core figures, so a change in
     # the machine's load during the run weighs on both sides alike.
     after_rows, after_calls, _, after_cpu = bench_single_core(rows, references, indexes, owner, seconds=3.0)
@@ -253,7 +251,7 @@ def main() -> None:
     print(f"{'single core: rows/s (wall)':<46}{single_rows:>22,.0f}")
     print(f"{'single core: calls/s (wall)':<46}{single_calls:>22,.0f}")
     print(f"{'single core: calls per CPU-second':<46}{cpu_calls:>22,.0f}")
-    print(f"{f'Ray stage, 2 CPUs, {args.workers}: rows':<46}{total:>22,}")
+    print(f"{'Ray stage, 2 CPUs, 2 scorer actors: rows':<46}{total:>22,}")
     print(f"{'Ray stage: scored + rejected':<46}{f'{n_scored:,} + {n_rejected:,}':>22}")
     scoring = ray_result["scoring_pass_seconds"]
     counting = ray_result["seconds"] - scoring

@@ -11,14 +11,7 @@ import pytest
 
 from ttpa_ray.bfcl import load_entries
 from ttpa_ray.esm import score_record
-from ttpa_ray.esm.stage import (
-    _TASK_ROWS_MAX,
-    STATUS_COLUMN,
-    _plan_tasks,
-    _task_rows,
-    score_dataset,
-    score_table,
-)
+from ttpa_ray.esm.stage import STATUS_COLUMN, score_dataset, score_table
 from ttpa_ray.records import RejectedRow
 
 BAD_TOOLS = json.dumps(
@@ -64,17 +57,8 @@ def _bad_rows(template: dict[str, Any]) -> list[tuple[dict[str, Any], str]]:
     ]
 
 
-@pytest.mark.parametrize(
-    ("workers", "batch_size"),
-    [
-        ("actors", 64),  # Ray Data map_batches path (actor pool), materialised
-        ("tasks", 64),  # eager path: tasks of 64 rows cut across the 50-row blocks
-        ("tasks", None),  # eager path: one task per scorer
-    ],
-)
-def test_stage_rows_in_equal_scored_plus_rejected(
-    ray_cluster: Any, workers: str, batch_size: int | None
-) -> None:
+@pytest.mark.parametrize("batch_size", [64, None])  # calls of 64 rows across the 50-row blocks; a block
+def test_stage_rows_in_equal_scored_plus_rejected(ray_cluster: Any, batch_size: int | None) -> None:
     import ray
 
     good = _good_rows()
@@ -85,7 +69,7 @@ def test_stage_rows_in_equal_scored_plus_rejected(
     table = pa.Table.from_pylist(rows)
     ds = ray.data.from_arrow([table.slice(i, 50) for i in range(0, table.num_rows, 50)])
 
-    scored, rejected = score_dataset(ds, batch_size=batch_size, concurrency=2, workers=workers)
+    scored, rejected = score_dataset(ds, batch_size=batch_size, scorers=(1, 2))
     scored_rows = scored.take_all()
     rejected_rows = rejected.take_all()
 
@@ -119,34 +103,28 @@ def test_stage_rows_in_equal_scored_plus_rejected(
     assert all(list(r["esm_errors"]) == ["parse"] for r in scored_rows if r["id"].endswith("/cut"))
 
 
-@pytest.mark.parametrize("materialize", [False, True])
-def test_stage_rejects_every_row_when_a_column_is_missing(ray_cluster: Any, materialize: bool) -> None:
+def test_stage_rejects_every_row_when_a_column_is_missing(ray_cluster: Any) -> None:
     import ray
 
     rows = [{"id": f"r{i}", "candidate": "{}", "tools": "[]"} for i in range(10)]
-    # lazy outputs (materialize=False, actors): each consumer runs the pass; eager (tasks): one pass
-    workers = "tasks" if materialize else "actors"
-    scored, rejected = score_dataset(
-        ray.data.from_items(rows), id_column="id", materialize=materialize, workers=workers
-    )
+    scored, rejected = score_dataset(ray.data.from_items(rows), id_column="id")
     assert scored.count() == 0
     out = rejected.take_all()
     assert sorted(r["input_id"] for r in out) == sorted(r["id"] for r in rows)
     assert {r["reason"] for r in out} == {"missing_column"}
     assert "'reference'" in out[0]["detail"]
-    if materialize:
-        # the empty scored output still has the input and ESM columns
-        assert {"id", "candidate", "tools", "esm_score", "esm_errors"} <= set(scored.schema().names)
-        assert STATUS_COLUMN not in scored.schema().names
+    # the empty scored output still has the input and ESM columns
+    assert {"id", "candidate", "tools", "esm_score", "esm_errors"} <= set(scored.schema().names)
+    assert STATUS_COLUMN not in scored.schema().names
 
 
-def test_eager_stage_pandas_blocks_and_empty_input(ray_cluster: Any) -> None:
+def test_stage_pandas_blocks_and_empty_input(ray_cluster: Any) -> None:
     import pandas as pd
     import ray
 
     good = _good_rows()[:9]
     frame = pd.DataFrame(good)
-    scored, rejected = score_dataset(ray.data.from_pandas([frame[:4], frame[4:]]), concurrency=2)
+    scored, rejected = score_dataset(ray.data.from_pandas([frame[:4], frame[4:]]), scorers=(1, 2))
     out = sorted(scored.take_all(), key=lambda r: r["id"])
     assert [r["id"] for r in out] == sorted(r["id"] for r in good)
     assert rejected.count() == 0
@@ -162,28 +140,6 @@ def test_eager_stage_pandas_blocks_and_empty_input(ray_cluster: Any) -> None:
     assert scored.count() == 0 and rejected.count() == 0
     assert "esm_score" in scored.schema().names
     assert set(rejected.schema().names) == set(RejectedRow.SCHEMA.names)
-
-
-def test_eager_task_plan_covers_every_row_once_in_order() -> None:
-    blocks = [("a", 0, 50), ("b", 10, 30), ("c", 0, 7), ("d", 0, 123)]  # (ref, start, stop)
-    total = 50 + 20 + 7 + 123
-    for rows in (1, 16, 64, 200, 1000):
-        tasks = _plan_tasks(blocks, rows)
-        flat = [
-            (ref, i)
-            for refs, ranges in tasks
-            for ref, (a, b) in zip(refs, ranges, strict=True)
-            for i in range(a, b)
-        ]
-        assert flat == [(ref, i) for ref, a, b in blocks for i in range(a, b)]
-        sizes = [sum(b - a for a, b in ranges) for _, ranges in tasks]
-        assert all(size == rows for size in sizes[:-1]) and 0 < sizes[-1] <= rows
-    # default size: equal tasks, a whole number per scorer, none above the cap
-    assert _task_rows(total, 2, None) == 100
-    assert _task_rows(1_000_000, 2, None) == 500_000
-    assert _task_rows(3_000_000, 2, None) == 500_000 == _TASK_ROWS_MAX
-    assert _task_rows(2_500_001, 2, None) == 416_667  # 6 tasks, 3 per scorer
-    assert _task_rows(5, 8, None) == 1 and _task_rows(total, 2, 64) == 64
 
 
 def test_score_table_dictionary_columns_with_nulls() -> None:

@@ -219,6 +219,15 @@ class ESMConfig(_Section):
 
     weights: ESMWeights = ESMWeights()
     chosen_threshold: float = Field(default=0.8, ge=0, le=1)
+    # (min, max) stateless scorer actors, one CPU each: scoring costs seconds where sampling costs hours
+    scorers: tuple[int, int] = (1, 1)
+
+    @model_validator(mode="after")
+    def _check_scorers(self) -> ESMConfig:
+        low, high = self.scorers
+        if not 1 <= low <= high:
+            raise ValueError(f"esm.scorers must be [min, max] with 1 <= min <= max, got {list(self.scorers)}")
+        return self
 
 
 class TPSConfig(_Section):

@@ -308,7 +308,10 @@ def label_with_esm_stage(
     if table.num_rows == 0:
         return {}, {}
     scored, rejected = score_dataset(
-        ray.data.from_arrow(table), id_column="candidate_id", weights=ESMWeights.from_config(esm.weights)
+        ray.data.from_arrow(table),
+        id_column="candidate_id",
+        weights=ESMWeights.from_config(esm.weights),
+        scorers=esm.scorers,
     )
     labels: dict[str, ScoredCandidate] = {}
     for row in scored.iter_rows():

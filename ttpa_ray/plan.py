@@ -87,7 +87,7 @@ def plan_run(config: TTPAConfig) -> list[StagePlan]:
     dialogues = str(config.train.dialogues or at(SPLIT_DIR, "train.parquet"))
     heldout = str(config.eval.heldout_dialogues or at(SPLIT_DIR, "heldout.parquet"))
     replicas, workers = replica_ask(config), worker_ask(config)
-    scorer = Ask("ESM scorer", (1, 1), {"CPU": 1.0})
+    scorer = Ask("ESM scorer", config.esm.scorers, {"CPU": 1.0})
     evaluated = ["base"] + (["sft"] if config.train.sft.enabled else []) + ["ttpa"]
     evaluated += ["sequence"] if config.eval.sequence_baseline else []
     return [

@@ -2,32 +2,15 @@
 
 Every row is scored by :func:`score_table` (the pure scorer over an Arrow batch), which appends
 ``esm_score`` (double), ``esm_components`` (map<string, double>), ``esm_errors`` (list<string>) and
-status columns; :func:`split_scored` then splits a batch into its scored rows and its rejected ones
+status columns; :func:`score_dataset` then splits the scored rows from the rejected ones
 (``RejectedRow`` records: input_id, stage, reason, detail, payload). Rows in = scored + rejected,
 always: a row is rejected only when it cannot be scored at all (a missing column or null field,
 tools that are not valid specs, a reference that is not a call); a candidate that does not parse is
 a score of 0, not a rejection.
 
-Two ways to run it (:func:`score_dataset`):
-
-* Eager (the default: ``workers="tasks"``, ``materialize=True``). The input is materialised (free
-  for an in-memory dataset such as ``from_arrow``; a lazy one runs its own plan first), its blocks
-  are cut or bundled into equal row ranges, about one task per scorer (at most 500,000 rows a task),
-  and each Ray task (1 CPU) scores its range and returns the scored table and the rejected table:
-  the split is done in the same pass, both outputs are datasets over those blocks in the object
-  store (``from_arrow_refs``), nothing is scored twice and nothing is filtered afterwards. The
-  driver keeps ``concurrency`` tasks running and submits the next one when ``ray.wait`` reports an
-  end, so a scorer never waits for a poll.
-* Lazy, in a Ray Data pipeline (``materialize=False`` or ``workers="actors"``): one ``map_batches``
-  operator (tasks, or an autoscaling pool of :class:`ScoreBatch` actors) and two Arrow-native
-  filters for the split; with ``materialize=False`` consuming both outputs runs the scoring twice.
-
-Why the eager pass does not use a Ray Data operator (measured on 2 CPUs, 1,000,000 rows, Ray
-2.60): the streaming executor starts each run with a zero resource budget until its autoscaling
-coordinator answers (the second scorer started ~0.8 s after the first), polls for ended tasks with
-a 0.1 s ``ray.wait`` timeout (0.15-0.2 s idle per task and scorer), and the split after
-``materialize`` is one more execution; together they held the stage to 1.05-1.20 times the
-single-core loop. The eager pass spends its time in the scorer (the bench prints the breakdown).
+:func:`score_dataset` runs it on Ray Data: one ``map_batches`` over a pool of stateless
+:class:`ScoreBatch` actors (one CPU each, ``esm.scorers`` min..max), materialised once, then two
+Arrow-native filters split the scored rows from the rejected ones.
 
 No state crosses batches except the process-wide, read-only cache of prepared tool indexes keyed by
 the tools JSON text (``scorer.prepare_tools``); each distinct tools and reference text of a batch
@@ -40,8 +23,7 @@ import gc
 import hashlib
 import json
 from collections.abc import Sequence
-from functools import cache
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import pyarrow as pa
@@ -305,130 +287,7 @@ def rejected_rows(table: pa.Table, *, id_column: str | None = None) -> pa.Table:
     return batch_from_rows(rows, RejectedRow.SCHEMA)
 
 
-_TASK_ROWS_MAX: Final = 500_000  # rows per eager task at most (~0.5 GB of Python objects at peak)
 _STATUS_COLUMNS: Final = (STATUS_COLUMN, REASON_COLUMN, DETAIL_COLUMN)
-
-
-def split_scored(table: pa.Table, *, id_column: str | None = None) -> tuple[pa.Table, pa.Table]:
-    """(scored rows without the status columns, ``RejectedRow`` table) of a :func:`score_table` output."""
-    ok = pc.equal(table.column(STATUS_COLUMN), _STATUS_OK)
-    if pc.all(ok).as_py() is not False:  # every row scored (or no rows): no filtering, no copy
-        return table.drop_columns(list(_STATUS_COLUMNS)), batch_from_rows([], RejectedRow.SCHEMA)
-    scored = table.filter(ok).drop_columns(list(_STATUS_COLUMNS))
-    return scored, rejected_rows(table.filter(pc.invert(ok)), id_column=id_column)
-
-
-def _score_task(
-    ranges: Sequence[tuple[int, int]], kwargs: dict[str, Any], id_column: str | None, *blocks: Any
-) -> tuple[pa.Table, pa.Table, tuple[int, int]]:
-    """One eager task: the row ranges of its blocks as one batch -> (scored, rejected, their sizes)."""
-    parts = []
-    for block, (start, stop) in zip(blocks, ranges, strict=True):
-        if not isinstance(block, pa.Table):  # e.g. a pandas block
-            from ray.data.block import BlockAccessor
-
-            block = BlockAccessor.for_block(block).to_arrow()
-        parts.append(block if (start, stop) == (0, block.num_rows) else block.slice(start, stop - start))
-    table = parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="permissive")
-    scored, rejected = split_scored(score_table(table, **kwargs), id_column=id_column)
-    return scored, rejected, (scored.num_rows, rejected.num_rows)
-
-
-def _task_rows(total: int, concurrency: int, batch_size: int | None) -> int:
-    """Rows per eager task: ``batch_size``, else equal tasks, a whole number per scorer, each at
-    most ``_TASK_ROWS_MAX`` rows (one task per scorer when that fits: no idle slot, no tail)."""
-    if batch_size is not None:
-        return max(1, batch_size)
-    per_scorer = -(-total // concurrency)
-    rounds = max(1, -(-per_scorer // _TASK_ROWS_MAX))
-    return max(1, -(-total // (concurrency * rounds)))
-
-
-def _plan_tasks(
-    blocks: Sequence[tuple[Any, int, int]], rows: int
-) -> list[tuple[list[Any], list[tuple[int, int]]]]:
-    """Consecutive (block ref, start, stop) ranges cut or bundled into tasks of ``rows`` rows."""
-    tasks: list[tuple[list[Any], list[tuple[int, int]]]] = []
-    refs: list[Any] = []
-    ranges: list[tuple[int, int]] = []
-    filled = 0
-    for ref, start, stop in blocks:
-        while start < stop:
-            take = min(stop - start, rows - filled)
-            refs.append(ref)
-            ranges.append((start, start + take))
-            filled += take
-            start += take
-            if filled == rows:
-                tasks.append((refs, ranges))
-                refs, ranges, filled = [], [], 0
-    if refs:
-        tasks.append((refs, ranges))
-    return tasks
-
-
-def _block_ranges(ds: ray.data.Dataset) -> list[tuple[Any, int, int]]:
-    """(block ref, start, stop) of every block of a materialised dataset, in order."""
-    out: list[tuple[Any, int, int]] = []
-    for bundle in ds.iter_internal_ref_bundles():
-        slices = bundle.slices or (None,) * len(bundle.blocks)
-        for entry, part in zip(bundle.blocks, slices, strict=True):
-            if part is None:
-                out.append((entry.ref, 0, entry.metadata.num_rows))
-            else:
-                out.append((entry.ref, part.start_offset, part.end_offset))
-    return out
-
-
-@cache
-def _remote_score_task() -> Any:
-    import ray
-
-    return ray.remote(num_cpus=1, num_returns=3)(_score_task)
-
-
-def _score_eager(
-    ds: ray.data.Dataset,
-    kwargs: dict[str, Any],
-    *,
-    id_column: str | None,
-    batch_size: int | None,
-    concurrency: int,
-) -> tuple[ray.data.Dataset, ray.data.Dataset]:
-    import ray
-    import ray.data
-
-    # An in-memory dataset (from_arrow, materialize()) gives its blocks without running an
-    # executor; a lazy one runs its own plan once here.
-    source = ds.materialize()
-    blocks = _block_ranges(source)
-    total = sum(stop - start for _, start, stop in blocks)
-    if total == 0:  # no rows: empty outputs with the columns they would have
-        schema = source.schema()
-        base = getattr(schema, "base_schema", schema)
-        empty = base.empty_table() if isinstance(base, pa.Schema) else pa.table({})
-        outputs = split_scored(score_table(empty, **kwargs), id_column=id_column)
-        return ray.data.from_arrow(outputs[0]), ray.data.from_arrow(outputs[1])
-    tasks = _plan_tasks(blocks, _task_rows(total, concurrency, batch_size))
-    remote = _remote_score_task()
-    scored: list[Any] = []
-    rejected: list[Any] = []
-    sizes: list[Any] = []
-    running: list[Any] = []
-    for refs, ranges in tasks:
-        if len(running) >= concurrency:
-            # Woken by the task that ends (no polling): its scorer takes the next task at once.
-            _, running = ray.wait(running, num_returns=1)
-        s, r, n = remote.remote(ranges, kwargs, id_column, *refs)
-        scored.append(s)
-        rejected.append(r)
-        sizes.append(n)
-        running.append(n)
-    counts = ray.get(sizes)
-    # Keep the blocks that hold rows (and one block, for the schema, when none does).
-    keep_scored = [ref for ref, (n_ok, _) in zip(scored, counts, strict=True) if n_ok] or scored[:1]
-    keep_rejected = [ref for ref, (_, n_bad) in zip(rejected, counts, strict=True) if n_bad] or rejected[:1]
-    return ray.data.from_arrow_refs(keep_scored), ray.data.from_arrow_refs(keep_rejected)
 
 
 def score_dataset(
@@ -441,65 +300,36 @@ def score_dataset(
     id_column: str | None = None,
     weights: ESMWeights = DEFAULT_WEIGHTS,
     batch_size: int | None = None,
-    concurrency: int | tuple[int, int] = 1,
-    workers: Literal["tasks", "actors"] = "tasks",
-    materialize: bool = True,
+    scorers: tuple[int, int] = (1, 1),
 ) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """(scored, rejected) datasets from one scoring pass over ``ds`` (see the module docstring).
 
     ``scored`` has the input columns plus esm_score, esm_components, esm_errors; ``rejected`` has
     ``RejectedRow`` columns (input_id from ``id_column``, else candidate_id/id/input_id, else a hash).
-    ``concurrency``: number of scorers (one CPU each), or (min, max) for an autoscaling actor pool.
-    ``workers="tasks"`` with ``materialize=True`` (the default) is the eager pass: Ray tasks over the
-    dataset's blocks, each returning its scored and rejected rows, both outputs held in the object
-    store. ``workers="actors"`` or ``materialize=False``: a Ray Data ``map_batches`` operator (a pool
-    of stateless :class:`ScoreBatch` actors, e.g. an autoscaling ``(min, max)`` pool in a pipeline,
-    or lazy outputs whose consumers each run the pass). ``batch_size``: rows per scorer call (eager:
-    per task; None sizes tasks evenly over the scorers; lazy: None is one call per block).
+    ``scorers``: (min, max) of the autoscaling pool of scorer actors, one CPU each; ``batch_size``:
+    rows per scorer call (None: one call per block).
     """
     import ray.data
     from ray.data.expressions import col
 
-    if workers not in ("tasks", "actors"):
-        raise ValueError(f"workers must be 'actors' or 'tasks', got {workers!r}")
-    low, high = (concurrency, concurrency) if isinstance(concurrency, int) else concurrency
+    low, high = scorers
     if not 1 <= low <= high:
-        raise ValueError(f"concurrency must be >= 1 (min <= max), got {concurrency!r}")
-    columns = {
-        "candidate_column": candidate_column,
-        "reference_column": reference_column,
-        "tools_column": tools_column,
-        "alternatives_column": alternatives_column,
-    }
-    if workers == "tasks" and materialize:
-        return _score_eager(
-            ds, {**columns, "weights": weights}, id_column=id_column, batch_size=batch_size, concurrency=high
-        )
-    if workers == "actors":
-        marked = ds.map_batches(
-            ScoreBatch,
-            fn_constructor_kwargs={
-                **columns,
-                "weights": (weights.name, weights.required, weights.key, weights.value_type, weights.value),
-            },
-            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
-            batch_format="pyarrow",
-            batch_size=batch_size,
-            num_cpus=1,
-            zero_copy_batch=True,
-        )
-    else:
-        marked = ds.map_batches(
-            score_table,
-            fn_kwargs={**columns, "weights": weights},
-            compute=ray.data.TaskPoolStrategy(size=high),
-            batch_format="pyarrow",
-            batch_size=batch_size,
-            num_cpus=1,
-            zero_copy_batch=True,
-        )
-    if materialize:
-        marked = marked.materialize()
+        raise ValueError(f"scorers must be (min, max) with 1 <= min <= max, got {scorers!r}")
+    marked = ds.map_batches(
+        ScoreBatch,
+        fn_constructor_kwargs={
+            "candidate_column": candidate_column,
+            "reference_column": reference_column,
+            "tools_column": tools_column,
+            "alternatives_column": alternatives_column,
+            "weights": (weights.name, weights.required, weights.key, weights.value_type, weights.value),
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+        batch_format="pyarrow",
+        batch_size=batch_size,
+        num_cpus=1,
+        zero_copy_batch=True,
+    ).materialize()  # scored once; both outputs read it
     scored = marked.filter(expr=col(STATUS_COLUMN) == _STATUS_OK).drop_columns(list(_STATUS_COLUMNS))
     rejected = marked.filter(expr=col(STATUS_COLUMN) == _STATUS_REJECTED).map_batches(
         rejected_rows, fn_kwargs={"id_column": id_column}, batch_format="pyarrow", zero_copy_batch=True
