@@ -117,3 +117,35 @@ def test_the_newest_checkpoint_is_found_in_a_bucket_as_on_disk(
     assert latest_checkpoint(storage, "run-dpo") == store.join(storage, "run-dpo", "checkpoint_000002")
     store.write_text(store.join(storage, "run-dpo", "final_policy", POLICY, "config.json"), "{}")
     assert latest_checkpoint(storage, "run-dpo") == store.join(storage, "run-dpo", "final_policy")
+
+
+def test_a_bucket_that_is_not_there_is_one_line_naming_the_run_dir(s3_server: str, tmp_path: Path) -> None:
+    with pytest.raises(store.StoreError) as caught, store.mirrored("s3://no-such-bucket/run", tmp_path):
+        pass
+    message = str(caught.value)
+    assert message.startswith("run.run_dir=s3://no-such-bucket/run: cannot read and write there (")
+    assert "\n" not in message and "bucket does not exist" in message
+
+
+def test_ttpa_run_on_a_missing_bucket_stops_with_that_line(s3_server: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ttpa_ray.cli",
+            "run",
+            "model.policy=tiny",
+            "run.run_dir=s3://no-such-bucket/run",
+            f"run.local_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "run.run_dir=s3://no-such-bucket/run: cannot read and write there" in run.stdout
+    assert "Traceback" not in run.stdout + run.stderr

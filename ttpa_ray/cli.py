@@ -109,6 +109,7 @@ def run_command(
     from ttpa_ray.models import ModelNotFoundError
     from ttpa_ray.pipeline import ClusterUnreachable, run_pipeline
     from ttpa_ray.progress import console_and_log
+    from ttpa_ray.store import StoreError
 
     cfg = load_or_exit(config, overrides)
     if dry:
@@ -124,7 +125,7 @@ def run_command(
 
             ray.shutdown()  # while output still goes to the log: replicas print teardown noise as they end
             remove_unused_shm()  # shared memory its engines and trainers left in /dev/shm
-        except (ModelNotFoundError, ClusterUnreachable) as err:
+        except (ModelNotFoundError, ClusterUnreachable, StoreError) as err:
             terminal.print(f"[red]{err}[/red]")
             raise typer.Exit(2) from None
         except Exception as err:
@@ -247,10 +248,11 @@ def eval_command(
 def main(args: list[str] | None = None, prog_name: str = "ttpa") -> None:
     """Entry point of the `ttpa` script and of ``python -m jobs.<stage>``."""
     from ttpa_ray.pipeline import ClusterUnreachable
+    from ttpa_ray.store import StoreError
 
     try:
         app(args=args, prog_name=prog_name)
-    except ClusterUnreachable as err:
+    except (ClusterUnreachable, StoreError) as err:
         console.print(f"[red]{err}[/red]")
         raise SystemExit(2) from None
 

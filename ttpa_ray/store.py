@@ -141,7 +141,7 @@ class Mirror:
         record = self._record()
         count = 0
         for relative, info in _files(self.fs, self.root).items():
-            if RAY_STORAGE in relative.split("/")[:-1] or relative == SYNC_RECORD:
+            if RAY_STORAGE in relative.split("/")[:-1] or relative in (SYNC_RECORD, PROBE):
                 continue
             target = self.local / relative
             if target.is_file() and target.stat().st_size == info.size:
@@ -175,6 +175,11 @@ class Mirror:
 
 
 _active: Mirror | None = None
+PROBE = ".ttpa-writable"  # written when a run starts: a bucket it cannot write to is found at once
+
+
+class StoreError(OSError):
+    """The run dir's object store cannot be read or written (one line naming it)."""
 
 
 @contextlib.contextmanager
@@ -185,8 +190,12 @@ def mirrored(remote: str | None, local: Path) -> Iterator[Mirror | None]:
     if remote is None:
         yield None
         return
-    mirror = Mirror(remote, local)
-    mirror.pull()
+    try:
+        mirror = Mirror(remote, local)
+        mirror.pull()
+        write_text(join(remote, PROBE), "")
+    except OSError as err:
+        raise StoreError(f"run.run_dir={remote}: cannot read and write there ({err})") from None
     _active = mirror
     try:
         yield mirror
