@@ -188,3 +188,25 @@ def test_read_rows_takes_only_the_wanted_record_from_a_stage_folder(tmp_path: Pa
     write_parquet([reject("t2", "pairs", "no_candidates", "none", {})], tmp_path / "rejected.parquet")
     rows = read_rows(tmp_path, PreferencePair)
     assert [r["pair_id"] for r in rows] == [p.pair_id for p in pairs]
+
+
+def test_dpo_trains_on_as_many_pairs_as_its_steps_take() -> None:
+    """max_steps shorter than an epoch: a seeded draw of exactly steps x global batch pairs, in their
+    order, so the reference pass scores only pairs that are trained on; an epoch or more: all."""
+    import pyarrow as pa
+
+    from ttpa_ray.config import TrainConfig
+    from ttpa_ray.train.run import rows_for_steps
+
+    table = pa.table({"pair_id": [f"p{i}" for i in range(39)]})
+    train = TrainConfig(num_workers=2, dpo={"max_steps": 6, "per_device_batch_size": 1})
+    drawn = rows_for_steps(table, train, seed=0).column("pair_id").to_pylist()
+    assert len(drawn) == 12 == len(set(drawn))
+    assert drawn == sorted(drawn, key=lambda p: int(p[1:]))  # the file's order kept
+    assert rows_for_steps(table, train, seed=0).column("pair_id").to_pylist() == drawn  # seeded
+    assert rows_for_steps(table, train, seed=1).column("pair_id").to_pylist() != drawn
+    accumulated = TrainConfig(
+        num_workers=2, dpo={"max_steps": 10, "per_device_batch_size": 1, "gradient_accumulation_steps": 2}
+    )
+    assert rows_for_steps(table, accumulated, seed=0).num_rows == 39  # 40 wanted: all of them
+    assert rows_for_steps(table, TrainConfig(dpo={"max_steps": -1}), seed=0).num_rows == 39  # epochs

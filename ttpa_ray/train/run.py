@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ttpa_ray import store
@@ -139,6 +141,23 @@ def _shm_cleaned() -> Iterator[None]:
         remove_unused_shm()
 
 
+def rows_for_steps(table: pa.Table, train: TrainConfig, seed: int) -> pa.Table:
+    """The pairs DPO's ``max_steps`` will see: all of them when the steps cover an epoch, else a
+    seeded draw of exactly as many as the steps take (the trainer would have drawn that many from its
+    shuffle), so the reference log-probs are computed only for pairs that are trained on."""
+    dpo = train.dpo
+    wanted = dpo.max_steps * train.num_workers * dpo.per_device_batch_size * dpo.gradient_accumulation_steps
+    if dpo.max_steps <= 0 or wanted >= table.num_rows:
+        return table
+    chosen = sorted(random.Random(seed).sample(range(table.num_rows), wanted))
+    print(
+        f"[dpo] {dpo.max_steps} steps take {wanted} of the {table.num_rows} pairs: a seeded draw of "
+        f"{wanted} is trained on (the others stay in the pairs file)",
+        flush=True,
+    )
+    return table.take(chosen)
+
+
 def run_stage(
     stage: Stage,
     train: TrainConfig,
@@ -184,6 +203,8 @@ def run_stage(
             f"{stage}: no usable rows in {source} ({checked.summary()}); see {out / 'rejected.parquet'}"
         )
     table = checked.table
+    if stage == "dpo":
+        table = rows_for_steps(table, train, seed)
     precomputed = stage == "dpo" and train.dpo.reference != "live"
     if precomputed and "ref_chosen_logps" not in table.column_names:
         start = time.perf_counter()
