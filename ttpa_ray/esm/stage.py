@@ -330,8 +330,30 @@ def score_dataset(
         num_cpus=1,
         zero_copy_batch=True,
     ).materialize()  # scored once; both outputs read it
-    scored = marked.filter(expr=col(STATUS_COLUMN) == _STATUS_OK).drop_columns(list(_STATUS_COLUMNS))
-    rejected = marked.filter(expr=col(STATUS_COLUMN) == _STATUS_REJECTED).map_batches(
-        rejected_rows, fn_kwargs={"id_column": id_column}, batch_format="pyarrow", zero_copy_batch=True
+    # Empty outputs keep their columns (a Ray dataset with no block has no schema).
+    empty = _arrow_schema(marked).empty_table() if marked.count() else score_table(_empty_like(ds))
+    ok = marked.filter(expr=col(STATUS_COLUMN) == _STATUS_OK).materialize()
+    bad = marked.filter(expr=col(STATUS_COLUMN) == _STATUS_REJECTED).materialize()
+    scored = (
+        ok.drop_columns(list(_STATUS_COLUMNS))
+        if ok.count()
+        else ray.data.from_arrow(empty.drop_columns(list(_STATUS_COLUMNS)))
+    )
+    rejected = (
+        bad.map_batches(
+            rejected_rows, fn_kwargs={"id_column": id_column}, batch_format="pyarrow", zero_copy_batch=True
+        )
+        if bad.count()
+        else ray.data.from_arrow(RejectedRow.SCHEMA.empty_table())
     )
     return scored, rejected
+
+
+def _arrow_schema(ds: ray.data.Dataset) -> pa.Schema:
+    schema = ds.schema()
+    base = getattr(schema, "base_schema", schema)
+    return base if isinstance(base, pa.Schema) else pa.schema([])
+
+
+def _empty_like(ds: ray.data.Dataset) -> pa.Table:
+    return _arrow_schema(ds).empty_table()
