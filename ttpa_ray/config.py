@@ -406,7 +406,10 @@ class TTPAConfig(_Section):
         exclude: dict[str, Any] = {}
         for name in without:
             section, _, key = name.partition(".")
-            exclude[section] = {key} if key else True
+            if not key:
+                exclude[section] = True
+            elif exclude.get(section) is not True:
+                exclude.setdefault(section, set()).add(key)
         text = json.dumps(self.model_dump(mode="json", exclude=exclude), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
