@@ -39,6 +39,10 @@ def test_a_working_copy_is_pulled_and_pushed_file_by_file(s3_server: str, tmp_pa
     assert (second.local / "dialogues" / "train.parquet").read_bytes() == b"PAR1 pretend"
     assert not (second.local / "train").exists()
     assert second.push() == 0  # what was pulled is in sync
+    store.write_text(remote + "/pipeline.json", '{"stages_run": ["sft!!!!"]}')  # same size, newer
+    second.pull()
+    assert (second.local / "pipeline.json").read_text() == '{"stages_run": ["sft!!!!"]}'
+
     assert second.uri(second.local / "eval" / "report.json") == remote + "/eval/report.json"
 
 

@@ -32,6 +32,7 @@ SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs")
 CACHE = Path(os.environ.get("TTPA_CACHE", Path.home() / ".cache" / "ttpa"))
 SYNC_RECORD = ".ttpa-sync.json"  # in a working copy: what it holds that the store holds too
 RAY_STORAGE = "ray"  # a training stage's Ray Train storage folder (train/run.py)
+SMALL = 1 << 20  # bytes: files this small are always pulled again (markers, manifests, reports)
 
 
 def is_uri(target: str | os.PathLike[str]) -> bool:
@@ -135,16 +136,17 @@ class Mirror:
         return [info.st_size, info.st_mtime_ns]
 
     def pull(self) -> int:
-        """Download what the store holds and the working copy lacks (or holds in another size); the
-        number of files. Ray Train's storage (folders named ``ray``: checkpoints) stays in the store:
-        the workers read it from there."""
+        """Download what the store holds and the working copy lacks or may hold in an older version
+        (another size, or a small file such as ``pipeline.json``, which another machine may have
+        rewritten); the number of files. Ray Train's storage (folders named ``ray``: checkpoints)
+        stays in the store: the workers read it from there."""
         record = self._record()
         count = 0
         for relative, info in _files(self.fs, self.root).items():
             if RAY_STORAGE in relative.split("/")[:-1] or relative in (SYNC_RECORD, PROBE):
                 continue
             target = self.local / relative
-            if target.is_file() and target.stat().st_size == info.size:
+            if target.is_file() and target.stat().st_size == info.size and (info.size or 0) > SMALL:
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             pafs.copy_files(info.path, str(target), source_filesystem=self.fs)
