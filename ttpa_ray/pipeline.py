@@ -203,20 +203,24 @@ def stage_reverse(ctx: RunContext) -> StageReport:
     )
 
 
-def _sample(ctx: RunContext, config: TTPAConfig, out_dir: Path, label: str) -> StageReport:
-    """Sample candidates of the training turns from the policy being aligned, with ``config.tps``."""
+def sample_turns(
+    ctx: RunContext, config: TTPAConfig, out_dir: Path, label: str, dialogues: list[Dialogue] | None = None
+) -> StageReport:
+    """Sample candidates of the training turns (or of ``dialogues``, as `ttpa sample` picks them) from
+    the policy being aligned, with ``config.tps``."""
     from ttpa_ray.tps import bfcl_dialogues, run_sample_stage, turns_from_dialogues
 
     init_ray(config)
-    dialogues = training_dialogues(ctx.run_dir)  # the held-out ones never reach TPS
     tps = config.tps
-    if tps.bfcl_limit:
-        dialogues += bfcl_dialogues(tps.bfcl_category, tps.bfcl_limit, start=tps.bfcl_offset)
-        if tps.allow_evaluated_bfcl:
-            ctx.console.print(
-                f"   [yellow]tps.allow_evaluated_bfcl: BFCL {tps.bfcl_category} entries from "
-                f"{tps.bfcl_offset} may also be evaluated; their results are not held out[/]"
-            )
+    if dialogues is None:
+        dialogues = training_dialogues(ctx.run_dir)  # the held-out ones never reach TPS
+        if tps.bfcl_limit:
+            dialogues += bfcl_dialogues(tps.bfcl_category, tps.bfcl_limit, start=tps.bfcl_offset)
+    if tps.bfcl_limit and tps.allow_evaluated_bfcl:
+        ctx.console.print(
+            f"   [yellow]tps.allow_evaluated_bfcl: BFCL {tps.bfcl_category} entries from "
+            f"{tps.bfcl_offset} may also be evaluated; their results are not held out[/]"
+        )
     turns, without_turns = turns_from_dialogues(dialogues)
     ctx.console.print(
         f"   {len(dialogues)} dialogues -> {len(turns)} tool-call turns ({tps.sampler} sampler)"
@@ -243,6 +247,7 @@ def _sample(ctx: RunContext, config: TTPAConfig, out_dir: Path, label: str) -> S
         records_rejected=report.rejected,
         outputs=report.outputs,
         notes={
+            "turns": len(turns),
             "candidates": report.candidates,
             "generated_tokens": report.generated_tokens,
             "reasons": report.reasons,
@@ -252,7 +257,7 @@ def _sample(ctx: RunContext, config: TTPAConfig, out_dir: Path, label: str) -> S
 
 def stage_tps(ctx: RunContext) -> StageReport:
     """Token-level preference sampling: dialogues -> turns -> candidates from the policy."""
-    return _sample(ctx, ctx.config, ctx.run_dir / "tps", "tps")
+    return sample_turns(ctx, ctx.config, ctx.run_dir / "tps", "tps")
 
 
 def training_dialogues(run_dir: Path) -> list[Dialogue]:
@@ -289,7 +294,11 @@ def _pairs(ctx: RunContext, config: TTPAConfig, sample_dir: Path, out_dir: Path,
         records_out=report.turns_paired,
         records_rejected=report.rejected,
         outputs=report.outputs,
-        notes={"pairs": report.pairs, "single_field_share": round(report.single_field_share, 3)},
+        notes={
+            "pairs": report.pairs,
+            "single_field_share": round(report.single_field_share, 3),
+            "reasons": report.reasons,
+        },
     )
 
 
@@ -389,7 +398,7 @@ def stage_sequence(ctx: RunContext) -> StageReport:
         ctx.console.print("   no TTPA pairs to match (or DPO disabled): skipped")
         return StageReport("sequence", 0, 0, 0, notes={"skipped": "no ttpa pairs"})
     config = ctx.config.model_copy(update={"tps": ctx.config.tps.model_copy(update={"sampler": "sequence"})})
-    sampled = _sample(ctx, config, ctx.run_dir / "tps-sequence", "sequence sampling")
+    sampled = sample_turns(ctx, config, ctx.run_dir / "tps-sequence", "sequence sampling")
     report = _pairs(ctx, config, ctx.run_dir / "tps-sequence", ctx.run_dir / "pairs-sequence", "sequence")
     pairs_file = ctx.run_dir / "pairs-sequence" / "pairs.parquet"
     table = pq.read_table(pairs_file)

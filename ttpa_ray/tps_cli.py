@@ -50,9 +50,9 @@ def sample_command(
     """Token-level preference sampling (or the sequence baseline, tps.sampler): dialogues -> candidates."""
     from ttpa_ray.config import TTPAConfig
     from ttpa_ray.models import ModelNotFoundError, resolve_model
-    from ttpa_ray.pipeline import init_ray
+    from ttpa_ray.pipeline import RunContext, sample_turns
     from ttpa_ray.rundir import check_not_heldout, read_split
-    from ttpa_ray.tps import SampleReport, bfcl_dialogues, read_dialogues, run_sample_stage
+    from ttpa_ray.tps import bfcl_dialogues, read_dialogues
 
     cfg = load_or_exit(config, overrides)
     if dry:
@@ -75,29 +75,21 @@ def sample_command(
             console.print(f"[red]{err}[/red]")
             raise typer.Exit(2) from None
 
-        def progress(report: SampleReport) -> None:
-            rate = report.generated_tokens / max(report.seconds, 1e-9)
-            console.print(
-                f"   sample: {report.turns_sampled}/{report.turns} turns sampled | "
-                f"{report.candidates} candidates | "
-                f"{rate:,.0f} generated tok/s | {report.seconds:,.0f} s"
-            )
-
         console.print(f"sample ({cfg.tps.sampler}): {len(found)} dialogues, policy {model}")
-        init_ray(cfg)
-        report = run_sample_stage(cfg, model, found, run_dir / "tps", progress)
+        # the pipeline's own stage code, on the dialogues picked here, with the SFT'd policy if named
+        ctx = RunContext(config=cfg, run_dir=run_dir, console=console, models={"policy": model})
+        report = sample_turns(ctx, cfg, run_dir / "tps", "sample", dialogues=found)
+        notes = report.notes
         console.print(
-            f"sample: {report.dialogues} dialogues -> {report.turns} turns -> "
-            f"{report.candidates} candidates; "
-            f"{report.rejected} rejected{_reasons(report.reasons)}; {report.seconds:.0f} s; "
+            f"sample: {len(found)} dialogues -> {notes['turns']} turns -> {notes['candidates']} "
+            f"candidates; {report.records_rejected} rejected{_reasons(notes['reasons'])}; "
             f"wrote {run_dir / 'tps'}"
         )
 
 
 def pairs_command(config: ConfigOption = None, overrides: OverridesArg = None) -> None:
     """ESM labels and the pair rule: candidates -> TRL preference pairs (+ rejected turns with reasons)."""
-    from ttpa_ray.pairs import run_pairs_stage
-    from ttpa_ray.pipeline import init_ray
+    from ttpa_ray.pipeline import RunContext, stage_pairs
 
     cfg = load_or_exit(config, overrides)
     run_dir = cfg.run.work_dir
@@ -107,14 +99,16 @@ def pairs_command(config: ConfigOption = None, overrides: OverridesArg = None) -
                 f"[red]{run_dir / 'tps' / 'turns.parquet'} not found: run `ttpa sample` first[/red]"
             )
             raise typer.Exit(2)
-        init_ray(cfg)
         try:
-            report = run_pairs_stage(cfg, run_dir / "tps", run_dir / "pairs")
+            report = stage_pairs(RunContext(config=cfg, run_dir=run_dir, console=console))
         except FileNotFoundError as err:
             console.print(f"[red]{err}[/red]")
             raise typer.Exit(2) from None
+    notes = report.notes
     console.print(
-        f"pairs: {report.turns} turns -> {report.pairs} pairs from {report.turns_paired} turns + "
-        f"{report.rejected} rejected{_reasons(report.reasons)}; {report.single_field_share:.1%} of pairs "
-        f"differ in exactly one field; wrote {report.outputs['pairs']}"
+        f"pairs: {report.records_in} sampled turns and dialogues -> {notes['pairs']} pairs from "
+        f"{report.records_out} turns + "
+        f"{report.records_rejected} rejected{_reasons(notes['reasons'])}; "
+        f"{notes['single_field_share']:.1%} of pairs differ in exactly one field; "
+        f"wrote {report.outputs['pairs']}"
     )
