@@ -68,9 +68,16 @@ def exists(target: str | os.PathLike[str]) -> bool:
 
 
 def read_text(target: str | os.PathLike[str]) -> str:
+    """A whole file. An object store's reader takes the object's size first and then its bytes: an
+    object replaced in between (``pipeline.json``, rewritten after every stage) would come back cut
+    at the old size, so a read whose length is not the object's size now is read again."""
     fs, path = resolve(target)
-    with fs.open_input_stream(path) as stream:
-        return bytes(stream.read()).decode("utf-8")
+    for _ in range(5):
+        with fs.open_input_stream(path) as stream:
+            data = bytes(stream.read())
+        if len(data) == fs.get_file_info(path).size:
+            break
+    return data.decode("utf-8")
 
 
 def write_text(target: str | os.PathLike[str], text: str) -> None:
