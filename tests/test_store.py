@@ -25,7 +25,19 @@ def test_a_working_copy_is_pulled_and_pushed_file_by_file(s3_server: str, tmp_pa
     (first.local / "dialogues" / "train.parquet").write_bytes(b"PAR1 pretend")
     (first.local / "pipeline.json").write_text('{"stages_run": []}')
     (first.local / "half.tmp").write_text("never uploaded")
-    assert first.push() == 2
+    uploaded: list[str] = []
+    real_copy = store.pafs.copy_files
+
+    def recording_copy(source: str, destination: str, **kwargs: object) -> None:
+        uploaded.append(Path(source).name)
+        real_copy(source, destination, **kwargs)  # type: ignore[arg-type]
+
+    store.pafs.copy_files = recording_copy  # type: ignore[assignment]
+    try:
+        assert first.push() == 2
+    finally:
+        store.pafs.copy_files = real_copy  # type: ignore[assignment]
+    assert uploaded[-1] == "pipeline.json"  # last: whoever sees a stage finished finds its outputs
     assert first.push() == 0  # nothing changed since
     (first.local / "pipeline.json").write_text('{"stages_run": ["reverse"]}')
     assert first.push() == 1

@@ -33,6 +33,8 @@ CACHE = Path(os.environ.get("TTPA_CACHE", Path.home() / ".cache" / "ttpa"))
 SYNC_RECORD = ".ttpa-sync.json"  # in a working copy: what it holds that the store holds too
 RAY_STORAGE = "ray"  # a training stage's Ray Train storage folder (train/run.py)
 SMALL = 1 << 20  # bytes: files this small are always pulled again (markers, manifests, reports)
+# Uploaded after everything else: a run that finds a stage finished in pipeline.json finds its outputs.
+LAST = ("pipeline.json",)
 
 
 def is_uri(target: str | os.PathLike[str]) -> bool:
@@ -168,6 +170,7 @@ class Mirror:
         record = self._record()
         base = Path(path).absolute() if path is not None else self.local
         files = [base] if base.is_file() else [p for p in base.rglob("*") if p.is_file()]
+        files.sort(key=lambda p: p.name in LAST)  # the record of finished stages goes up last
         count = 0
         for file in files:
             relative = file.relative_to(self.local).as_posix()
