@@ -76,7 +76,7 @@ def sample_command(
             raise typer.Exit(2) from None
 
         console.print(f"sample ({cfg.tps.sampler}): {len(found)} dialogues, policy {model}")
-        # the pipeline's own stage code, on the dialogues picked here, with the SFT'd policy if named
+        # the pipeline's own stage code, on the dialogues picked here; the policy is model.policy
         ctx = RunContext(config=cfg, run_dir=run_dir, console=console, models={"policy": model})
         report = sample_turns(ctx, cfg, run_dir / "tps", "sample", dialogues=found)
         notes = report.notes
