@@ -72,12 +72,16 @@ def exists(target: str | os.PathLike[str]) -> bool:
 def read_text(target: str | os.PathLike[str]) -> str:
     """A whole file. An object store's reader takes the object's size first and then its bytes: an
     object replaced in between (``pipeline.json``, rewritten after every stage) would come back cut
-    at the old size, so a read whose length is not the object's size now is read again."""
+    at the old size, so a read during which the object changed is read again. This narrows the race
+    (a reader polling a file rewritten after every stage); it cannot close it: readers of such a file
+    must still tolerate a bad read by reading again."""
     fs, path = resolve(target)
-    for _ in range(5):
+    for _ in range(10):
+        before = fs.get_file_info(path)
         with fs.open_input_stream(path) as stream:
             data = bytes(stream.read())
-        if len(data) == fs.get_file_info(path).size:
+        after = fs.get_file_info(path)
+        if len(data) == before.size == after.size and before.mtime == after.mtime:
             break
     return data.decode("utf-8")
 
