@@ -19,7 +19,7 @@ import yaml
 from ttpa_ray.config import TTPAConfig
 from ttpa_ray.replica import replica_resources
 from ttpa_ray.rundir import SPLIT_DIR
-from ttpa_ray.store import join
+from ttpa_ray.store import RAY_STORAGE, join
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def plan_run(config: TTPAConfig) -> list[StagePlan]:
         return str(config.train.output_dir / stage) if config.train.output_dir else at("train", stage)
 
     def storage(stage: str) -> str:  # Ray Train's checkpoints
-        return str(config.train.storage_path or join(train_dir(stage), "ray"))
+        return str(config.train.storage_path or join(train_dir(stage), RAY_STORAGE))
 
     models = [config.model.policy] + ([config.model.teacher] if config.model.teacher else [])
     dialogues = str(config.train.dialogues or at(SPLIT_DIR, "train.parquet"))

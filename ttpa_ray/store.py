@@ -21,7 +21,7 @@ import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -94,11 +94,7 @@ def write_text(target: str | os.PathLike[str], text: str) -> None:
         with fs.open_output_stream(path) as stream:
             stream.write(text.encode("utf-8"))
         return
-    out = Path(target)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
+    _replace(Path(target), lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def write_table(table: pa.Table, target: str | os.PathLike[str]) -> None:
@@ -106,10 +102,14 @@ def write_table(table: pa.Table, target: str | os.PathLike[str]) -> None:
     if is_uri(target):
         pq.write_table(table, str(target))
         return
-    out = Path(target)
+    _replace(Path(target), lambda tmp: pq.write_table(table, tmp))
+
+
+def _replace(out: Path, write: Callable[[Path], object]) -> None:
+    """Write ``out`` through a temporary sibling and a rename: a reader sees the old file or the new."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(table, tmp)
+    write(tmp)
     tmp.replace(out)
 
 

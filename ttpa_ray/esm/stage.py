@@ -331,7 +331,10 @@ def score_dataset(
         zero_copy_batch=True,
     ).materialize()  # scored once; both outputs read it
     # Empty outputs keep their columns (a Ray dataset with no block has no schema).
-    empty = _arrow_schema(marked).empty_table() if marked.count() else score_table(_empty_like(ds))
+    if marked.count():
+        empty = _arrow_schema(marked).empty_table()
+    else:
+        empty = score_table(_arrow_schema(ds).empty_table())
     ok = marked.filter(expr=col(STATUS_COLUMN) == _STATUS_OK).materialize()
     bad = marked.filter(expr=col(STATUS_COLUMN) == _STATUS_REJECTED).materialize()
     scored = (
@@ -353,7 +356,3 @@ def _arrow_schema(ds: ray.data.Dataset) -> pa.Schema:
     schema = ds.schema()
     base = getattr(schema, "base_schema", schema)
     return base if isinstance(base, pa.Schema) else pa.schema([])
-
-
-def _empty_like(ds: ray.data.Dataset) -> pa.Table:
-    return _arrow_schema(ds).empty_table()
