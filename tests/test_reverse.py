@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -490,3 +491,152 @@ def test_mixed_catalogue_seeds_use_both_kinds_of_tools() -> None:
     assert [bool(s.initial_config) for s in seeds] == [False, True] * 3
     for seed in seeds:
         assert (set(seed.tool_names) <= builtin) != bool(seed.initial_config)
+
+
+HOTEL = ROOT / "tests" / "fixtures" / "simulated_hotel.json"
+
+
+def test_simulated_tools_are_answered_by_a_respond_step_and_then_by_the_cache() -> None:
+    """Hand-written teacher outputs through the real transitions: a call to a simulated tool with no
+    cached response becomes a respond step (the teacher writes the response under the tool's schema);
+    the same call in another spelling later is answered from the cache without one; a response that
+    fails the schema is a failed call, not cached."""
+    config = load_config(None).reverse
+    with ToolRegistry(load_catalogue(HOTEL), isolated=False) as registry:
+        builder = ReverseBuilder(engine=None, registry=registry, config=config, teacher="scripted")  # type: ignore[arg-type]
+        seed = Seed("seed-h", ("reserve_hotel_room", "hotel_rooms"), 5, 1)
+        state = DialogueState(seed=seed, tools=[builder.specs[n] for n in seed.tool_names])
+        session = registry.session(seed.seed_id)
+        scene = {
+            "scenario": "A weekend in Oslo",
+            "information": ["Oslo", "2 nights"] * 2,
+            "tools": seed.tool_names,
+        }
+        builder.advance(state, _completion(scene), session)
+        rooms = {"name": "hotel_rooms", "arguments": {"city": "Oslo"}}
+        builder.advance(state, _completion(rooms), session)
+        assert state.phase == "respond" and state.responding == ToolCall("hotel_rooms", {"city": "Oslo"})
+        builder.advance(state, _completion({"available": "many"}), session)  # fails the schema
+        assert state.phase == "call" and state.failed_calls == 1 and not state.trajectory
+        builder.advance(state, _completion(rooms), session)
+        assert state.phase == "respond"
+        builder.advance(state, _completion({"available": 4, "cheapest_price": 95.0}), session)
+        assert state.trajectory == [
+            (ToolCall("hotel_rooms", {"city": "Oslo"}), {"available": 4, "cheapest_price": 95.0})
+        ]
+        builder.advance(
+            state,
+            _completion({"name": "reserve_hotel_room", "arguments": {"room": "double", "nights": 2}}),
+            session,
+        )
+        builder.advance(state, _completion({"booking_id": "B-17", "total": 190.0}), session)
+        builder.advance(
+            state,
+            _completion({"name": "answer", "arguments": {"answer": "Booked: B-17, 190 in all."}}),
+            session,
+        )
+        builder.advance(
+            state, _completion({"question": "Can you book me a double in Oslo for 2 nights?"}), session
+        )
+        session.close()
+
+        # Another dialogue makes the same call, arguments in another order: the cache answers it.
+        other = DialogueState(
+            seed=Seed("seed-i", ("reserve_hotel_room",), 3, 2), tools=[builder.specs["reserve_hotel_room"]]
+        )
+        other.phase, other.chosen = "call", [builder.specs["reserve_hotel_room"]]
+        with registry.session("seed-i") as second:
+            builder.advance(
+                other,
+                _completion({"name": "reserve_hotel_room", "arguments": {"nights": 2, "room": "double"}}),
+                second,
+            )
+        assert other.phase == "call" and other.trajectory[0][1] == {"booking_id": "B-17", "total": 190.0}
+
+    dialogue = state.result
+    assert isinstance(dialogue, Dialogue)
+    assert dialogue.provenance["simulated_calls"] == 2
+    assert {t.source for t in dialogue.tools} == {f"simulated:{HOTEL.stem}"}
+    assert builder.simulated == {"written": 2, "invalid": 1, "cached": 1}
+    assert registry.simulated.cache.size() == 2
+
+
+def _simulated_answers(out_dir: Path) -> dict[str, set[str]]:
+    """Every response a simulated call got in a reverse run's records (dialogues and the teacher
+    messages of rejected seeds), by cache key; a written response that failed its check is left out
+    (it was never an answer)."""
+    from ttpa_ray.tools.simulated import SimulatedCache
+
+    answers: dict[str, set[str]] = {}
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    rejected = [r for shard in manifest["shards"] for r in read_parquet(RejectedRow, shard["rejected"])]
+    conversations = [
+        [
+            {"tool_calls": [{"function": c.to_dict()} for c in m.tool_calls], "content": m.content}
+            for m in d.messages
+        ]
+        for d in read_dialogues(out_dir)
+    ] + [json.loads(r.payload).get("teacher_messages", []) for r in rejected]
+    for messages in conversations:
+        for call_message, answer in itertools.pairwise(messages):
+            for call in call_message.get("tool_calls") or []:
+                function = call["function"]
+                arguments = function["arguments"]
+                arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+                if "the simulated response of" not in str(answer["content"]):
+                    key = SimulatedCache.key(function["name"], arguments)
+                    answers.setdefault(key, set()).add(str(answer["content"]))
+    return answers
+
+
+@pytest.mark.slow
+def test_two_replicas_and_a_resumed_run_share_one_response_cache(
+    ray_cluster, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A schema-only catalogue on two replicas at once, then the run resumed with more seeds: every
+    call of a simulated tool, on whichever replica and in whichever run, got the one response cached
+    for it, and the cache's part files hold each call once."""
+    from ttpa_ray.tools.simulated import SimulatedCache
+
+    def config(seeds: int):
+        return load_config(
+            ROOT / "configs" / "local.yaml",
+            [
+                f"run.run_dir={tmp_path / 'run'}",
+                f"model.policy={tiny_model_dir}",
+                f"reverse.catalogue={HOTEL}",
+                f"reverse.num_seeds={seeds}",
+                "reverse.shard_size=2",
+                "reverse.tool_window=3",
+                "reverse.call_budget=[4,5]",
+                "reverse.repeat_tools=true",
+                "reverse.max_concurrent_dialogues=2",
+                "reverse.max_tokens=160",
+                "vllm.replicas_min=2",
+                "vllm.replicas_max=2",
+                "vllm.gpu_memory_utilization=0.1",
+            ],
+        )
+
+    out_dir = tmp_path / "run" / "reverse"
+    first = run_reverse(config(8), str(tiny_model_dir), out_dir)
+    before = _simulated_answers(out_dir)
+    markers = [json.loads(p.read_text()) for p in (out_dir / "shards").glob("*.done.json")]
+    assert len({m["replica"] for m in markers}) == 2  # both replicas built shards
+    second = run_reverse(config(12), str(tiny_model_dir), out_dir)
+    after = _simulated_answers(out_dir)
+
+    calls = sum(first.simulated[k] for k in ("cached", "written", "invalid"))
+    assert calls >= 16 and first.simulated["cached"] > 0  # repeated calls were answered from the cache
+    assert {key: len(answers) for key, answers in after.items()} == {key: 1 for key in after}
+    assert all(after[key] == answers for key, answers in before.items())  # the resumed run kept them
+    parts = sorted((out_dir / "simulated").glob("part-*.jsonl"))
+    keys = [json.loads(line)["key"] for part in parts for line in part.read_text().splitlines()]
+    assert (
+        len(keys)
+        == len(set(keys))
+        == second.simulated["cache_size"]
+        == SimulatedCache(out_dir / "simulated").size()
+    )
+    assert second.simulated["cached"] > first.simulated["cached"]
+    assert second.seeds == 12 == second.dialogues + second.rejected

@@ -1,8 +1,9 @@
-"""Simulated tools: the ToolBench-style catalogue loader and the (tool, canonical arguments) cache.
+"""Simulated tools: the catalogue loaders, the response check and the (tool, canonical arguments) cache.
 
 The writer here is a small deterministic function that builds its response from its inputs; it is
-not a stand-in for an LLM's behaviour (the LLM writer lands with the reverse stage), it makes the
-cache's behaviour observable: how often a response is written, and from what.
+not a stand-in for an LLM's behaviour (the teacher writes responses in the reverse stage, tested in
+test_reverse.py on a real engine), it makes the cache's behaviour observable: how often a response
+is written, and from what.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def test_invalid_arguments_never_reach_the_writer(catalogue_file: Path) -> None:
 
 
 def test_the_cache_file_answers_in_a_later_run_without_a_writer(catalogue_file: Path, tmp_path: Path) -> None:
-    cache_path = tmp_path / "cache" / "responses.jsonl"
+    cache_path = tmp_path / "cache"
     name = "current_weather_data_for_open_weather_map"
     with ToolRegistry(
         load_catalogue(catalogue_file), writer=RecordingWriter(), cache=SimulatedCache(cache_path)
@@ -158,3 +159,106 @@ def test_a_failing_writer_is_a_tool_error(catalogue_file: Path) -> None:
         "the response writer failed for 'current_weather_data_for_open_weather_map': "
         "TimeoutError: replica busy"
     )
+
+
+def test_the_cache_folder_on_a_bucket_keeps_the_first_response_of_each_call(s3_server: str) -> None:
+    """Part files on a real S3 server: each flush adds one, a reload answers as before, the first
+    response stored for a call is the one kept."""
+    from conftest import make_bucket
+
+    folder = make_bucket("sim-cache") + "/run/reverse/simulated"
+    first = SimulatedCache(folder)
+    assert first.put("lookup", {"q": "a", "n": 1}, '{"found": 1}') == '{"found": 1}'
+    assert first.put("lookup", {"n": 1.0, "q": "a"}, '{"found": 2}') == '{"found": 1}'  # same call
+    assert first.flush() == 1 and first.flush() == 0
+    first.put("lookup", {"q": "b"}, '{"found": 3}')
+    assert first.flush() == 1
+    again = SimulatedCache(folder)
+    assert again.size() == 2 and again.get("lookup", {"q": "a", "n": 1}) == '{"found": 1}'
+    assert again.responses("lookup") == ['{"found": 1}', '{"found": 3}']
+
+
+def test_bfcl_simulated_is_bfcl_without_the_code_and_real_responses_fit_its_schemas() -> None:
+    """The same tools as the executable environments, with the docs' response schemas; a real
+    environment's responses pass them (so the schema mapping is right), a wrong one does not."""
+    from ttpa_ray.tools.simulated import check_response
+
+    simulated = load_catalogue("bfcl-simulated")
+    executable = load_catalogue("bfcl")
+    assert simulated.names == executable.names and len(simulated) > 100
+    assert {s.source for s in simulated.tools()} >= {
+        "simulated:bfcl:GorillaFileSystem",
+        "simulated:bfcl:MathAPI",
+    }
+    real_calls = [("ls", {}), ("pwd", {}), ("add", {"a": 2, "b": 3}), ("mean", {"numbers": [1, 2, 4]})]
+    with ToolRegistry(executable, isolated=False) as run, ToolRegistry(simulated, isolated=False) as sim:
+        for name, arguments in real_calls:
+            result = run.call(name, arguments)
+            assert result.ok, result
+            tool = sim.simulated_tool(name)
+            assert tool is not None and tool.response_schema is not None
+            assert check_response(tool, json.dumps(result.content)) == (result.content, None)
+    content, problem = check_response(sim.simulated_tool("add"), '{"result": "five"}')
+    assert content is None and problem == (
+        "the simulated response of 'add' fails its schema at result: 'five' is not of type 'number'"
+    )
+
+
+def test_written_responses_are_checked_and_only_valid_ones_cached(tmp_path: Path) -> None:
+    """A response that fails the tool's response schema or is not JSON is a tool error and not
+    cached; ``{"error": ...}`` is the tool reporting a failure: cached, and the same every time."""
+    path = tmp_path / "tools.json"
+    entry = {
+        "name": "room_price",
+        "parameters": {"type": "object", "properties": {"room": {"type": "string"}}, "required": ["room"]},
+        "response": {"type": "object", "properties": {"price": {"type": "number"}}, "required": ["price"]},
+    }
+    path.write_text(json.dumps([entry]), encoding="utf-8")
+
+    class Scripted:
+        def __init__(self, texts: list[str]) -> None:
+            self.texts = texts
+
+        def write(self, tool_spec: ToolSpec, arguments: Mapping[str, Any], examples: Sequence[str]) -> str:
+            return self.texts.pop(0)
+
+    writer = Scripted(['{"price": "cheap"}', "not json", '{"price": 80}', '{"error": "no such room"}'])
+    with ToolRegistry(load_catalogue(path), writer=writer) as registry:
+        wrong = registry.call("room_price", {"room": "single"})
+        broken = registry.call("room_price", {"room": "single"})
+        good = registry.call("room_price", {"room": "single"})
+        again = registry.call("room_price", {"room": "single"})
+        missing = registry.call("room_price", {"room": "suite"})
+        missing_again = registry.call("room_price", {"room": "suite"})
+        assert registry.simulated.cache.size() == 2
+    assert not wrong.ok and "fails its schema at price: 'cheap' is not of type 'number'" in str(wrong.error)
+    assert not broken.ok and "is not JSON" in str(broken.error)
+    assert good.ok and good.content == {"price": 80} and again.content == good.content
+    assert not missing.ok and missing.error == missing_again.error == "no such room"
+    assert writer.texts == []
+
+
+def test_a_bad_response_schema_is_a_load_error_naming_the_tool(tmp_path: Path) -> None:
+    path = tmp_path / "tools.json"
+    good = {"name": "lookup", "parameters": {"type": "object", "properties": {}}}
+    bad = {**good, "name": "broken", "response": {"type": "dict"}}
+    path.write_text(json.dumps([good, bad]), encoding="utf-8")
+    tools, errors = load_simulated_catalogue(path)
+    assert [t.spec.name for t in tools] == ["lookup"]
+    assert [(e.function, e.message.split(":")[0]) for e in errors] == [("broken", "bad response schema")]
+
+
+def test_training_on_simulated_tools_the_evaluation_uses_is_refused() -> None:
+    """BFCL's travel and trading environments share tool names with its AST categories."""
+    from ttpa_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, ["reverse.catalogue=bfcl-simulated:TravelAPI,GorillaFileSystem"])
+    (line,) = [line for line in str(refused.value).splitlines() if "book_flight" in line]  # one line
+    assert "simulates 1 tool(s) that eval.categories" in line and "also evaluate (book_flight)" in line
+    fine = load_config(None, ["reverse.catalogue=bfcl-simulated:GorillaFileSystem,TicketAPI"])
+    assert fine.reverse.catalogue == "bfcl-simulated:GorillaFileSystem,TicketAPI"
+    narrowed = load_config(
+        None, ["reverse.catalogue=bfcl-simulated:TravelAPI", "eval.categories=[irrelevance]"]
+    )
+    assert narrowed.eval.categories == ["irrelevance"]

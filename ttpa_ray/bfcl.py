@@ -60,7 +60,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def _map_schema(schema: Any) -> Any:
+def json_schema(schema: Any) -> Any:
     """A copy of a JSON schema node with BFCL's type names mapped, recursively."""
     if not isinstance(schema, dict):
         return schema
@@ -69,11 +69,11 @@ def _map_schema(schema: Any) -> Any:
         if key == "type" and isinstance(value, str):
             out[key] = BFCL_TYPE_NAMES.get(value, value)
         elif key == "properties" and isinstance(value, dict):
-            out[key] = {name: _map_schema(sub) for name, sub in value.items()}
+            out[key] = {name: json_schema(sub) for name, sub in value.items()}
         elif key in ("items", "additionalProperties"):
-            out[key] = [_map_schema(s) for s in value] if isinstance(value, list) else _map_schema(value)
+            out[key] = [json_schema(s) for s in value] if isinstance(value, list) else json_schema(value)
         elif key in ("anyOf", "oneOf", "allOf") and isinstance(value, list):
-            out[key] = [_map_schema(s) for s in value]
+            out[key] = [json_schema(s) for s in value]
         else:
             out[key] = value
     return out
@@ -82,7 +82,7 @@ def _map_schema(schema: Any) -> Any:
 def to_openai_tool(func_doc: dict[str, Any]) -> dict[str, Any]:
     """``{"type": "function", "function": {name, description, parameters}}`` from a BFCL function doc."""
     function: dict[str, Any] = {"name": func_doc["name"], "description": func_doc.get("description", "")}
-    function["parameters"] = _map_schema(func_doc.get("parameters") or {"type": "dict", "properties": {}})
+    function["parameters"] = json_schema(func_doc.get("parameters") or {"type": "dict", "properties": {}})
     return {"type": "function", "function": function}
 
 

@@ -6,6 +6,7 @@ value raises :class:`ConfigError` whose message names the key and what is allowe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import typing
@@ -107,14 +108,31 @@ def _existing(path: Path | None) -> Path | None:
 
 
 def _check_catalogue(ref: str) -> str:
-    """Each ``+`` part names a catalogue: builtin, bfcl[:Class,...], or an existing folder or JSON file."""
+    """Each ``+`` part names a catalogue: builtin, bfcl[:Class,...], bfcl-simulated[:Class,...], or an
+    existing folder or JSON file."""
     if Path(ref).exists():
         return ref
     for part in ref.split("+"):
-        known = part in ("builtin", "bfcl") or part.startswith("bfcl:")
+        known = part in ("builtin", "bfcl", "bfcl-simulated") or part.startswith(("bfcl:", "bfcl-simulated:"))
         if not known and not Path(part).exists():
-            raise ValueError(f"{part!r} is not builtin, bfcl[:Class,...] or an existing folder or JSON file")
+            raise ValueError(
+                f"{part!r} is not builtin, bfcl[:Class,...], bfcl-simulated[:Class,...] or an existing "
+                "folder or JSON file"
+            )
     return ref
+
+
+def _simulated_parts(ref: str) -> list[str]:
+    """The parts of a catalogue reference whose tools are simulated."""
+    parts = [ref] if Path(ref).exists() else ref.split("+")
+    return [p for p in parts if p.startswith("bfcl-simulated") or p.lower().endswith(".json")]
+
+
+@functools.cache
+def _evaluated_tool_names(categories: tuple[str, ...]) -> frozenset[str]:
+    from ttpa_ray.bfcl import load_entries
+
+    return frozenset(f["name"] for c in categories for e in load_entries(c) for f in e.functions)
 
 
 class VLLMConfig(_Section):
@@ -397,6 +415,27 @@ class TTPAConfig(_Section):
                 f"{tps.bfcl_category} entries [{start}, {overlap_end}) would be trained on (tps.bfcl_offset "
                 f"{start}, tps.bfcl_limit {tps.bfcl_limit}) and evaluated (eval.limit_per_category "
                 f"{evaluated}): {fix}, or set tps.allow_evaluated_bfcl=true to train on them anyway"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _simulated_tools_not_evaluated(self) -> TTPAConfig:
+        """Training on simulated calls of a tool the evaluation asks for teaches the simulator's idea
+        of that tool to the model graded on it: such a config is refused."""
+        parts = _simulated_parts(self.reverse.catalogue)
+        if not parts or not self.eval.categories:
+            return self
+        from ttpa_ray.tools.registry import load_catalogue
+
+        simulated = {name for part in parts for name in load_catalogue(part).names}
+        overlap = sorted(simulated & _evaluated_tool_names(tuple(self.eval.categories)))
+        if overlap:
+            shown = ", ".join(overlap[:8]) + (" ..." if len(overlap) > 8 else "")
+            raise ValueError(
+                f"reverse.catalogue {self.reverse.catalogue!r} simulates {len(overlap)} tool(s) that "
+                f"eval.categories {list(self.eval.categories)} also evaluate ({shown}): drop them from "
+                "the catalogue (for BFCL's, name the classes: bfcl-simulated:Class,...) or those categories "
+                "from eval.categories"
             )
         return self
 

@@ -101,14 +101,18 @@ def replica_resources(vllm: VLLMConfig) -> dict[str, Any]:
     return resources
 
 
-def replica_pool(vllm: VLLMConfig) -> dict[str, Any]:
+def replica_pool(vllm: VLLMConfig, *, one_batch_each: bool = False) -> dict[str, Any]:
     """``map_batches`` arguments of every replica pool: an actor pool autoscaling between
     replicas_min and replicas_max, each actor with :func:`replica_resources`, restarted (and its
-    batch retried) up to ``vllm.max_restarts`` times."""
+    batch retried) up to ``vllm.max_restarts`` times. ``one_batch_each``: no batch is queued on a
+    busy replica (for long batches, which an idle or starting replica should take instead)."""
     import ray.data
 
+    in_flight = {"max_tasks_in_flight_per_actor": 1} if one_batch_each else {}
     return {
-        "compute": ray.data.ActorPoolStrategy(min_size=vllm.replicas_min, max_size=vllm.replicas_max),
+        "compute": ray.data.ActorPoolStrategy(
+            min_size=vllm.replicas_min, max_size=vllm.replicas_max, **in_flight
+        ),
         # Ray 2.60 takes these through ray_remote_args (its default is to restart forever)
         "max_restarts": vllm.max_restarts,
         "max_task_retries": vllm.max_restarts,

@@ -9,9 +9,11 @@ dialogue that finishes is replaced at once by the next seed, so no dialogue wait
 
 Per dialogue: (1) scene simulation: scenario, 4-7 information items and the related tools, as JSON;
 (2) one tool call at a time, schema-constrained, EXECUTED through the registry and its real result
-appended; control tools ``answer`` and ``restart``; nudges as the call budget runs out, and only
-``answer`` allowed once it is spent; (3) the question, written from scenario, answer and tools used;
-(4) the record: system, user question, assistant tool calls with their results, assistant answer.
+appended (a simulated tool's response, when no earlier call cached it, is written by the same teacher
+in a ``respond`` step under the tool's response schema: :mod:`ttpa_ray.tools.simulated`); control
+tools ``answer`` and ``restart``; nudges as the call budget runs out, and only ``answer`` allowed
+once it is spent; (3) the question, written from scenario, answer and tools used; (4) the record:
+system, user question, assistant tool calls with their results, assistant answer.
 
 Quality filters (reasons of rejected rows): ``no_successful_call``, ``too_few_tools`` (fewer than
 two distinct tools), ``restart``, ``question_names_tool``, ``answer_ungrounded`` (the answer uses no
@@ -28,8 +30,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
+import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
@@ -51,6 +55,7 @@ from ttpa_ray.engine import (
     tool_call_schema,
 )
 from ttpa_ray.records import Dialogue, Message, RejectedRow, ToolSpec, reject, to_table
+from ttpa_ray.tools.simulated import SimulatedCache, response_request
 
 STAGE = "reverse"
 SYSTEM_PROMPT = "You are a helpful assistant that can use tools. Call tools when needed, then answer."
@@ -242,7 +247,7 @@ class DialogueState:
 
     seed: Seed
     tools: list[ToolSpec]
-    phase: str = "scene"  # scene -> call -> question -> done
+    phase: str = "scene"  # scene -> call (<-> respond, a simulated tool's response) -> question -> done
     scenario: str = ""
     information: list[str] = field(default_factory=list)
     chosen: list[ToolSpec] = field(default_factory=list)
@@ -260,6 +265,7 @@ class DialogueState:
     call_prompt: list[int] = field(default_factory=list)
     call_name: str = ""
     call_head: list[int] = field(default_factory=list)
+    responding: ToolCall | None = None  # the simulated call whose response the teacher is writing
     result: Dialogue | RejectedRow | None = None
 
 
@@ -277,6 +283,8 @@ class ReverseBuilder:
         self.busy_seconds = 0.0
         self.generated_tokens = 0
         self.requests = 0  # teacher steps sent to the engine
+        # Calls of simulated tools: answered from the cache, written by the teacher, written invalid.
+        self.simulated: Counter[str] = Counter()
         self._pending: deque[Seed] = deque()
         self._finished: dict[str, Dialogue | RejectedRow] = {}
         self._on_done: Callable[[Seed, Dialogue | RejectedRow], None] | None = None
@@ -435,8 +443,21 @@ class ReverseBuilder:
         }
         return self.engine.render(messages), {"json": schema}
 
+    def _respond_request(self, state: DialogueState) -> tuple[list[int], dict[str, Any]]:
+        """A simulated tool's response to the pending call (:func:`.simulated.response_request`)."""
+        assert state.responding is not None
+        call, simulated = state.responding, self.registry.simulated
+        tool = self.registry.simulated_tool(call.name)
+        messages, schema = response_request(tool, call.arguments, simulated.examples(tool), state.scenario)
+        return self.engine.render(messages), {"json": schema}
+
     def _request(self, state: DialogueState) -> tuple[list[int], Any]:
-        make = {"scene": self._scene_request, "call": self._call_request, "question": self._question_request}
+        make = {
+            "scene": self._scene_request,
+            "call": self._call_request,
+            "respond": self._respond_request,
+            "question": self._question_request,
+        }
         prompt, constraint = make[state.phase](state)
         step_seed = int.from_bytes(
             hashlib.sha256(f"{state.seed.rng_seed}/{state.step}".encode()).digest()[:4], "big"
@@ -525,6 +546,13 @@ class ReverseBuilder:
                 self._parse_failed(state, "tool call", text)
                 return
             self._take_call(state, parsed.calls[0], session)
+        elif state.phase == "respond":
+            call, state.responding, state.phase = state.responding, None, "call"
+            assert call is not None
+            tool = self.registry.simulated_tool(call.name)
+            failure = self.registry.simulated.answer(tool, call.arguments, completion.text)
+            self.simulated["invalid" if failure else "written"] += 1
+            self._take_call(state, call, session, responded=True, failure=failure)
         elif state.phase == "question":
             try:
                 state.question = str(json.loads(text, strict=False)["question"]).strip()
@@ -533,8 +561,18 @@ class ReverseBuilder:
                 return
             self._finish(state)
 
-    def _take_call(self, state: DialogueState, call: ToolCall, session: Any) -> None:
-        """A parsed call: a control tool ends the calls; any other tool is executed for real."""
+    def _take_call(
+        self,
+        state: DialogueState,
+        call: ToolCall,
+        session: Any,
+        *,
+        responded: bool = False,
+        failure: Any = None,
+    ) -> None:
+        """A parsed call: a control tool ends the calls; any other tool is executed for real, or for a
+        simulated tool with no cached response, its response is written first (the ``respond`` step,
+        after which ``responded``; ``failure``: the written response was not valid)."""
         if call.name == RESTART_TOOL.name:
             self._reject(state, "restart", f"the teacher restarted after {state.calls_made} calls")
             return
@@ -542,8 +580,11 @@ class ReverseBuilder:
             state.answer = str(call.arguments.get("answer", ""))
             self._finish_calls(state)
             return
+        if not responded and self._needs_response(call):
+            state.responding, state.phase = call, "respond"
+            return
         state.calls_made += 1
-        result = session.call(call.name, call.arguments)
+        result = failure or session.call(call.name, call.arguments)
         content = result.to_message_content()
         call_id = f"call_{state.calls_made}"
         state.teacher_messages.append(
@@ -558,6 +599,15 @@ class ReverseBuilder:
             state.trajectory.append((call, result.content))
         else:
             state.failed_calls += 1
+
+    def _needs_response(self, call: ToolCall) -> bool:
+        """Whether a call is to a simulated tool, valid, and not answered yet (a cached call is counted)."""
+        if self.registry.simulated_tool(call.name) is None or self.registry.refuse(call.name, call.arguments):
+            return False
+        if self.registry.simulated.cache.get(call.name, call.arguments) is not None:
+            self.simulated["cached"] += 1
+            return False
+        return True
 
     def _finish_calls(self, state: DialogueState) -> None:
         """After `answer`: the filters that need no question, then question generation."""
@@ -610,6 +660,10 @@ class ReverseBuilder:
                 "failed_calls": state.failed_calls,
                 "information": state.information,
                 "generated_tokens": state.generated_tokens,
+                # calls whose response the simulator wrote (their tools' sources say simulated:...)
+                "simulated_calls": sum(
+                    1 for call, _ in state.trajectory if self.registry.simulated_tool(call.name)
+                ),
             },
             status="ok",
         )
@@ -743,20 +797,23 @@ def shard_paths(out_dir: str | Path, shard_id: str) -> dict[str, str]:
 
 
 SHARD_SUMMARY_KEYS = ("shard_id", "dialogues", "rejected", "tokens", "seconds", "busy", "reasons")
+SIMULATED_KEYS = ("cached", "written", "invalid")  # calls of simulated tools, by how they were answered
 
 
 class ReverseReplica:
     """Ray Data actor: one teacher engine + tool registry; each input row is one shard of seeds."""
 
-    def __init__(self, model: str, config: dict[str, Any], out_dir: str) -> None:
+    def __init__(self, model: str, config: dict[str, Any], out_dir: str, cache: Any = None) -> None:
         from ttpa_ray.tools.registry import ToolRegistry, load_catalogue
+        from ttpa_ray.tools.simulated import cache_of
 
         self.config = TTPAConfig.model_validate(config)
         self.out_dir = out_dir
         self.engine = Engine(
             model, self.config.vllm, dtype=self.config.model.dtype, seed=self.config.run.seed
         )
-        self.registry = ToolRegistry(load_catalogue(self.config.reverse.catalogue))
+        # cache: the run's simulated-response cache actor (shared by every replica), if it has one
+        self.registry = ToolRegistry(load_catalogue(self.config.reverse.catalogue), cache=cache_of(cache))
         self.teacher = model
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -790,7 +847,8 @@ class ReverseReplica:
         results: dict[str, dict[str, Dialogue | RejectedRow]] = {shard_id: {} for shard_id in shards}
         written: dict[str, dict[str, Any]] = {}
         start = time.perf_counter()
-        marks = {"tokens": 0, "requests": 0, "busy": 0.0, "time": start}  # totals at the last shard written
+        marks: dict[str, Any] = {"tokens": 0, "requests": 0, "busy": 0.0, "time": start}
+        marks["simulated"] = Counter()  # totals at the last shard written
 
         def on_done(seed: Seed, result: Dialogue | RejectedRow) -> None:
             shard_id = shard_of[seed.seed_id]
@@ -804,12 +862,14 @@ class ReverseReplica:
                 "requests": builder.requests - int(marks["requests"]),
                 "busy": builder.busy_seconds - marks["busy"],
                 "seconds": now - marks["time"],
+                "simulated": {k: builder.simulated[k] - marks["simulated"][k] for k in SIMULATED_KEYS},
             }
             marks.update(
                 tokens=builder.generated_tokens,
                 requests=builder.requests,
                 busy=builder.busy_seconds,
                 time=now,
+                simulated=Counter(builder.simulated),
             )
             ordered = [results[shard_id][s.seed_id] for s in shards[shard_id]]
             written[shard_id] = self._write_shard(shard_id, shards[shard_id], ordered, usage)
@@ -827,6 +887,7 @@ class ReverseReplica:
         # half-written shard behind, nor a marker without its shard.
         for key, records, cls in (("dialogues", dialogues, Dialogue), ("rejected", rejected, RejectedRow)):
             store.write_table(to_table(records, cls), paths[key])
+        self.registry.simulated.cache.flush()  # the responses these dialogues got outlive the run
         done = {
             "shard_id": shard_id,
             "dialogues": len(dialogues),
@@ -834,6 +895,7 @@ class ReverseReplica:
             **usage,
             "reasons": dict(Counter(r.reason for r in rejected)),
             "seed_ids": [s.seed_id for s in seeds],
+            "replica": f"{socket.gethostname()}:{os.getpid()}",  # who built it
         }
         store.write_text(paths["done"], json.dumps(done))
         return done
@@ -857,6 +919,8 @@ class ReverseReport:
     seconds: float
     busy_fraction: float
     out_dir: str
+    # calls of simulated tools by how they were answered (SIMULATED_KEYS), and the cache's size
+    simulated: dict[str, int] = field(default_factory=dict)
 
 
 def _shards(seeds: Sequence[Seed], size: int) -> list[tuple[str, list[Seed]]]:
@@ -907,7 +971,8 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
     import ray
 
     from ttpa_ray.replica import replica_pool
-    from ttpa_ray.tools.registry import load_catalogue
+    from ttpa_ray.tools.registry import SimulatedBinding, load_catalogue
+    from ttpa_ray.tools.simulated import shared_cache
 
     catalogue = load_catalogue(config.reverse.catalogue)
     if not catalogue.names:
@@ -920,7 +985,10 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
     shards_at = store.shared(out_dir)
     todo = [(sid, s) for sid, s in shards if not store.exists(shard_paths(shards_at, sid)["done"])]
     start = time.perf_counter()
+    simulated = any(isinstance(b, SimulatedBinding) for b in catalogue.bindings.values())
+    cache_at = store.join(shards_at, "simulated")  # the simulated-response cache's part files
     if todo:
+        cache = shared_cache(cache_at) if simulated else None
         vllm = config.vllm
         rows = [{"shard_id": sid, "seeds": json.dumps([x.to_json() for x in s])} for sid, s in todo]
         per_call = shards_per_call(config, len(todo))
@@ -930,10 +998,11 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
                 "model": store.shared(teacher),
                 "config": config.model_dump(mode="json"),
                 "out_dir": shards_at,
+                "cache": cache,
             },
             batch_size=per_call,
             batch_format="numpy",
-            **replica_pool(vllm),
+            **replica_pool(vllm, one_batch_each=True),  # a batch is several shards: minutes on a GPU
         )
         watcher = _ShardWatcher(shards_at, [sid for sid, _ in todo], progress)
         watcher.start()
@@ -941,9 +1010,12 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
             finished = sum(1 for _ in ds.iter_rows())  # a row per shard, once its replica call returns
         finally:
             watcher.stop()
+            if cache is not None:
+                ray.kill(cache)
         if finished != len(todo):
             raise RuntimeError(f"reverse: {finished} shard rows came back for {len(todo)} shards")
-    return write_manifest(out_dir, seeds, shards, time.perf_counter() - start, shards_at)
+    seconds = time.perf_counter() - start
+    return write_manifest(out_dir, seeds, shards, seconds, shards_at, cache_at if simulated else None)
 
 
 class _ShardWatcher:
@@ -994,11 +1066,14 @@ def write_manifest(
     shards: Sequence[tuple[str, list[Seed]]],
     seconds: float,
     shards_at: str | None = None,
+    cache_at: str | None = None,
 ) -> ReverseReport:
     """Check every seed ended as one dialogue or one rejected row, and write manifest.json (in
-    ``out_dir``; the shards are in ``shards_at``, by default the same)."""
+    ``out_dir``; the shards are in ``shards_at``, by default the same; the simulated-response cache,
+    if the catalogue has simulated tools, in ``cache_at``)."""
     shards_at = shards_at or str(out_dir)
     reasons: Counter[str] = Counter()
+    simulated: Counter[str] = Counter()
     seen: Counter[str] = Counter()
     dialogues = rejected = tokens = 0
     busy = total = 0.0
@@ -1010,6 +1085,7 @@ def write_manifest(
         busy += done["busy"]
         total += done["seconds"]
         reasons.update(done["reasons"])
+        simulated.update(done.get("simulated", {}))
         seen.update(done["seed_ids"])
     duplicated = [s for s, n in seen.items() if n > 1]
     missing = [s.seed_id for s in seeds if s.seed_id not in seen]
@@ -1027,6 +1103,7 @@ def write_manifest(
         seconds=seconds,
         busy_fraction=busy / total if total else 0.0,
         out_dir=str(out_dir),
+        simulated={**simulated, "cache_size": SimulatedCache(cache_at).size()} if cache_at else {},
     )
     manifest = {
         "stage": STAGE,

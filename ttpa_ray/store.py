@@ -69,6 +69,14 @@ def exists(target: str | os.PathLike[str]) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def files(folder: str | os.PathLike[str]) -> list[str]:
+    """The files directly in a folder (a local path or a URI), sorted by name; none if it is absent."""
+    fs, path = resolve(folder)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    names = sorted(info.base_name for info in infos if info.type == pafs.FileType.File)
+    return [join(folder, name) for name in names]
+
+
 def read_text(target: str | os.PathLike[str]) -> str:
     """A whole file. An object store's reader takes the object's size first and then its bytes: an
     object replaced in between (``pipeline.json``, rewritten after every stage) would come back cut

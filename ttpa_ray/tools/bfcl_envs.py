@@ -6,7 +6,8 @@ web-search environments need packages that are not installed and are left out.
 
 - Specs come from ``bfcl_eval/data/multi_turn_func_doc/*.json`` through :func:`ttpa_ray.bfcl.to_openai_tool`,
   the mapping the ESM scorer uses for the same docs (dict -> object, float -> number, tuple -> array;
-  defaults kept; the ``response`` schema dropped). A doc without a method on its class is a load error.
+  defaults kept); the doc's ``response`` schema, mapped the same way, is kept for the simulated versions
+  (``bfcl-simulated``, :mod:`ttpa_ray.tools.simulated`). A doc without a method on its class is a load error.
 - Execution is stateful: one object per class and per dialogue (a session of the registry), created on
   the session's first call to that class and given its state with ``_load_scenario(initial_config[Class])``,
   where an initial config is the ``initial_config`` of a BFCL multi-turn entry (:func:`load_scenarios`).
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
-from ttpa_ray.bfcl import BfclDataError, data_dir, to_openai_tool
+from ttpa_ray.bfcl import BfclDataError, data_dir, json_schema, to_openai_tool
 from ttpa_ray.records import ToolSpec
 from ttpa_ray.tools.sandbox import EnvironmentSpec
 from ttpa_ray.tools.spec import LoadError, check_parameters_schema
@@ -68,6 +69,7 @@ class BfclTool:
 
     spec: ToolSpec
     class_name: str
+    response: dict[str, Any] | None = None  # the doc's response schema (JSON-schema types)
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,8 @@ def load_bfcl_tools(classes: Sequence[str] | None = None) -> tuple[list[BfclTool
             except ValueError as exc:
                 errors.append(LoadError(str(path), name, f"bad schema: {exc}"))
                 continue
-            tools.append(BfclTool(spec=spec, class_name=class_name))
+            response = json_schema(doc["response"]) if isinstance(doc.get("response"), dict) else None
+            tools.append(BfclTool(spec=spec, class_name=class_name, response=response))
     for error in errors:
         logger.warning("tool not loaded: %s", error)
     return tools, errors

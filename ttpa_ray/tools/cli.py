@@ -78,7 +78,9 @@ def call(
     bfcl_entry: Annotated[
         str | None, typer.Option(help="BFCL multi-turn entry whose initial state to start from")
     ] = None,
-    cache: Annotated[Path | None, typer.Option(help="simulated-response cache file (JSONL)")] = None,
+    cache: Annotated[
+        Path | None, typer.Option(help="simulated-response cache folder (e.g. <run_dir>/reverse/simulated)")
+    ] = None,
 ) -> None:
     """Call one tool and print its ToolResult as JSON (exit code 1 when the call failed)."""
     try:

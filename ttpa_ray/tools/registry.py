@@ -48,6 +48,7 @@ from ttpa_ray.tools.simulated import (
     SimulatedCache,
     SimulatedExecutor,
     SimulatedTool,
+    load_bfcl_simulated,
     load_simulated_catalogue,
 )
 from ttpa_ray.tools.spec import LoadError, ToolResult, validate_arguments
@@ -77,6 +78,11 @@ class SimulatedBinding:
     """A tool answered by the simulated-response cache and writer."""
 
     tool: SimulatedTool
+
+    @property
+    def class_name(self) -> str | None:
+        """The BFCL environment a bfcl-simulated tool stands for (seeds group tools by it)."""
+        return self.tool.class_name
 
 
 Binding = ModuleBinding | BfclBinding | SimulatedBinding
@@ -141,8 +147,9 @@ class Catalogue:
 
 
 def load_catalogue(ref: str | Path, bfcl_classes: Sequence[str] | None = None) -> Catalogue:
-    """Load a catalogue: ``"builtin"``, ``"bfcl"`` (or ``"bfcl:GorillaFileSystem,TravelAPI"``), a folder
-    of tool modules, or a simulated-tool JSON file (ToolBench style); ``"a+b"`` merges catalogues.
+    """Load a catalogue: ``"builtin"``, ``"bfcl"`` (or ``"bfcl:GorillaFileSystem,TravelAPI"``), the same
+    environments schema-only (``"bfcl-simulated[:Class,...]"``), a folder of tool modules, or a
+    simulated-tool JSON file (ToolBench style); ``"a+b"`` merges catalogues.
 
     Bad tools never stop the load: they are in ``Catalogue.errors`` (each also logged on one line).
     Raises ``ValueError`` / ``FileNotFoundError`` for a reference that names no catalogue at all.
@@ -157,6 +164,14 @@ def load_catalogue(ref: str | Path, bfcl_classes: Sequence[str] | None = None) -
         catalogue.errors.extend(errors)
         for tool in tools:
             catalogue.add(tool.spec, ModuleBinding(tool.target), "builtin")
+        return catalogue
+    if text == "bfcl-simulated" or text.startswith("bfcl-simulated:"):
+        names = [n.strip() for n in text.removeprefix("bfcl-simulated").lstrip(":").split(",") if n.strip()]
+        catalogue = Catalogue(text)
+        simulated, errors = load_bfcl_simulated(names or bfcl_classes)
+        catalogue.errors.extend(errors)
+        for sim in simulated:
+            catalogue.add(sim.spec, SimulatedBinding(sim), "bfcl-simulated")
         return catalogue
     if text == "bfcl" or text.startswith("bfcl:"):
         classes = bfcl_classes
@@ -184,8 +199,8 @@ def load_catalogue(ref: str | Path, bfcl_classes: Sequence[str] | None = None) -
             catalogue.add(sim.spec, SimulatedBinding(sim), str(path))
         return catalogue
     raise ValueError(
-        f"no tool catalogue at {text!r}: use 'builtin', 'bfcl' (or 'bfcl:Class,...'), a folder of tool "
-        "modules, or a ToolBench-style .json file"
+        f"no tool catalogue at {text!r}: use 'builtin', 'bfcl' (or 'bfcl:Class,...'), 'bfcl-simulated' (or "
+        "'bfcl-simulated:Class,...'), a folder of tool modules, or a ToolBench-style .json file"
     )
 
 
@@ -214,7 +229,7 @@ class ToolRegistry:
         *,
         isolated: bool = True,
         writer: ResponseWriter | None = None,
-        cache: SimulatedCache | None = None,
+        cache: Any = None,
     ) -> None:
         self.catalogue = catalogue
         self.config = config or SandboxConfig()
@@ -237,6 +252,11 @@ class ToolRegistry:
     def load_errors(self) -> list[LoadError]:
         """What the catalogue could not load."""
         return list(self.catalogue.errors)
+
+    def simulated_tool(self, name: str) -> SimulatedTool | None:
+        """The simulated tool of that name (None: no such tool, or one that really runs)."""
+        binding = self.catalogue.bindings.get(name)
+        return binding.tool if isinstance(binding, SimulatedBinding) else None
 
     def spec(self, name: str) -> ToolSpec:
         """The spec of one tool (KeyError naming the tool if unknown)."""
@@ -317,7 +337,10 @@ class ToolRegistry:
             executor.close_session(state)
 
     def close(self) -> None:
-        """Stop the sandbox pool (idempotent)."""
+        """Keep the simulated responses (a cache of this process with a folder) and stop the sandbox pool
+        (idempotent)."""
+        if isinstance(self.simulated.cache, SimulatedCache):
+            self.simulated.cache.flush()
         with self._lock:
             self._closed = True
             executor, self._executor = self._executor, None

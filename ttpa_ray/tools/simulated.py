@@ -1,14 +1,22 @@
 """Simulated tools: catalogues with schemas but no implementation (ToolBench / StableToolBench style).
 
-A simulated tool's response is WRITTEN, from the tool's schema, the call's arguments and a few example
-responses, by a :class:`ResponseWriter`, then cached by (tool, canonical arguments) so that a repeated
-call answers the same (in this run and, with a cache file, in later runs). The LLM writer uses the same
-vLLM replica interface as the reverse stage and lands with it; this module holds the catalogue loader,
-the cache and the call path, which any writer plugs into. The tests drive the cache with a small
-deterministic writer function (its response restates its inputs), not with a mock posing as an LLM.
+A simulated tool's response is WRITTEN by the teacher, on the same vLLM replica that builds the
+dialogue (:class:`~ttpa_ray.reverse.ReverseBuilder`'s ``respond`` step), from the tool's schema and
+description, the call's arguments, a few earlier responses of the same tool and the dialogue's
+scenario (:func:`response_request`), under the tool's declared response schema where it has one (BFCL's
+function docs do), else as a JSON object; an ``{"error": ...}`` object is the tool reporting a failure,
+as BFCL's tools do. A response that fails the schema is a tool error and is never cached
+(:func:`check_response`).
 
-Catalogue files (JSON):
-- a ToolBench tool (``{"tool_name", "tool_description", "api_list": [{"name", "description",
+Responses are cached by (tool, canonical arguments): argument order, JSON spelling and ``1`` vs
+``1.0`` do not matter, and the first response stored for a key is the one every later call gets. In
+a reverse run the cache is one Ray actor shared by every replica (:func:`shared_cache`), kept in the
+run dir as append-only part files (a part per flush, one writer, so no file is ever rewritten), and
+loaded again by a resumed run. Other writers plug in through :class:`ResponseWriter` (the tests use a
+deterministic one whose response restates its inputs).
+
+Catalogues:
+- a ToolBench tool JSON (``{"tool_name", "tool_description", "api_list": [{"name", "description",
   "required_parameters", "optional_parameters", "test_endpoint"...}]}``), a list of them, or
   ``{"tools": [...]}`` of them. Each API becomes the tool ``<api>_for_<tool>`` (ToolBench's naming,
   standardised and cut to the last 64 characters); ToolBench's parameter types map to JSON types
@@ -16,7 +24,10 @@ Catalogue files (JSON):
   ARRAY/LIST -> array, OBJECT -> object); an unknown type is a load error for that API. A non-empty
   ``test_endpoint`` is kept as the API's example response.
 - a list of OpenAI tools (``{"type": "function", "function": {...}}`` or the bare function form),
-  optionally with an ``examples`` list of response strings beside each.
+  optionally with an ``examples`` list of response strings and a ``response`` schema beside each.
+- ``bfcl-simulated`` (or ``bfcl-simulated:Class,...``): BFCL's eight multi-turn environments from
+  their function docs only, with the docs' response schemas (:func:`load_bfcl_simulated`); the same
+  tools as the executable ``bfcl`` catalogue, answered by the simulator.
 """
 
 from __future__ import annotations
@@ -26,11 +37,15 @@ import logging
 import re
 import threading
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import jsonschema
+
+from ttpa_ray import store
 from ttpa_ray.codec import ToolCall, canonical
 from ttpa_ray.records import ToolSpec
 from ttpa_ray.tools.spec import (
@@ -70,17 +85,86 @@ _TOOLBENCH_TYPES = {
 
 
 class ResponseWriter(Protocol):
-    """Writes the response text of a simulated tool call (an LLM in production)."""
+    """Writes the response text of a simulated call synchronously (the reverse stage writes its
+    responses on the replica's engine instead, batched with the dialogues' other steps)."""
 
     def write(self, tool_spec: ToolSpec, arguments: Mapping[str, Any], examples: Sequence[str]) -> str: ...
 
 
 @dataclass(frozen=True)
 class SimulatedTool:
-    """A tool with a schema and example responses but no implementation."""
+    """A tool with a schema, example responses and maybe a response schema, but no implementation."""
 
     spec: ToolSpec
     examples: tuple[str, ...] = ()
+    response_schema: dict[str, Any] | None = None
+    class_name: str | None = None  # the BFCL environment a bfcl-simulated tool stands for
+
+
+ERROR_RESPONSE = {
+    "type": "object",
+    "properties": {"error": {"type": "string", "maxLength": 200}},
+    "required": ["error"],
+    "additionalProperties": False,
+}
+
+
+def response_request(
+    tool: SimulatedTool, arguments: Mapping[str, Any], examples: Sequence[str], scenario: str = ""
+) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """The chat messages and the JSON schema that make the teacher write one response of ``tool``.
+
+    The schema admits the declared response (every declared property present) or an error object.
+    """
+    from ttpa_ray.engine import bounded_schema
+
+    spec = tool.spec
+    declared = tool.response_schema
+    lines = [f"Tool: {spec.name}", f"Description: {spec.description}"]
+    lines.append("Parameters: " + json.dumps(spec.parameters.get("properties", {}), ensure_ascii=False))
+    if declared is not None:
+        lines.append("Response schema: " + json.dumps(declared, ensure_ascii=False))
+    lines += [f"Earlier response: {example}" for example in examples]
+    if scenario:
+        lines.append(f"Situation of the user: {scenario}")
+    lines.append(f"Call: {spec.name}({json.dumps(dict(arguments), ensure_ascii=False)})")
+    messages = [
+        {
+            "role": "system",
+            "content": (
+                "You are a tool server. Reply with the JSON response the tool returns for the call: "
+                "realistic values, consistent with earlier responses and with the call's arguments. If "
+                'the call cannot succeed (something it names does not exist), reply {"error": "<why>"}.'
+            ),
+        },
+        {"role": "user", "content": "\n".join(lines)},
+    ]
+    if declared is None:
+        return messages, {"type": "object"}
+    answer = {**declared, "type": "object", "additionalProperties": False}
+    answer["required"] = list(answer.get("properties", {}))
+    return messages, {"anyOf": [bounded_schema(answer), ERROR_RESPONSE]}
+
+
+def check_response(tool: SimulatedTool, text: str) -> tuple[Any, str | None]:
+    """The response's content and what is wrong with it (None: a valid response or a tool error)."""
+    try:
+        content = json.loads(text, strict=False)
+    except json.JSONDecodeError as exc:
+        return None, f"the simulated response of {tool.spec.name!r} is not JSON ({exc.msg}): {text[:120]!r}"
+    if not isinstance(content, dict):
+        return None, f"the simulated response of {tool.spec.name!r} is not a JSON object"
+    if tool.response_schema is None or set(content) == {"error"}:
+        return content, None
+    try:
+        jsonschema.validate(content, tool.response_schema)
+    except jsonschema.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "the top"
+        return (
+            None,
+            f"the simulated response of {tool.spec.name!r} fails its schema at {where}: {exc.message}"[:300],
+        )
+    return content, None
 
 
 def standardize(text: str) -> str:
@@ -163,7 +247,15 @@ def _openai_tool(entry: Mapping[str, Any], source: str) -> SimulatedTool:
     if problems:
         raise ValueError("; ".join(problems))
     examples = tuple(text for text in (_example_text(e) for e in entry.get("examples") or []) if text)
-    return SimulatedTool(spec=spec, examples=examples)
+    response = entry.get("response")
+    if response is not None:
+        if not isinstance(response, dict):
+            raise ValueError("response must be a JSON schema object")
+        try:
+            jsonschema.Draft202012Validator.check_schema(response)
+        except jsonschema.SchemaError as exc:
+            raise ValueError(f"bad response schema: {exc.message}") from None
+    return SimulatedTool(spec=spec, examples=examples, response_schema=response)
 
 
 def load_simulated_catalogue(path: str | Path) -> tuple[list[SimulatedTool], list[LoadError]]:
@@ -218,20 +310,40 @@ def load_simulated_catalogue(path: str | Path) -> tuple[list[SimulatedTool], lis
     return tools, errors
 
 
-class SimulatedCache:
-    """Responses of simulated calls keyed by (tool, canonical arguments); optionally kept in a JSONL file.
+def load_bfcl_simulated(classes: Sequence[str] | None = None) -> tuple[list[SimulatedTool], list[LoadError]]:
+    """BFCL's multi-turn environments as schema-only tools: specs and response schemas of their docs."""
+    from ttpa_ray.tools.bfcl_envs import load_bfcl_tools
 
-    The first response stored for a key wins, so concurrent or repeated calls answer the same. With a
-    ``path``, existing lines are loaded and each new response is appended (one JSON object per line).
+    tools, errors = load_bfcl_tools(classes)
+    simulated = [
+        SimulatedTool(
+            spec=ToolSpec(
+                t.spec.name, t.spec.description, t.spec.parameters, f"simulated:bfcl:{t.class_name}"
+            ),
+            response_schema=t.response,
+            class_name=t.class_name,
+        )
+        for t in tools
+    ]
+    return simulated, errors
+
+
+class SimulatedCache:
+    """Responses of simulated calls by (tool, canonical arguments); the first stored for a key wins.
+
+    With a ``folder`` (a local path or an object-store URI), the responses of its part files are
+    loaded, and :meth:`flush` writes the responses stored since the last flush as one new part file.
+    One writer per folder: in a run that is the Ray actor of :func:`shared_cache`.
     """
 
-    def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path is not None else None
+    def __init__(self, folder: str | Path | None = None) -> None:
+        self.folder = str(folder) if folder is not None else None
         self._lock = threading.Lock()
         self._responses: dict[str, str] = {}
         self._by_tool: dict[str, list[str]] = {}
-        if self.path is not None and self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+        self._unsaved: list[dict[str, Any]] = []
+        for part in store.files(self.folder) if self.folder else []:
+            for line in store.read_text(part).splitlines():
                 if line.strip():
                     record = json.loads(line)
                     self._remember(record["key"], record["tool"], record["response"])
@@ -241,10 +353,12 @@ class SimulatedCache:
         """The cache key: the canonical text of the call (sorted keys, 1 == 1.0)."""
         return canonical(ToolCall(tool, dict(arguments)))
 
-    def _remember(self, key: str, tool: str, response: str) -> None:
-        if key not in self._responses:
-            self._responses[key] = response
-            self._by_tool.setdefault(tool, []).append(response)
+    def _remember(self, key: str, tool: str, response: str) -> bool:
+        if key in self._responses:
+            return False
+        self._responses[key] = response
+        self._by_tool.setdefault(tool, []).append(response)
+        return True
 
     def get(self, tool: str, arguments: Mapping[str, Any]) -> str | None:
         """The stored response of this call, if any."""
@@ -255,24 +369,70 @@ class SimulatedCache:
         """Store a response unless one is already stored; return the stored one."""
         key = self.key(tool, arguments)
         with self._lock:
-            if key in self._responses:
-                return self._responses[key]
-            self._remember(key, tool, response)
-            if self.path is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with self.path.open("a", encoding="utf-8") as handle:
-                    record = {"key": key, "tool": tool, "arguments": dict(arguments), "response": response}
-                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            return response
+            if self._remember(key, tool, response):
+                record = {"key": key, "tool": tool, "arguments": dict(arguments), "response": response}
+                self._unsaved.append(record)
+            return self._responses[key]
 
-    def responses(self, tool: str) -> list[str]:
+    def responses(self, tool: str, limit: int | None = None) -> list[str]:
         """Responses stored for a tool, oldest first (examples that keep later answers consistent)."""
         with self._lock:
-            return list(self._by_tool.get(tool, ()))
+            return list(self._by_tool.get(tool, ()))[:limit]
 
-    def __len__(self) -> int:
+    def flush(self) -> int:
+        """Write the responses stored since the last flush as one part file; how many."""
+        with self._lock:
+            records, self._unsaved = self._unsaved, []
+        if records and self.folder:
+            name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.jsonl"
+            lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            store.write_text(store.join(self.folder, name), lines)
+        return len(records)
+
+    def size(self) -> int:
+        """How many calls have a stored response."""
         with self._lock:
             return len(self._responses)
+
+    def __len__(self) -> int:
+        return self.size()
+
+
+class _ActorCache:
+    """The :class:`SimulatedCache` interface over a Ray actor holding one (each call a round trip)."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    def __getattr__(self, name: str) -> Any:
+        import ray
+
+        method = getattr(self.actor, name)
+        return lambda *args: ray.get(method.remote(*args))
+
+
+def shared_cache(folder: str) -> Any:
+    """A :class:`SimulatedCache` actor on this (the driver's) node, for every replica of a run; Ray
+    restarts it from its folder if it dies. Pass it to :func:`cache_of` where it is used."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return (
+        ray.remote(SimulatedCache)
+        .options(
+            num_cpus=0,
+            max_restarts=-1,
+            max_task_retries=-1,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
+        )
+        .remote(folder)
+    )
+
+
+def cache_of(actor: Any) -> Any:
+    """The cache interface of a :func:`shared_cache` actor (None: a cache of this process only)."""
+    return SimulatedCache() if actor is None else _ActorCache(actor)
 
 
 class SimulatedExecutor:
@@ -281,7 +441,7 @@ class SimulatedExecutor:
     def __init__(
         self,
         writer: ResponseWriter | None = None,
-        cache: SimulatedCache | None = None,
+        cache: Any = None,
         max_examples: int = 3,
         max_response_chars: int = DEFAULT_MAX_RESPONSE_CHARS,
     ) -> None:
@@ -290,10 +450,25 @@ class SimulatedExecutor:
         self.max_examples = max_examples
         self.max_response_chars = max_response_chars
 
+    def examples(self, tool: SimulatedTool) -> list[str]:
+        """The catalogue's examples of a tool, then its earlier responses, at most ``max_examples``."""
+        return [*tool.examples, *self.cache.responses(tool.spec.name, self.max_examples)][: self.max_examples]
+
+    def answer(self, tool: SimulatedTool, arguments: Mapping[str, Any], text: str) -> ToolResult | None:
+        """Cache a written response; a failure result if it is not a valid one (it is not cached then,
+        unless another writer's valid response for the same call arrived meanwhile)."""
+        content, problem = check_response(tool, text)
+        if problem is None:
+            self.cache.put(tool.spec.name, dict(arguments), json.dumps(content, ensure_ascii=False))
+            return None
+        if self.cache.get(tool.spec.name, dict(arguments)) is not None:
+            return None
+        return ToolResult.failure(problem)
+
     def call(self, tool: SimulatedTool, arguments: Mapping[str, Any]) -> ToolResult:
         """The response of one call (arguments are assumed valid: the registry checked them)."""
         start = time.perf_counter()
-        response = self.cache.get(tool.spec.name, arguments)
+        response = self.cache.get(tool.spec.name, dict(arguments))
         if response is None:
             if self.writer is None:
                 return ToolResult.failure(
@@ -301,9 +476,8 @@ class SimulatedExecutor:
                     "response writer is configured",
                     time.perf_counter() - start,
                 )
-            examples = [*tool.examples, *self.cache.responses(tool.spec.name)][: self.max_examples]
             try:
-                written = self.writer.write(tool.spec, dict(arguments), examples)
+                written = self.writer.write(tool.spec, dict(arguments), self.examples(tool))
             except Exception as exc:
                 return ToolResult.failure(
                     f"the response writer failed for {tool.spec.name!r}: {type(exc).__name__}: {exc}",
@@ -314,10 +488,12 @@ class SimulatedExecutor:
                     f"the response writer returned {type(written).__name__}, not text",
                     time.perf_counter() - start,
                 )
-            response = self.cache.put(tool.spec.name, arguments, written)
-        try:
-            content: Any = json.loads(response)
-        except json.JSONDecodeError:
-            content = response
+            failure = self.answer(tool, arguments, written)
+            if failure is not None:
+                return failure
+            response = self.cache.get(tool.spec.name, dict(arguments))
+        content = json.loads(str(response))
+        if isinstance(content, dict) and set(content) == {"error"}:  # the tool reports a failure
+            return ToolResult.failure(str(content["error"]), time.perf_counter() - start)
         content, truncated = truncate_content(content, self.max_response_chars)
         return ToolResult(ok=True, content=content, elapsed=time.perf_counter() - start, truncated=truncated)
