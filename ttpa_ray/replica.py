@@ -108,10 +108,11 @@ def replica_pool(vllm: VLLMConfig, *, one_batch_each: bool = False) -> dict[str,
     busy replica (for long batches, which an idle or starting replica should take instead)."""
     import ray.data
 
-    in_flight = {"max_tasks_in_flight_per_actor": 1} if one_batch_each else {}
     return {
         "compute": ray.data.ActorPoolStrategy(
-            min_size=vllm.replicas_min, max_size=vllm.replicas_max, **in_flight
+            min_size=vllm.replicas_min,
+            max_size=vllm.replicas_max,
+            max_tasks_in_flight_per_actor=1 if one_batch_each else None,
         ),
         # Ray 2.60 takes these through ray_remote_args (its default is to restart forever)
         "max_restarts": vllm.max_restarts,
