@@ -12,11 +12,14 @@ A call agrees when both succeed with the same top-level keys, or both fail. Call
 refuses before running (arguments that do not fit the schema) are refused the same way by both and
 left out. The simulated side runs the entries in lockstep (every entry's k-th call in one batch).
 
+The writer's settings (``reverse.simulated_errors``: may it answer ``{"error": ...}``) were chosen on
+entries 100.. (``--offset 100``), never on the reported ones (0..; ``--quick`` 12, default 40).
+
 Printed: agreement overall, by environment and by how they disagree (the simulator fails where the
 tool succeeded, or the reverse, or the keys differ), the cache hit rate (calls answered from the
 cache / calls), and a few disagreements.
 
-    .venv/bin/python bench/simulated.py [--quick] [--entries N] [--model smollm2-135m-instruct|tiny]
+    .venv/bin/python bench/simulated.py [--quick] [--entries N] [--offset K] [--errors] [--model M]
 Last line: ``simulated_outcome_agreement = <share of calls>``
 """
 
@@ -33,8 +36,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def ground_truth(limit: int) -> list[dict[str, Any]]:
-    """The first ``limit`` multi-turn entries: id, scenario, initial config and calls (Python call text)."""
+def ground_truth(limit: int, offset: int = 0) -> list[dict[str, Any]]:
+    """``limit`` multi-turn entries from ``offset``: id, scenario, initial config, calls (Python text)."""
     from ttpa_ray.bfcl import data_dir
 
     def read(path: Path) -> list[dict[str, Any]]:
@@ -45,7 +48,7 @@ def ground_truth(limit: int) -> list[dict[str, Any]]:
         for a in read(data_dir() / "possible_answer" / "BFCL_v4_multi_turn_base.json")
     }
     entries = []
-    for entry in read(data_dir() / "BFCL_v4_multi_turn_base.json")[:limit]:
+    for entry in read(data_dir() / "BFCL_v4_multi_turn_base.json")[offset : offset + limit]:
         entries.append(
             {
                 "id": entry["id"],
@@ -70,6 +73,9 @@ def parse_call(text: str, specs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def keys_of(content: Any) -> tuple[str, ...] | None:
+    """Top-level keys of a response; nothing (``null``, a method returning None) has none."""
+    if content is None:
+        return ()
     return tuple(sorted(content)) if isinstance(content, dict) else None
 
 
@@ -79,6 +85,12 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="12 entries (default 40)")
     parser.add_argument("--entries", type=int, default=None)
+    parser.add_argument("--offset", type=int, default=0, help="first entry (100+: the validation slice)")
+    parser.add_argument(
+        "--errors",
+        action="store_true",
+        help='let the writer answer {"error": ...} (reverse.simulated_errors)',
+    )
     parser.add_argument(
         "--model", default="smollm2-135m-instruct", help="the writer: smollm2-135m-instruct or tiny"
     )
@@ -98,7 +110,7 @@ def main() -> None:
         model = str(make_tiny_model(Path("/tmp/ttpa-bench-simulated-tiny"), seed=0))
     else:
         model = resolve_model(args.model)
-    entries = ground_truth(limit)
+    entries = ground_truth(limit, args.offset)
     executable = ToolRegistry(load_catalogue("bfcl"), isolated=False)
     simulated = ToolRegistry(load_catalogue("bfcl-simulated"), isolated=False)
     specs = {spec.name: spec for spec in executable.specs}
@@ -129,7 +141,11 @@ def main() -> None:
         for i, name, arguments in todo.values():
             tool = simulated.simulated_tool(name)
             messages, schema = response_request(
-                tool, arguments, simulated.simulated.examples(tool), entries[i]["scenario"]
+                tool,
+                arguments,
+                simulated.simulated.examples(tool),
+                entries[i]["scenario"],
+                errors=args.errors or config.reverse.simulated_errors,
             )
             prompts.append(engine.render(messages))
             params.append(

@@ -212,6 +212,9 @@ class ReverseConfig(_Section):
     # request, every step's grammar holds all the dialogue's tools and grounding values, and compiling
     # it costs the engine tens of ms (a bounded string alone ~40 ms on this CPU; more with a big vocab).
     two_step_calls: bool = True
+    # A simulated tool's writer may also answer {"error": ...}. Off by default: a 135M teacher allowed to
+    # answers nearly every call with an error (README, "Simulated tools"; bench/simulated.py --errors).
+    simulated_errors: bool = False
 
     @model_validator(mode="after")
     def _ranges(self) -> ReverseConfig:

@@ -176,6 +176,14 @@ def stage_reverse(ctx: RunContext) -> StageReport:
         f"   {report.seeds} seeds -> {report.dialogues} dialogues ({share:.0%}); rejected by reason: "
         f"{dict(sorted(report.reasons.items(), key=lambda kv: -kv[1]))}"
     )
+    if report.simulated:
+        sim = report.simulated
+        calls = sum(sim.get(k, 0) for k in ("cached", "written", "invalid"))
+        ctx.console.print(
+            f"   simulated tools: {calls} calls, {sim.get('cached', 0)} answered from the cache "
+            f"({sim.get('cached', 0) / max(calls, 1):.0%}), {sim.get('written', 0)} written by the teacher, "
+            f"{sim.get('invalid', 0)} written invalid (tool errors); {sim['cache_size']} responses cached"
+        )
     ev = ctx.config.eval
     split = write_split(
         ctx.run_dir, read_dialogues(out_dir), ev.heldout_fraction, ctx.config.run.seed, ev.validation_fraction
@@ -196,6 +204,7 @@ def stage_reverse(ctx: RunContext) -> StageReport:
             "reasons": report.reasons,
             "generated_tokens": report.generated_tokens,
             "engine_busy_fraction": round(report.busy_fraction, 3),
+            "simulated": report.simulated,
             "train_dialogues": split.counts["train"],
             "validation_dialogues": split.counts["validation"],
             "heldout_dialogues": split.counts["heldout"],

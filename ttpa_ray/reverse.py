@@ -448,7 +448,9 @@ class ReverseBuilder:
         assert state.responding is not None
         call, simulated = state.responding, self.registry.simulated
         tool = self.registry.simulated_tool(call.name)
-        messages, schema = response_request(tool, call.arguments, simulated.examples(tool), state.scenario)
+        examples = simulated.examples(tool)
+        errors = self.config.simulated_errors
+        messages, schema = response_request(tool, call.arguments, examples, state.scenario, errors=errors)
         return self.engine.render(messages), {"json": schema}
 
     def _request(self, state: DialogueState) -> tuple[list[int], Any]:

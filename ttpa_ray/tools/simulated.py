@@ -110,11 +110,17 @@ ERROR_RESPONSE = {
 
 
 def response_request(
-    tool: SimulatedTool, arguments: Mapping[str, Any], examples: Sequence[str], scenario: str = ""
+    tool: SimulatedTool,
+    arguments: Mapping[str, Any],
+    examples: Sequence[str],
+    scenario: str = "",
+    *,
+    errors: bool = True,
 ) -> tuple[list[dict[str, str]], dict[str, Any]]:
     """The chat messages and the JSON schema that make the teacher write one response of ``tool``.
 
-    The schema admits the declared response (every declared property present) or an error object.
+    The schema admits the declared response (every declared property present), and with ``errors``
+    an error object too.
     """
     from ttpa_ray.engine import bounded_schema
 
@@ -128,22 +134,18 @@ def response_request(
     if scenario:
         lines.append(f"Situation of the user: {scenario}")
     lines.append(f"Call: {spec.name}({json.dumps(dict(arguments), ensure_ascii=False)})")
-    messages = [
-        {
-            "role": "system",
-            "content": (
-                "You are a tool server. Reply with the JSON response the tool returns for the call: "
-                "realistic values, consistent with earlier responses and with the call's arguments. If "
-                'the call cannot succeed (something it names does not exist), reply {"error": "<why>"}.'
-            ),
-        },
-        {"role": "user", "content": "\n".join(lines)},
-    ]
+    system = (
+        "You are a tool server. Reply with the JSON response the tool returns for the call: realistic "
+        "values, consistent with earlier responses and with the call's arguments."
+    )
+    if errors:
+        system += ' If the call cannot succeed (something it names does not exist), reply {"error": "<why>"}.'
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(lines)}]
     if declared is None:
         return messages, {"type": "object"}
     answer = {**declared, "type": "object", "additionalProperties": False}
     answer["required"] = list(answer.get("properties", {}))
-    return messages, {"anyOf": [bounded_schema(answer), ERROR_RESPONSE]}
+    return messages, {"anyOf": [bounded_schema(answer), ERROR_RESPONSE]} if errors else bounded_schema(answer)
 
 
 def check_response(tool: SimulatedTool, text: str) -> tuple[Any, str | None]:
