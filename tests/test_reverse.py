@@ -557,7 +557,7 @@ def test_simulated_tools_are_answered_by_a_respond_step_and_then_by_the_cache() 
     assert isinstance(dialogue, Dialogue)
     assert dialogue.provenance["simulated_calls"] == 2
     assert {t.source for t in dialogue.tools} == {f"simulated:{HOTEL.stem}"}
-    assert builder.simulated == {"written": 2, "invalid": 1, "cached": 1}
+    assert builder.simulated_calls == {"written": 2, "invalid": 1, "cached": 1}
     assert registry.simulated.cache.size() == 2
 
 

@@ -504,6 +504,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         if item["type"] == "extra_forbidden":
             keys = _allowed_keys(TTPAConfig, loc[:-1])
             lines.append(f"{key}: unknown key; allowed here: {', '.join(keys)}")
+        elif not loc:  # a check across sections: its message names the keys; the input is everything
+            lines.append(f"{key}: {item['msg'].removeprefix('Value error, ')}")
         else:
             allowed = _describe_field(TTPAConfig, loc)
             hint = f" (allowed: {allowed})" if allowed else ""

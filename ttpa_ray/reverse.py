@@ -284,7 +284,7 @@ class ReverseBuilder:
         self.generated_tokens = 0
         self.requests = 0  # teacher steps sent to the engine
         # Calls of simulated tools: answered from the cache, written by the teacher, written invalid.
-        self.simulated: Counter[str] = Counter()
+        self.simulated_calls: Counter[str] = Counter()
         self._pending: deque[Seed] = deque()
         self._finished: dict[str, Dialogue | RejectedRow] = {}
         self._on_done: Callable[[Seed, Dialogue | RejectedRow], None] | None = None
@@ -553,7 +553,7 @@ class ReverseBuilder:
             assert call is not None
             tool = self.registry.simulated_tool(call.name)
             failure = self.registry.simulated.answer(tool, call.arguments, completion.text)
-            self.simulated["invalid" if failure else "written"] += 1
+            self.simulated_calls["invalid" if failure else "written"] += 1
             self._take_call(state, call, session, responded=True, failure=failure)
         elif state.phase == "question":
             try:
@@ -607,7 +607,7 @@ class ReverseBuilder:
         if self.registry.simulated_tool(call.name) is None or self.registry.refuse(call.name, call.arguments):
             return False
         if self.registry.simulated.cache.get(call.name, call.arguments) is not None:
-            self.simulated["cached"] += 1
+            self.simulated_calls["cached"] += 1
             return False
         return True
 
@@ -864,14 +864,14 @@ class ReverseReplica:
                 "requests": builder.requests - int(marks["requests"]),
                 "busy": builder.busy_seconds - marks["busy"],
                 "seconds": now - marks["time"],
-                "simulated": {k: builder.simulated[k] - marks["simulated"][k] for k in SIMULATED_KEYS},
+                "simulated": {k: builder.simulated_calls[k] - marks["simulated"][k] for k in SIMULATED_KEYS},
             }
             marks.update(
                 tokens=builder.generated_tokens,
                 requests=builder.requests,
                 busy=builder.busy_seconds,
                 time=now,
-                simulated=Counter(builder.simulated),
+                simulated=Counter(builder.simulated_calls),
             )
             ordered = [results[shard_id][s.seed_id] for s in shards[shard_id]]
             written[shard_id] = self._write_shard(shard_id, shards[shard_id], ordered, usage)
