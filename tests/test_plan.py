@@ -70,3 +70,14 @@ def test_the_local_config_asks_for_cpus_only(tmp_path: Path) -> None:
     assert "[2/8] reverse: 1 x vLLM replica (CPU 1)" in result.output
     assert "[3/8] sft: 2 x training worker (CPU 1)" in result.output
     assert not run_dir.exists()  # a dry run starts nothing and writes nothing
+
+
+def test_a_simulated_catalogue_names_its_response_cache(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    builtin = {s.stage: s for s in plan_run(load_config(None, [f"run.run_dir={run_dir}"]))}
+    simulated = load_config(
+        None, [f"run.run_dir={run_dir}", "reverse.catalogue=bfcl-simulated:GorillaFileSystem"]
+    )
+    reverse = {s.stage: s for s in plan_run(simulated)}["reverse"]
+    assert str(run_dir / "reverse" / "simulated") in reverse.writes
+    assert str(run_dir / "reverse" / "simulated") not in builtin["reverse"].writes

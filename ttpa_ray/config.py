@@ -122,7 +122,7 @@ def _check_catalogue(ref: str) -> str:
     return ref
 
 
-def _simulated_parts(ref: str) -> list[str]:
+def simulated_catalogues(ref: str) -> list[str]:
     """The parts of a catalogue reference whose tools are simulated."""
     parts = [ref] if Path(ref).exists() else ref.split("+")
     return [p for p in parts if p.startswith("bfcl-simulated") or p.lower().endswith(".json")]
@@ -425,7 +425,7 @@ class TTPAConfig(_Section):
     def _simulated_tools_not_evaluated(self) -> TTPAConfig:
         """Training on simulated calls of a tool the evaluation asks for teaches the simulator's idea
         of that tool to the model graded on it: such a config is refused."""
-        parts = _simulated_parts(self.reverse.catalogue)
+        parts = simulated_catalogues(self.reverse.catalogue)
         if not parts or not self.eval.categories:
             return self
         from ttpa_ray.tools.registry import load_catalogue

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from ttpa_ray.config import TTPAConfig
+from ttpa_ray.config import TTPAConfig, simulated_catalogues
 from ttpa_ray.replica import replica_resources
 from ttpa_ray.rundir import SPLIT_DIR
 from ttpa_ray.store import RAY_STORAGE, join
@@ -96,7 +96,8 @@ def plan_run(config: TTPAConfig) -> list[StagePlan]:
             "reverse",
             (replicas,),
             (f"catalogue {config.reverse.catalogue}",),
-            (at("reverse", "shards"), at(SPLIT_DIR)),
+            (at("reverse", "shards"), at(SPLIT_DIR))
+            + ((at("reverse", "simulated"),) if simulated_catalogues(config.reverse.catalogue) else ()),
         ),
         StagePlan(
             "sft",
