@@ -504,88 +504,17 @@ def prepare_reference(
 
 
 # -------------------------------------------------------------------------------------- candidates
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-# Like the codec: NaN and Infinity are not JSON.
-_RAW_DECODE: Final = json.JSONDecoder(parse_constant=_reject_constant).raw_decode
-
-
-def _loads_arguments(text: str) -> Any:
-    """Arguments JSON text -> value (None when not JSON); blank text is no arguments."""
-    try:
-        # raw_decode skips json.loads' two whitespace regex passes: a tenth of the scoring time.
-        value, end = _RAW_DECODE(text)
-    except ValueError:
-        if not text.strip():
-            return {}
-        try:
-            return json.loads(text, parse_constant=_reject_constant)
-        except ValueError:
-            return None
-    if end != len(text) and not text[end:].isspace():
-        return None
-    return value
-
-
-def _call_from_obj(obj: Any) -> tuple[str, dict[str, Any]] | None:
-    if type(obj) is ToolCall:
-        return (obj.name, obj.arguments) if type(obj.arguments) is dict else None
-    if type(obj) is not dict or "tool_calls" in obj or "role" in obj:
-        return None  # messages and odd shapes: codec.parse_any decides
-    name = obj.get("name")
-    if type(name) is not str:
-        function = obj.get("function")
-        return _call_from_obj(function) if type(function) is dict and "name" not in obj else None
-    return _call_from_fields(name, obj["arguments"] if "arguments" in obj else obj.get("parameters"))
-
-
-def _call_from_fields(name: Any, args: Any) -> tuple[str, dict[str, Any]] | None:
-    """(name, arguments) of a call from its two fields (arguments: object, JSON text or null)."""
-    if type(name) is not str or not name.strip():
-        return None
-    if type(args) is str:
-        args = _loads_arguments(args)
-    elif args is None:
-        args = {}
-    return (name, args) if type(args) is dict else None
-
-
-def _calls_from_obj(obj: Any) -> list[tuple[str, dict[str, Any]]] | None:
-    if type(obj) is list or type(obj) is tuple:
-        calls = []
-        for item in obj:
-            call = _call_from_obj(item)
-            if call is None:
-                return None
-            calls.append(call)
-        return calls
-    call = _call_from_obj(obj)
-    return None if call is None else [call]
-
-
-def _from_parse_result(parsed: ParseResult) -> list[tuple[str, dict[str, Any]]] | None:
-    if not parsed.ok:
-        return None
-    return [(c.name, c.arguments) for c in parsed.calls]
-
-
 def candidate_calls(candidate: Any) -> list[tuple[str, dict[str, Any]]] | None:
     """(name, arguments) of every call of a candidate, or None when it does not parse as calls.
 
     A candidate is a :class:`ParseResult`, a :class:`ToolCall`, a call object (arguments as an
-    object or JSON text), a list of those, or raw model text (read by ``codec.parse_any``).
+    object or JSON text), a list of those, or raw model text: one definition of what a candidate
+    means, ``codec.parse_any``'s; an empty list is a candidate that makes no call.
     """
-    if type(candidate) is ParseResult:
-        return _from_parse_result(candidate)
-    if type(candidate) is str:
-        # One definition of what model text means: the codec's.
-        return _from_parse_result(parse_any(candidate))
-    calls = _calls_from_obj(candidate)
-    if calls is None and type(candidate) in (dict, list):
-        return _from_parse_result(parse_any(candidate))
-    return calls
+    if type(candidate) in (list, tuple) and not candidate:
+        return []
+    parsed = candidate if type(candidate) is ParseResult else parse_any(candidate)
+    return [(c.name, c.arguments) for c in parsed.calls] if parsed.ok else None
 
 
 # ----------------------------------------------------------------------------------------- scoring
@@ -1033,12 +962,9 @@ def score_fields(
 
     Same rules as a list of call objects ``{"name": name, "arguments": arguments}``.
     """
-    cands = []
-    for name, args in calls:
-        call = _call_from_fields(name, args)
-        if call is None:
-            return _PARSE_PAIR
-        cands.append(call)
+    cands = candidate_calls([{"name": name, "arguments": args} for name, args in calls])
+    if cands is None:
+        return _PARSE_PAIR
     return _turn(
         cands, reference, index, _DEFAULT_W if weights is DEFAULT_WEIGHTS else _weights_tuple(weights)
     )[0]
