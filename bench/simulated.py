@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -105,9 +106,9 @@ def main() -> None:
 
     config = load_config(ROOT / "configs" / "local.yaml")
     if args.model == "tiny":
-        from ttpa_ray.tiny_model import make_tiny_model
+        from ttpa_ray.tiny_model import ensure_tiny_model
 
-        model = str(make_tiny_model(Path("/tmp/ttpa-bench-simulated-tiny"), seed=0))
+        model = str(ensure_tiny_model(Path(tempfile.gettempdir()) / "ttpa-bench-tiny", seed=0))
     else:
         model = resolve_model(args.model)
     entries = ground_truth(limit, args.offset)
