@@ -39,26 +39,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def ground_truth(limit: int, offset: int = 0) -> list[dict[str, Any]]:
     """``limit`` multi-turn entries from ``offset``: id, scenario, initial config, calls (Python text)."""
-    from ttpa_ray.bfcl import data_dir
-
-    def read(path: Path) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from ttpa_ray.bfcl import data_dir, read_jsonl
+    from ttpa_ray.tools.bfcl_envs import load_scenarios
 
     answers = {
         a["id"]: a["ground_truth"]
-        for a in read(data_dir() / "possible_answer" / "BFCL_v4_multi_turn_base.json")
+        for a in read_jsonl(data_dir() / "possible_answer" / "BFCL_v4_multi_turn_base.json")
     }
-    entries = []
-    for entry in read(data_dir() / "BFCL_v4_multi_turn_base.json")[offset : offset + limit]:
-        entries.append(
-            {
-                "id": entry["id"],
-                "scenario": entry["question"][0][0]["content"],
-                "initial_config": entry.get("initial_config") or {},
-                "calls": [call for turn in answers[entry["id"]] for call in turn],
-            }
-        )
-    return entries
+    return [
+        {
+            "id": entry.id,
+            "scenario": entry.question[0][0]["content"],
+            "initial_config": entry.initial_config,
+            "calls": [call for turn in answers[entry.id] for call in turn],
+        }
+        for entry in load_scenarios("multi_turn_base")[offset : offset + limit]
+    ]
 
 
 def parse_call(text: str, specs: dict[str, Any]) -> tuple[str, dict[str, Any]]:

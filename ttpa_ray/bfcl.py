@@ -53,7 +53,8 @@ def data_dir() -> Path:
     return Path(bfcl_eval.__path__[0]) / "data"
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of one of bfcl-eval's JSON-lines data files."""
     if not path.is_file():
         raise BfclDataError(f"{path} not found: is this the bfcl-eval version ENVIRONMENT.md names?")
     with path.open(encoding="utf-8") as handle:
@@ -120,12 +121,12 @@ class BfclEntry:
 @cache
 def _load_entries(category: str) -> tuple[BfclEntry, ...]:
     base = data_dir()
-    questions = _read_jsonl(base / f"BFCL_v4_{category}.json")
+    questions = read_jsonl(base / f"BFCL_v4_{category}.json")
     if category in IRRELEVANCE_CATEGORIES:
         return tuple(BfclEntry(q["id"], category, q["question"], q["function"], []) for q in questions)
     answers = {
         row["id"]: row["ground_truth"]
-        for row in _read_jsonl(base / "possible_answer" / f"BFCL_v4_{category}.json")
+        for row in read_jsonl(base / "possible_answer" / f"BFCL_v4_{category}.json")
     }
     missing = [q["id"] for q in questions if q["id"] not in answers]
     if missing:
@@ -148,8 +149,7 @@ def load_multi_turn_tools() -> dict[str, list[dict[str, Any]]]:
     """The multi-turn APIs' function docs as OpenAI tool specs, by API file name (``math_api`` ...)."""
     folder = data_dir() / "multi_turn_func_doc"
     return {
-        path.stem: [to_openai_tool(doc) for doc in _read_jsonl(path)]
-        for path in sorted(folder.glob("*.json"))
+        path.stem: [to_openai_tool(doc) for doc in read_jsonl(path)] for path in sorted(folder.glob("*.json"))
     }
 
 

@@ -164,7 +164,7 @@ def show_dialogue(console: Console, dialogue: Dialogue) -> None:
 
 def stage_reverse(ctx: RunContext) -> StageReport:
     """Reversed construction: seeds -> dialogues + rejected rows (Parquet shards + manifest)."""
-    from ttpa_ray.reverse import read_dialogues, run_reverse
+    from ttpa_ray.reverse import SIMULATED_KEYS, read_dialogues, run_reverse
     from ttpa_ray.rundir import write_split
 
     init_ray(ctx.config)
@@ -178,7 +178,7 @@ def stage_reverse(ctx: RunContext) -> StageReport:
     )
     if report.simulated:
         sim = report.simulated
-        calls = sum(sim.get(k, 0) for k in ("cached", "written", "invalid"))
+        calls = sum(sim.get(k, 0) for k in SIMULATED_KEYS)
         ctx.console.print(
             f"   simulated tools: {calls} calls, {sim.get('cached', 0)} answered from the cache "
             f"({sim.get('cached', 0) / max(calls, 1):.0%}), {sim.get('written', 0)} written by the teacher, "

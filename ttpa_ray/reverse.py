@@ -43,7 +43,7 @@ from typing import Any
 
 from ttpa_ray import store
 from ttpa_ray.codec import ToolCall, parse_any
-from ttpa_ray.config import ReverseConfig, TTPAConfig
+from ttpa_ray.config import ReverseConfig, TTPAConfig, simulated_catalogues
 from ttpa_ray.engine import (
     Completion,
     Engine,
@@ -126,11 +126,11 @@ def make_seeds(catalogue: Any, config: ReverseConfig, seed: int) -> list[Seed]:
         # A mixed catalogue alternates: BFCL environments for odd seeds, the other tools for even ones.
         if entries and (not stateless or i % 2 == 1):
             entry = entries[rng.randrange(len(entries))]
-            classes = set(entry["involved_classes"])
+            classes = set(entry.involved_classes)
             pool = [
                 n for n in names if getattr(catalogue.bindings[n], "class_name", None) in classes
             ] or names
-            initial = entry.get("initial_config") or {}
+            initial = entry.initial_config
         window = tuple(sorted(rng.sample(pool, min(config.tool_window, len(pool)))))
         seeds.append(
             Seed(f"seed-{seed}-{i:06d}", window, rng.randint(low, high), rng.randrange(2**31), initial)
@@ -138,17 +138,15 @@ def make_seeds(catalogue: Any, config: ReverseConfig, seed: int) -> list[Seed]:
     return seeds
 
 
-def _bfcl_entries(catalogue: Any) -> list[dict[str, Any]]:
-    """BFCL multi-turn entries whose classes the catalogue has (empty for catalogues without BFCL)."""
+def _bfcl_entries(catalogue: Any) -> list[Any]:
+    """BFCL multi-turn entries (:class:`~ttpa_ray.tools.bfcl_envs.BfclScenario`) whose classes the
+    catalogue has (empty for catalogues without BFCL)."""
     classes = {getattr(b, "class_name", None) for b in catalogue.bindings.values()} - {None}
     if not classes:
         return []
-    from ttpa_ray.bfcl import data_dir
+    from ttpa_ray.tools.bfcl_envs import load_scenarios
 
-    path = data_dir() / "BFCL_v4_multi_turn_base.json"
-    with path.open(encoding="utf-8") as handle:
-        entries = [json.loads(line) for line in handle if line.strip()]
-    return [e for e in entries if set(e.get("involved_classes", [])) <= classes]
+    return [e for e in load_scenarios("multi_turn_base") if set(e.involved_classes) <= classes]
 
 
 # ------------------------------------------------------------------------------------------- checks
@@ -973,7 +971,7 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
     import ray
 
     from ttpa_ray.replica import replica_pool
-    from ttpa_ray.tools.registry import SimulatedBinding, load_catalogue
+    from ttpa_ray.tools.registry import load_catalogue
     from ttpa_ray.tools.simulated import shared_cache
 
     catalogue = load_catalogue(config.reverse.catalogue)
@@ -987,7 +985,7 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
     shards_at = store.shared(out_dir)
     todo = [(sid, s) for sid, s in shards if not store.exists(shard_paths(shards_at, sid)["done"])]
     start = time.perf_counter()
-    simulated = any(isinstance(b, SimulatedBinding) for b in catalogue.bindings.values())
+    simulated = bool(simulated_catalogues(config.reverse.catalogue))
     cache_at = store.join(shards_at, "simulated")  # the simulated-response cache's part files
     if todo:
         cache = shared_cache(cache_at) if simulated else None

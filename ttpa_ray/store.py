@@ -71,10 +71,7 @@ def exists(target: str | os.PathLike[str]) -> bool:
 
 def files(folder: str | os.PathLike[str]) -> list[str]:
     """The files directly in a folder (a local path or a URI), sorted by name; none if it is absent."""
-    fs, path = resolve(folder)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    names = sorted(info.base_name for info in infos if info.type == pafs.FileType.File)
-    return [join(folder, name) for name in names]
+    return [join(folder, name) for name in sorted(_files(*resolve(folder))) if "/" not in name]
 
 
 def read_text(target: str | os.PathLike[str]) -> str:

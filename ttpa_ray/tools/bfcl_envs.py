@@ -20,14 +20,13 @@ web-search environments need packages that are not installed and are left out.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
-from ttpa_ray.bfcl import BfclDataError, data_dir, json_schema, to_openai_tool
+from ttpa_ray.bfcl import BfclDataError, data_dir, json_schema, read_jsonl, to_openai_tool
 from ttpa_ray.records import ToolSpec
 from ttpa_ray.tools.sandbox import EnvironmentSpec
 from ttpa_ray.tools.spec import LoadError, check_parameters_schema
@@ -89,11 +88,6 @@ def module_refs(classes: Sequence[str] | None = None) -> list[tuple[str, None]]:
     return [(f"{BACKEND_PACKAGE}.{BFCL_CLASSES[name][0]}", None) for name in names if name in BFCL_CLASSES]
 
 
-def _read_jsonl(path: Any) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
 def load_bfcl_tools(classes: Sequence[str] | None = None) -> tuple[list[BfclTool], list[LoadError]]:
     """The tools of the BFCL environments ``classes`` (all eight by default) and any load errors.
 
@@ -121,7 +115,7 @@ def load_bfcl_tools(classes: Sequence[str] | None = None) -> tuple[list[BfclTool
                 LoadError(str(path), None, f"cannot import {class_name}: {type(exc).__name__}: {exc}")
             )
             continue
-        for doc in _read_jsonl(path):
+        for doc in read_jsonl(path):
             name = str(doc.get("name", ""))
             if not callable(getattr(cls, name, None)) or name.startswith("_"):
                 errors.append(LoadError(str(path), name, f"{class_name} has no method {name!r}"))
@@ -146,8 +140,6 @@ def load_bfcl_tools(classes: Sequence[str] | None = None) -> tuple[list[BfclTool
 @cache
 def _scenarios(category: str) -> tuple[BfclScenario, ...]:
     path = data_dir() / f"BFCL_v4_{category}.json"
-    if not path.is_file():
-        raise BfclDataError(f"{path} not found: is this the bfcl-eval version ENVIRONMENT.md names?")
     return tuple(
         BfclScenario(
             id=entry["id"],
@@ -156,7 +148,7 @@ def _scenarios(category: str) -> tuple[BfclScenario, ...]:
             question=entry.get("question") or [],
             path=tuple(entry.get("path") or ()),
         )
-        for entry in _read_jsonl(path)
+        for entry in read_jsonl(path)
     )
 
 

@@ -166,17 +166,14 @@ def load_catalogue(ref: str | Path, bfcl_classes: Sequence[str] | None = None) -
             catalogue.add(tool.spec, ModuleBinding(tool.target), "builtin")
         return catalogue
     if text == "bfcl-simulated" or text.startswith("bfcl-simulated:"):
-        names = [n.strip() for n in text.removeprefix("bfcl-simulated").lstrip(":").split(",") if n.strip()]
         catalogue = Catalogue(text)
-        simulated, errors = load_bfcl_simulated(names or bfcl_classes)
+        simulated, errors = load_bfcl_simulated(_class_names(text, "bfcl-simulated:", bfcl_classes))
         catalogue.errors.extend(errors)
         for sim in simulated:
             catalogue.add(sim.spec, SimulatedBinding(sim), "bfcl-simulated")
         return catalogue
     if text == "bfcl" or text.startswith("bfcl:"):
-        classes = bfcl_classes
-        if text.startswith("bfcl:"):
-            classes = [name.strip() for name in text.removeprefix("bfcl:").split(",") if name.strip()]
+        classes = _class_names(text, "bfcl:", bfcl_classes)
         catalogue = Catalogue(text)
         bfcl_tools, errors = bfcl_envs.load_bfcl_tools(classes)
         catalogue.errors.extend(errors)
@@ -202,6 +199,14 @@ def load_catalogue(ref: str | Path, bfcl_classes: Sequence[str] | None = None) -
         f"no tool catalogue at {text!r}: use 'builtin', 'bfcl' (or 'bfcl:Class,...'), 'bfcl-simulated' (or "
         "'bfcl-simulated:Class,...'), a folder of tool modules, or a ToolBench-style .json file"
     )
+
+
+def _class_names(text: str, prefix: str, default: Sequence[str] | None) -> Sequence[str] | None:
+    """The BFCL classes a reference such as ``bfcl:GorillaFileSystem,TravelAPI`` names; ``default``
+    for one without the ``prefix`` (None: all of them)."""
+    if not text.startswith(prefix):
+        return default
+    return [name.strip() for name in text.removeprefix(prefix).split(",") if name.strip()]
 
 
 @dataclass(frozen=True)

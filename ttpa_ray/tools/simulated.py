@@ -148,6 +148,11 @@ def response_request(
     return messages, {"anyOf": [bounded_schema(answer), ERROR_RESPONSE]} if errors else bounded_schema(answer)
 
 
+def is_error(content: Any) -> bool:
+    """Whether a response is a tool reporting a failure (``{"error": ...}``, as BFCL's tools do)."""
+    return isinstance(content, dict) and set(content) == {"error"}
+
+
 def check_response(tool: SimulatedTool, text: str) -> tuple[Any, str | None]:
     """The response's content and what is wrong with it (None: a valid response or a tool error)."""
     try:
@@ -156,7 +161,7 @@ def check_response(tool: SimulatedTool, text: str) -> tuple[Any, str | None]:
         return None, f"the simulated response of {tool.spec.name!r} is not JSON ({exc.msg}): {text[:120]!r}"
     if not isinstance(content, dict):
         return None, f"the simulated response of {tool.spec.name!r} is not a JSON object"
-    if tool.response_schema is None or set(content) == {"error"}:
+    if tool.response_schema is None or is_error(content):
         return content, None
     try:
         jsonschema.validate(content, tool.response_schema)
@@ -495,7 +500,7 @@ class SimulatedExecutor:
                 return failure
             response = self.cache.get(tool.spec.name, dict(arguments))
         content = json.loads(str(response))
-        if isinstance(content, dict) and set(content) == {"error"}:  # the tool reports a failure
+        if is_error(content):
             return ToolResult.failure(str(content["error"]), time.perf_counter() - start)
         content, truncated = truncate_content(content, self.max_response_chars)
         return ToolResult(ok=True, content=content, elapsed=time.perf_counter() - start, truncated=truncated)
