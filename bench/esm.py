@@ -6,7 +6,7 @@ an unknown tool, an unknown key, another tool of the entry, arguments text cut o
 parse), candidates' arguments as JSON text so parsing counts. Rows of one entry are adjacent, as
 the candidates of one turn are in TPS output.
 
-(a) single core: ``score_prepared`` over the rows, reference and tool index prepared once per entry.
+(a) single core: ``score`` over the rows, reference and tool index prepared once per entry.
 (b) Ray: ``score_dataset`` on a local 2-CPU Ray (a pool of 2 stateless scorer actors, one
     ``map_batches`` pass, materialised, then split into scored/rejected) over >= 1,000,000 rows
     (200,000 with --quick) held as Arrow blocks of 50,000 rows (tools and reference
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pyarrow as pa
 
 from ttpa_ray.bfcl import load_entries
-from ttpa_ray.esm import ReferenceCall, ToolIndex, score_prepared
+from ttpa_ray.esm import ReferenceCall, ToolIndex, score
 
 CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "live_simple")
 
@@ -116,14 +116,14 @@ def bench_single_core(
     candidates = base_table(rows).column("candidate").to_pylist()
     work = [(c, references[o], indexes[o]) for c, o in zip(candidates, owner, strict=True)]
     calls = sum(len(c) for c in candidates)
-    scores = [score_prepared(c, r, i).score for c, r, i in work]  # warm-up (and the reference scores)
+    scores = [score(c, r, i).score for c, r, i in work]  # warm-up (and the reference scores)
     rates = []
     cpu_start = time.process_time()
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(rates) < 3:
         start = time.perf_counter()
         for candidate, reference, index in work:
-            score_prepared(candidate, reference, index)
+            score(candidate, reference, index)
         rates.append(time.perf_counter() - start)
     cpu_per_row = (time.process_time() - cpu_start) / (len(rates) * len(work))
     mean = statistics.fmean(rates)

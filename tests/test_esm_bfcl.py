@@ -17,7 +17,7 @@ import pytest
 
 from ttpa_ray.bfcl import BfclEntry, ast_check, load_entries, load_multi_turn_tools, to_openai_tool
 from ttpa_ray.codec import ToolCall
-from ttpa_ray.esm import ESMResult, ReferenceCall, ToolIndex, prepare_tools, score_calls
+from ttpa_ray.esm import ESMResult, ReferenceCall, ToolIndex, prepare_tools, score
 
 CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple", "live_simple")
 ENTRY_COUNTS = {
@@ -136,7 +136,7 @@ def test_ground_truth_scores_one_for_every_entry(cases: list[Case]) -> None:
     per_category: Counter[str] = Counter()
     below_one = {}
     for case in cases:
-        result = score_calls(case.truth, case.reference, case.index)
+        result = score(case.truth, case.reference, case.index)
         if result.score == 1.0:
             per_category[case.entry.category] += 1
         else:
@@ -243,7 +243,7 @@ def test_mutations_produce_their_category_and_lower_the_score(cases: list[Case])
     failures = []
     for case in cases:
         for kind, mutated in _mutations(case).items():
-            result = score_calls(mutated, case.reference, case.index)
+            result = score(mutated, case.reference, case.index)
             counts[kind] += 1
             expected = EXPECTED_CATEGORY[kind]
             extra = (
@@ -264,7 +264,7 @@ def test_mutations_produce_their_category_and_lower_the_score(cases: list[Case])
 
 # ------------------------------------------------------------------------------ BFCL's checker
 def _esm(case: Case, calls: list[ToolCall]) -> ESMResult:
-    return score_calls(calls, case.reference, case.index)
+    return score(calls, case.reference, case.index)
 
 
 def test_agrees_with_bfcl_ast_checker(cases: list[Case]) -> None:
@@ -293,16 +293,36 @@ def test_agrees_with_bfcl_ast_checker(cases: list[Case]) -> None:
 
 
 def test_column_form_scores_like_call_objects(cases: list[Case]) -> None:
-    # score_fields reads (name, arguments-text) pairs as the stage stores them: same numbers as call objects
-    from ttpa_ray.esm import error_names, score_components, score_fields
+    # the stage reads the Candidate record's calls column (list<struct<name, arguments: JSON text>>)
+    # and the stored JSON texts of reference and tools: same numbers as call objects scored directly
+    import pyarrow as pa
 
-    checked = 0
+    from ttpa_ray.esm.stage import score_table
+    from ttpa_ray.records import CALLS
+
+    rows, expected = [], []
     for case in cases[::4]:
         for mutated in [case.truth, *_mutations(case).values()]:
             objects = [{"name": c.name, "arguments": json.dumps(c.arguments)} for c in mutated]
-            pairs = [(c.name, json.dumps(c.arguments)) for c in mutated]
-            expected = score_components(objects, case.reference, case.index)
-            assert score_fields(pairs, case.reference, case.index) == expected
-            assert error_names(expected[6]) == score_calls(objects, case.reference, case.index).errors
-            checked += 1
-    assert checked == 1979  # 314 entries x (truth + their mutations)
+            rows.append(
+                {
+                    "candidate": objects,
+                    "reference": json.dumps(case.entry.ground_truth),
+                    "tools": json.dumps(case.entry.tools),
+                }
+            )
+            expected.append(score(objects, case.reference, case.index))
+    assert len(rows) == 1979  # 314 entries x (truth + their mutations)
+    stored = pa.list_(pa.struct([("name", pa.string()), ("arguments", pa.string())]))
+    table = pa.table(
+        {
+            "candidate": pa.array([r["candidate"] for r in rows], stored).cast(CALLS),
+            "reference": [r["reference"] for r in rows],
+            "tools": [r["tools"] for r in rows],
+            "reference_alternatives": [True] * len(rows),
+        }
+    )
+    out = score_table(table)
+    assert out.column("esm_score").to_pylist() == [e.score for e in expected]
+    assert out.column("esm_errors").to_pylist() == [list(e.errors) for e in expected]
+    assert [dict(c) for c in out.column("esm_components").to_pylist()] == [e.components for e in expected]

@@ -10,8 +10,7 @@ import pyarrow as pa
 import pytest
 
 from ttpa_ray.bfcl import load_entries
-from ttpa_ray.esm import score_record
-from ttpa_ray.esm.stage import STATUS_COLUMN, score_dataset, score_table
+from ttpa_ray.esm.stage import STATUS_COLUMN, score_dataset, score_row, score_table
 from ttpa_ray.records import RejectedRow
 
 BAD_TOOLS = json.dumps(
@@ -88,7 +87,7 @@ def test_stage_rows_in_equal_scored_plus_rejected(ray_cluster: Any, batch_size: 
     by_id = {row["id"]: row for row in good}
     for out in scored_rows:
         row = by_id[out["id"]]
-        expected = score_record(
+        expected = score_row(
             row["candidate"],
             row["reference"],
             row["tools"],
@@ -132,7 +131,7 @@ def test_stage_pandas_blocks_and_empty_input(ray_cluster: Any) -> None:
     by_id = {row["id"]: row for row in good}
     for r in out:
         row = by_id[r["id"]]
-        expected = score_record(row["candidate"], row["reference"], row["tools"], reference_alternatives=True)
+        expected = score_row(row["candidate"], row["reference"], row["tools"], reference_alternatives=True)
         assert r["esm_score"] == expected.score
     # no rows in: both outputs empty, with their columns
     empty = pa.Table.from_pylist(good).slice(0, 0)

@@ -28,7 +28,7 @@ import numpy as np
 from ttpa_ray.bfcl import IRRELEVANCE_CATEGORIES, BfclEntry, ast_check, load_entries
 from ttpa_ray.codec import ToolCall, parse_any
 from ttpa_ray.config import TTPAConfig
-from ttpa_ray.esm import CATEGORIES, ESMWeights, prepare_reference, prepare_tools, score_calls
+from ttpa_ray.esm import CATEGORIES, ESMWeights, prepare_reference, prepare_tools, score
 from ttpa_ray.records import Dialogue, RejectedRow, read_parquet, reject, write_parquet
 from ttpa_ray.replica import PROMPT_TOO_LONG
 from ttpa_ray.rundir import split_path
@@ -149,7 +149,7 @@ def _score_one(
         parsed = parse_any(text)
         called = parsed.ok and bool(parsed.calls)
         return (0.0, [UNWANTED_CALL], False) if called else (1.0, [], True)
-    esm = score_calls(text, reference, index, weights)
+    esm = score(text, reference, index, weights)
     if item.entry is not None:
         parsed = parse_any(text)
         exact = bool(parsed.ok and ast_check(item.entry, parsed.calls).get("valid", False))
@@ -184,8 +184,8 @@ def score_answers(
         if answer.infra_error:
             results.append(EntryResult(item.id, item.category, "", 0.0, [], False, answer.finish_reason))
             continue
-        score, errors, exact = _score_one(item, answer.text, index, reference, weights)
-        results.append(EntryResult(item.id, item.category, answer.text, score, errors, exact))
+        esm_score, errors, exact = _score_one(item, answer.text, index, reference, weights)
+        results.append(EntryResult(item.id, item.category, answer.text, esm_score, errors, exact))
     return results, rejected
 
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from ttpa_ray.codec import ToolCall
 from ttpa_ray.config import ESMConfig, TTPAConfig
-from ttpa_ray.esm.scorer import DEFAULT_WEIGHTS, ESMWeights, SchemaError, prepare_tools, score_calls
+from ttpa_ray.esm.scorer import DEFAULT_WEIGHTS, ESMWeights, SchemaError, prepare_tools, score
 from ttpa_ray.records import (
     Candidate,
     Message,
@@ -60,7 +60,7 @@ def score_candidates(
     reference = list(turn.reference_calls)
     scored = []
     for candidate in candidates:
-        result = score_calls(_target(candidate), reference, index, weights)
+        result = score(_target(candidate), reference, index, weights)
         scored.append(
             ScoredCandidate(
                 candidate=candidate,
@@ -69,7 +69,7 @@ def score_candidates(
                 esm_errors=result.errors,
             )
         )
-    reference_score = score_calls(reference, reference, index, weights).score
+    reference_score = score(reference, reference, index, weights).score
     return scored, reference_score
 
 
@@ -180,7 +180,7 @@ def label_turn(
             scored = [labels[c.candidate_id] for c in candidates]
             reference = list(turn.reference_calls)
             tools = prepare_tools([t.to_openai() for t in turn.tools])
-            reference_score = score_calls(reference, reference, tools, weights).score
+            reference_score = score(reference, reference, tools, weights).score
         else:
             scored, reference_score = score_candidates(turn, candidates, weights)
     except SchemaError as exc:

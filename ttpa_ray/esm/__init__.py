@@ -5,7 +5,7 @@ stateless Ray Data shell and :mod:`ttpa_ray.esm.cli` the ``ttpa score`` command.
 
     index = prepare_tools(tools)                      # once per tool list (SchemaError if unusable)
     reference = prepare_reference(bfcl_answer, alternatives=True, tools=index)
-    result = score_calls(model_text, reference, index)  # ESMResult(score, components, errors, matches)
+    result = score(model_text, reference, index)      # ESMResult(score, components, errors, matches)
 
 References carry several acceptable values as :class:`Alternatives` (``optional``: may be left out);
 a plain list value is one list. ``alternatives=True`` reads BFCL's possible answers (every argument a
@@ -23,23 +23,13 @@ from ttpa_ray.esm.scorer import (
     Alternatives,
     ESMResult,
     ESMWeights,
-    InvalidRecord,
     ReferenceCall,
     SchemaError,
     ToolIndex,
     best_matching,
-    candidate_calls,
-    error_names,
     prepare_reference,
     prepare_tools,
-    record_reference,
-    record_tools,
-    score_call,
-    score_calls,
-    score_components,
-    score_fields,
-    score_prepared,
-    score_record,
+    score,
 )
 
 __all__ = [
@@ -50,21 +40,11 @@ __all__ = [
     "Alternatives",
     "ESMResult",
     "ESMWeights",
-    "InvalidRecord",
     "ReferenceCall",
     "SchemaError",
     "ToolIndex",
     "best_matching",
-    "candidate_calls",
-    "error_names",
     "prepare_reference",
     "prepare_tools",
-    "record_reference",
-    "record_tools",
-    "score_call",
-    "score_calls",
-    "score_components",
-    "score_fields",
-    "score_prepared",
-    "score_record",
+    "score",
 ]

@@ -30,15 +30,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ttpa_ray.esm.scorer import (
-    CATEGORIES,
-    COMPONENTS,
-    DEFAULT_WEIGHTS,
-    ESMWeights,
+from ttpa_ray.esm.scorer import CATEGORIES, COMPONENTS, DEFAULT_WEIGHTS, ESMWeights
+from ttpa_ray.esm.stage import (
+    DETAIL_COLUMN,
+    REASON_COLUMN,
+    STATUS_COLUMN,
     InvalidRecord,
-    score_record,
+    score_row,
+    score_table,
 )
-from ttpa_ray.esm.stage import DETAIL_COLUMN, REASON_COLUMN, STATUS_COLUMN, score_table
 
 FIELDS: Final[tuple[str, ...]] = ("candidate", "reference", "tools")
 ALTERNATIVES_FIELD: Final = "reference_alternatives"
@@ -112,7 +112,7 @@ def _score_row(row: Any, alternatives: bool, weights: ESMWeights) -> dict[str, A
     if missing:
         return {**row, **_invalid("missing_column")}
     try:
-        result = score_record(
+        result = score_row(
             row["candidate"],
             row["reference"],
             row["tools"],

@@ -10,37 +10,26 @@ a score of 0, not a rejection.
 
 :func:`score_dataset` runs it on Ray Data: one ``map_batches`` over a pool of stateless
 :class:`ScoreBatch` actors (one CPU each, ``esm.scorers`` min..max), materialised once, then two
-Arrow-native filters split the scored rows from the rejected ones.
-
-No state crosses batches except the process-wide, read-only cache of prepared tool indexes keyed by
-the tools JSON text (``scorer.prepare_tools``); each distinct tools and reference text of a batch
-is read once (Arrow dictionary encoding), which is what keeps per-row cost near the pure loop's.
+Arrow-native filters split the scored rows from the rejected ones. No state crosses batches but the
+read-only cache of prepared tool indexes keyed by the tools JSON text (``scorer.prepare_tools``).
 """
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ttpa_ray.esm.scorer import (
-    COMPONENTS,
     DEFAULT_WEIGHTS,
+    ESMResult,
     ESMWeights,
-    InvalidRecord,
-    ReferenceCall,
-    ToolIndex,
-    error_names,
-    record_reference,
-    record_tools,
-    score_components,
-    score_fields,
+    SchemaError,
+    prepare_reference,
+    prepare_tools,
+    score,
 )
 from ttpa_ray.records import RejectedRow, batch_from_rows, reject
 
@@ -55,72 +44,58 @@ ESM_COLUMNS: Final[tuple[str, ...]] = ("esm_score", "esm_components", "esm_error
 ID_COLUMNS: Final[tuple[str, ...]] = ("candidate_id", "id", "input_id")
 _STATUS_OK: Final = "ok"
 _STATUS_REJECTED: Final = "rejected"
-_COMPONENT_KEYS: Final = pa.array(list(COMPONENTS), pa.string())
-_ZEROS: Final = (0.0,) * len(COMPONENTS)
 
 
-def _distinct(column: pa.ChunkedArray) -> tuple[list[int], list[Any]]:
-    """Row -> position in a list of distinct values, so each distinct tools/reference text is read once.
+class InvalidRecord(ValueError):
+    """A row that cannot be scored at all (not a low score): it goes to the rejected rows."""
 
-    String and dictionary columns are dictionary-encoded by Arrow (nulls point at a trailing None);
-    nested columns are not deduplicated (one position per row).
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def score_row(
+    candidate: Any,
+    reference: Any,
+    tools: Any,
+    *,
+    reference_alternatives: Any = False,
+    weights: ESMWeights = DEFAULT_WEIGHTS,
+) -> ESMResult:
+    """Score one stored row; raises :class:`InvalidRecord` (reason, detail) for a malformed row.
+
+    Each field may be JSON text or the parsed object; ``candidate`` text may also be raw model text.
+    ``reference_alternatives`` true means the reference's argument values are lists of alternatives.
+    Reasons: missing_value, invalid_tools, invalid_reference.
     """
-    column = _storage(column)
-    kind = column.type
-    if pa.types.is_dictionary(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        if not pa.types.is_dictionary(kind):
-            column = pc.dictionary_encode(column)
-        encoded = column.unify_dictionaries().combine_chunks() if column.num_chunks else None
-        if isinstance(encoded, pa.DictionaryArray):
-            values: list[Any] = encoded.dictionary.to_pylist()
-            positions = encoded.indices.fill_null(len(values)).to_pylist()
-            return positions, [*values, None]
-    return list(range(len(column))), column.to_pylist()
-
-
-def _storage(column: pa.ChunkedArray) -> pa.ChunkedArray:
-    if isinstance(column.type, pa.BaseExtensionType):
-        return pa.chunked_array([chunk.storage for chunk in column.chunks], column.type.storage_type)
-    return column
-
-
-def _candidates(column: pa.ChunkedArray) -> tuple[list[Any], bool]:
-    """Python values of the candidate column, and whether they are (name, arguments) pairs.
-
-    ``list<struct<name, arguments>>`` (the Candidate record's calls) is read from its child arrays as
-    lists of (name, arguments) pairs: Arrow's generic struct conversion costs several microseconds a
-    row, more than scoring a call. Other layouts (text, other structs) convert as they are.
-    """
-    kind = column.type
-    if not (pa.types.is_list(kind) and pa.types.is_struct(kind.value_type)):
-        return _storage(column).to_pylist(), False
-    struct_type = kind.value_type
-    if {struct_type.field(i).name for i in range(struct_type.num_fields)} != {"name", "arguments"}:
-        return column.to_pylist(), False
-    out: list[Any] = []
-    for chunk in column.chunks:
-        values = chunk.values
-        names = values.field("name").to_pylist()
-        arguments = values.field("arguments")
-        args = (arguments.storage if isinstance(arguments, pa.ExtensionArray) else arguments).to_pylist()
-        offsets = chunk.offsets.to_pylist()
-        valid = chunk.is_valid().to_pylist()
-        for i in range(len(chunk)):
-            out.append([(names[j], args[j]) for j in range(offsets[i], offsets[i + 1])] if valid[i] else None)
-    return out, True
-
-
-def _prepare(
-    reference: Any, tools: Any, alternatives: Any
-) -> tuple[tuple[ReferenceCall, ...], ToolIndex] | InvalidRecord:
+    if candidate is None:
+        raise InvalidRecord("missing_value", "column 'candidate' is null")
+    if tools is None:
+        raise InvalidRecord("missing_value", "column 'tools' is null")
     try:
-        index = record_tools(tools)
-        return record_reference(reference, alternatives, index), index
-    except InvalidRecord as exc:
-        return exc
+        index = prepare_tools(tools if type(tools) is str else json.dumps(tools, ensure_ascii=False))
+    except (SchemaError, TypeError) as exc:
+        raise InvalidRecord("invalid_tools", str(exc)) from None
+    alternatives = False if reference_alternatives is None else reference_alternatives
+    if type(alternatives) is not bool:
+        raise InvalidRecord(
+            "invalid_reference", f"reference_alternatives must be true or false, got {alternatives!r}"
+        )
+    if reference is None:
+        raise InvalidRecord("missing_value", "column 'reference' is null")
+    try:
+        if type(reference) is str:
+            reference = json.loads(reference)
+        calls = prepare_reference(reference, alternatives=alternatives, tools=index)
+    except json.JSONDecodeError as exc:
+        raise InvalidRecord("invalid_reference", f"column 'reference' is not valid JSON ({exc})") from None
+    except ValueError as exc:
+        raise InvalidRecord("invalid_reference", str(exc)) from None
+    return score(candidate, calls, index, weights)
 
 
-def _score_table(
+def score_table(
     table: pa.Table,
     *,
     candidate_column: str = "candidate",
@@ -129,137 +104,62 @@ def _score_table(
     alternatives_column: str = "reference_alternatives",
     weights: ESMWeights = DEFAULT_WEIGHTS,
 ) -> pa.Table:
-    """score_table without the GC switch."""
+    """The table with the ESM columns and the status columns appended (pure; no Ray needed).
+
+    Fields hold JSON text (string, dictionary or Arrow JSON columns) or nested Arrow values;
+    ``candidate`` text may be raw model output; the optional alternatives column (bool) says the
+    reference's argument values are lists of acceptable values (BFCL form). Existing ESM or status
+    columns are replaced.
+    """
     stale = [
         c for c in (*ESM_COLUMNS, STATUS_COLUMN, REASON_COLUMN, DETAIL_COLUMN) if c in table.column_names
     ]
-    if stale:
-        table = table.drop_columns(stale)
+    table = table.drop_columns(stale)
     n = table.num_rows
-    scores: list[float] = []  # per scored row, in order
-    flat_components: list[float] = []
-    masks: list[int] = []
-    rejected = np.zeros(n, dtype=bool)
-    reasons: list[str | None] = [None] * n
-    details: list[str | None] = [None] * n
-
-    def reject_row(i: int, reason: str, detail: str) -> None:
-        rejected[i] = True
-        reasons[i], details[i] = reason, detail
-        scores.append(0.0)
-        flat_components.extend(_ZEROS)
-        masks.append(0)
-
     missing = [c for c in (candidate_column, reference_column, tools_column) if c not in table.column_names]
+    results: list[ESMResult | InvalidRecord] = []
     if missing:
         detail = f"column(s) {', '.join(map(repr, missing))} missing from the batch"
-        for i in range(n):
-            reject_row(i, "missing_column", detail)
+        results = [InvalidRecord("missing_column", detail)] * n
     else:
-        candidates, as_fields = _candidates(table.column(candidate_column))
-        score_one = score_fields if as_fields else score_components
-        tool_pos, tool_values = _distinct(table.column(tools_column))
-        ref_pos, ref_values = _distinct(table.column(reference_column))
-        alternatives: list[Any] = (
+        columns = [table.column(c).to_pylist() for c in (candidate_column, reference_column, tools_column)]
+        flags = (
             table.column(alternatives_column).to_pylist()
             if alternatives_column in table.column_names
             else [False] * n
         )
-        # Each distinct (reference, tools, alternatives) of the batch is checked and prepared once.
-        prepared: dict[tuple[int, int, Any], tuple[tuple[ReferenceCall, ...], ToolIndex] | InvalidRecord] = {}
-        for i in range(n):
-            # Same checks, same order as scorer.score_record.
-            candidate = candidates[i]
-            if candidate is None:
-                reject_row(i, "missing_value", "column 'candidate' is null")
-                continue
-            key = (ref_pos[i], tool_pos[i], alternatives[i])
-            ready = prepared.get(key)
-            if ready is None:
-                ready = prepared[key] = _prepare(ref_values[key[0]], tool_values[key[1]], key[2])
-            if isinstance(ready, InvalidRecord):
-                reject_row(i, ready.reason, ready.detail)
-                continue
-            result = score_one(candidate, ready[0], ready[1], weights)
-            scores.append(result[0])
-            flat_components.extend(result[1:6])
-            masks.append(result[6])
-
-    any_rejected = bool(rejected.any())
-    mask = pa.array(rejected) if any_rejected else None
-    k = len(COMPONENTS)
-    component_array = pa.MapArray.from_arrays(
-        pa.array(np.arange(0, k * n + 1, k, dtype=np.int32)),
-        pa.DictionaryArray.from_arrays(
-            pa.array(np.tile(np.arange(k, dtype=np.int32), n)), _COMPONENT_KEYS
-        ).dictionary_decode(),
-        pa.array(np.array(flat_components, dtype=np.float64)),
-        mask=mask,
-    )
-    names = [error_names(m) for m in masks]
-    error_offsets = np.zeros(n + 1, dtype=np.int32)
-    np.cumsum([len(e) for e in names], out=error_offsets[1:])
-    error_array = pa.ListArray.from_arrays(
-        pa.array(error_offsets),
-        pa.array([name for row in names if row for name in row], pa.string()),
-        mask=mask,
-    )
-    if any_rejected:
-        status = pa.array(np.where(rejected, _STATUS_REJECTED, _STATUS_OK), pa.string())
-        reason_array = pa.array(reasons, pa.string())
-        detail_array = pa.array(details, pa.string())
-    else:
-        status = pa.repeat(pa.scalar(_STATUS_OK, pa.string()), n)
-        reason_array = detail_array = pa.nulls(n, pa.string())
-    return (
-        table.append_column("esm_score", pa.array(np.array(scores, dtype=np.float64), mask=rejected))
-        .append_column("esm_components", component_array)
-        .append_column("esm_errors", error_array)
-        .append_column(STATUS_COLUMN, status)
-        .append_column(REASON_COLUMN, reason_array)
-        .append_column(DETAIL_COLUMN, detail_array)
-    )
-
-
-def score_table(table: pa.Table, **columns_and_weights: Any) -> pa.Table:
-    """The table with the ESM columns and the status columns appended (pure; no Ray needed).
-
-    Keywords: ``candidate_column``, ``reference_column``, ``tools_column``, ``alternatives_column``
-    and ``weights`` (see :func:`score_dataset`). Fields hold JSON text (string, dictionary or Arrow
-    JSON columns) or nested Arrow values; ``candidate`` text may be raw model output; the optional
-    alternatives column (bool) says the reference's argument values are lists of acceptable values
-    (BFCL form). Each distinct tools and reference text is prepared once per batch. Existing ESM or
-    status columns are replaced.
-    """
-    was_enabled = gc.isenabled()
-    # A batch's Python objects all live until its end: generational GC passes over them find no
-    # cycles and cost about a fifth of the batch time.
-    gc.disable()
-    try:
-        return _score_table(table, **columns_and_weights)
-    finally:
-        if was_enabled:
-            gc.enable()
+        for candidate, reference, tools, alternatives in zip(*columns, flags, strict=True):
+            try:
+                results.append(
+                    score_row(
+                        candidate, reference, tools, reference_alternatives=alternatives, weights=weights
+                    )
+                )
+            except InvalidRecord as exc:
+                results.append(exc)
+    ok = [r if isinstance(r, ESMResult) else None for r in results]
+    bad = [r if isinstance(r, InvalidRecord) else None for r in results]
+    columns_out = {
+        "esm_score": pa.array([None if r is None else r.score for r in ok], pa.float64()),
+        "esm_components": pa.array(
+            [None if r is None else list(r.components.items()) for r in ok],
+            pa.map_(pa.string(), pa.float64()),
+        ),
+        "esm_errors": pa.array([None if r is None else list(r.errors) for r in ok], pa.list_(pa.string())),
+        STATUS_COLUMN: pa.array([_STATUS_REJECTED if r is None else _STATUS_OK for r in ok], pa.string()),
+        REASON_COLUMN: pa.array([None if r is None else r.reason for r in bad], pa.string()),
+        DETAIL_COLUMN: pa.array([None if r is None else r.detail for r in bad], pa.string()),
+    }
+    for name, column in columns_out.items():
+        table = table.append_column(name, column)
+    return table
 
 
 class ScoreBatch:
     """Ray Data callable class: one pyarrow batch -> the same rows with ESM and status columns."""
 
-    def __init__(
-        self,
-        candidate_column: str = "candidate",
-        reference_column: str = "reference",
-        tools_column: str = "tools",
-        alternatives_column: str = "reference_alternatives",
-        weights: Sequence[float] | None = None,
-    ) -> None:
-        self._kwargs: dict[str, Any] = {
-            "candidate_column": candidate_column,
-            "reference_column": reference_column,
-            "tools_column": tools_column,
-            "alternatives_column": alternatives_column,
-            "weights": ESMWeights(*weights) if weights is not None else DEFAULT_WEIGHTS,
-        }
+    def __init__(self, **columns_and_weights: Any) -> None:
+        self._kwargs = columns_and_weights
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return score_table(batch, **self._kwargs)
@@ -322,7 +222,7 @@ def score_dataset(
             "reference_column": reference_column,
             "tools_column": tools_column,
             "alternatives_column": alternatives_column,
-            "weights": (weights.name, weights.required, weights.key, weights.value_type, weights.value),
+            "weights": weights,
         },
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
         batch_format="pyarrow",
