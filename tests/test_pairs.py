@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +76,11 @@ def test_best_candidate_above_threshold_is_chosen() -> None:
     near = candidate("near", ToolCall("get_weather", {"city": "paris", "date": "2026-05-01"}))  # ~0.91
     wrong_date = candidate("date", ToolCall("get_weather", {"city": "Paris", "date": "2026-05-02"}), 9)
     broken = candidate("broken", None, 3)
+    near = dataclasses.replace(near, sequence_logprob=-2.0)
+    broken = dataclasses.replace(broken, sequence_logprob=-9.0)
     scored, reference_score = score_candidates(TURN, [wrong_date, near, broken])
     assert reference_score == 1.0
-    pairs, rejected = pairs_for_turn(
-        TURN, scored, reference_score, sequence_logprobs={near.candidate_id: -2.0, broken.candidate_id: -9.0}
-    )
+    pairs, rejected = pairs_for_turn(TURN, scored, reference_score)
     assert rejected is None
     best = max(s.esm_score for s in scored)
     assert best >= 0.8
@@ -98,7 +99,8 @@ def test_reference_is_chosen_when_no_candidate_reaches_threshold() -> None:
         candidate("a", ToolCall("get_weather", {"city": "Rome"}), 4),
         candidate("b", ToolCall("get_time", {"city": "Paris", "date": "2026-05-01"}), 2),
     ]
-    pairs, _scored, rejected = label_turn(TURN, bad, ESMConfig(), reference_logprob=-3.0)
+    bad = [dataclasses.replace(c, reference_logprob=-3.0) for c in bad]  # y*'s log-prob, on every candidate
+    pairs, _scored, rejected = label_turn(TURN, bad, ESMConfig())
     assert rejected is None and len(pairs) == 2
     assert all(p.chosen_source == "reference" and p.chosen[0].tool_calls == (REFERENCE,) for p in pairs)
     assert all(p.chosen_score == 1.0 > p.rejected_score for p in pairs)
@@ -208,10 +210,9 @@ def test_esm_ray_stage_labels_match_the_pure_scorer(ray_cluster: Any, tps_result
     candidates = pa.concat_tables(
         [
             candidates,
-            to_table([bad_candidate])
-            .append_column("sequence_logprob", pa.array([-1.0]))
-            .append_column("reference_logprob", pa.array([-2.0]))
-            .append_column("generated_tokens", pa.array([1])),
+            to_table(
+                [dataclasses.replace(bad_candidate, sequence_logprob=-1.0, reference_logprob=-2.0)]
+            ).append_column("generated_tokens", pa.array([1])),
         ]
     )
     turns_table = to_table([*turns, bad_turn], Turn)

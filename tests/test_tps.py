@@ -9,14 +9,13 @@ import pytest
 
 from ttpa_ray.codec import ToolCall, canonical_calls, render_hermes
 from ttpa_ray.config import TPSConfig
-from ttpa_ray.records import Dialogue, Message, ToolSpec, Turn
+from ttpa_ray.records import Candidate, Dialogue, Message, ToolSpec, Turn, from_table
 from ttpa_ray.tps import (
     SAMPLE_SCHEMA,
     BranchPoint,
     SequenceSampler,
     TokenLevelSampler,
     bfcl_dialogues,
-    candidates_from_table,
     choose_branch_points,
     reference_tokens,
     sample_table,
@@ -142,7 +141,9 @@ def test_tps_candidates_share_the_reference_prefix_and_differ_at_the_branch(
         assert len(sample.candidates) <= config.max_branches * config.top_k  # top-k minus y*_t if in it
         keys = [canonical_calls(c.calls) if c.calls else c.raw_text for c in sample.candidates]
         assert len(keys) == len(set(keys))  # deduplicated
-        for candidate, logprob in zip(sample.candidates, sample.candidate_logprobs, strict=True):
+        for candidate in sample.candidates:
+            logprob = candidate.sequence_logprob
+            assert logprob is not None and candidate.reference_logprob == sample.reference_logprob
             t = candidate.branch_position
             assert t is not None and candidate.sampler == "tps"
             ids = candidate.completion_token_ids
@@ -180,10 +181,12 @@ def test_sample_table_round_trip_and_rejected_turns(vllm_engine: Any, turns: lis
     assert table.schema.equals(SAMPLE_SCHEMA, check_metadata=False)
     candidates, rejected = split_sample_table(table)
     assert rejected.column("input_id").to_pylist() == ["long/0"]
-    restored, sequence, reference = candidates_from_table(candidates)
-    assert restored == list(samples[0].candidates)
-    assert [sequence[c.candidate_id] for c in restored] == pytest.approx(list(samples[0].candidate_logprobs))
-    assert reference == {turns[0].turn_id: pytest.approx(samples[0].reference_logprob)}
+    restored = from_table(Candidate, candidates)
+    assert restored == list(samples[0].candidates)  # log-probs included
+    assert all(c.sequence_logprob is not None for c in restored)
+    assert [c.reference_logprob for c in restored] == pytest.approx(
+        [samples[0].reference_logprob] * len(restored)
+    )
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ from ttpa_ray.records import (
     from_table,
     reject,
 )
-from ttpa_ray.tps import TurnSample, candidates_from_table
+from ttpa_ray.tps import TurnSample
 
 STAGE: Final = "pairs"
 
@@ -86,15 +86,13 @@ def pairs_for_turn(
     reference_score: float,
     *,
     chosen_threshold: float = 0.8,
-    sequence_logprobs: Mapping[str, float | None] | None = None,
-    reference_logprob: float | None = None,
 ) -> tuple[list[PreferencePair], RejectedRow | None]:
     """Pairs of one turn by the pair rule (module docstring), or a rejected row with the reason.
 
-    ``sequence_logprobs`` maps candidate_id to the policy log-prob of the whole candidate completion;
-    ``reference_logprob`` is the policy log-prob of y*.
+    The pairs' log-probs are the candidates' own: ``sequence_logprob`` of a candidate side,
+    ``reference_logprob`` (the policy log-prob of y*, the same on every candidate of the turn) of a
+    reference side.
     """
-    logprobs = sequence_logprobs or {}
     if not scored:
         return [], reject(turn.turn_id, STAGE, "no_candidates", "the sampler produced no candidate", turn)
     # max() keeps the first of equal scores: the earliest branch, so runs are reproducible.
@@ -103,12 +101,14 @@ def pairs_for_turn(
         chosen_message = completion_message(best.candidate)
         chosen_score = best.esm_score
         chosen_source = "candidate"
-        chosen_logprob = logprobs.get(best.candidate_id)
+        chosen_logprob = best.candidate.sequence_logprob
     else:
         chosen_message = Message(role="assistant", tool_calls=turn.reference_calls)
         chosen_score = reference_score
         chosen_source = "reference"
-        chosen_logprob = reference_logprob
+        chosen_logprob = next(
+            (s.candidate.reference_logprob for s in scored if s.candidate.reference_logprob is not None), None
+        )
     pairs = []
     for item in scored:
         if item.esm_score >= chosen_score:
@@ -129,7 +129,7 @@ def pairs_for_turn(
                 branch_token=candidate.branch_token,
                 chosen_source=chosen_source,
                 chosen_logprob=chosen_logprob,
-                rejected_logprob=logprobs.get(candidate.candidate_id),
+                rejected_logprob=candidate.sequence_logprob,
             )
         )
     if not pairs:
@@ -165,8 +165,6 @@ def label_turn(
     candidates: Sequence[Candidate],
     esm: ESMConfig,
     *,
-    sequence_logprobs: Mapping[str, float | None] | None = None,
-    reference_logprob: float | None = None,
     labels: Mapping[str, ScoredCandidate] | None = None,
 ) -> tuple[list[PreferencePair], list[ScoredCandidate], RejectedRow | None]:
     """Score one turn's candidates and apply the pair rule; bad tools or reference reject the turn.
@@ -187,14 +185,7 @@ def label_turn(
         return [], [], reject(turn.turn_id, STAGE, "invalid_tools", str(exc), turn)
     except ValueError as exc:
         return [], [], reject(turn.turn_id, STAGE, "invalid_reference", str(exc), turn)
-    pairs, rejected = pairs_for_turn(
-        turn,
-        scored,
-        reference_score,
-        chosen_threshold=esm.chosen_threshold,
-        sequence_logprobs=sequence_logprobs,
-        reference_logprob=reference_logprob,
-    )
+    pairs, rejected = pairs_for_turn(turn, scored, reference_score, chosen_threshold=esm.chosen_threshold)
     return pairs, scored, rejected
 
 
@@ -206,16 +197,7 @@ def pairs_from_samples(samples: Iterable[TurnSample], esm: ESMConfig) -> PairsRe
         if sample.rejected is not None:
             result.rejected.append(sample.rejected)
             continue
-        logprobs = {
-            c.candidate_id: lp for c, lp in zip(sample.candidates, sample.candidate_logprobs, strict=True)
-        }
-        pairs, scored, rejected = label_turn(
-            sample.turn,
-            sample.candidates,
-            esm,
-            sequence_logprobs=logprobs,
-            reference_logprob=sample.reference_logprob,
-        )
+        pairs, scored, rejected = label_turn(sample.turn, sample.candidates, esm)
         result.pairs.extend(pairs)
         result.scored.extend(scored)
         if rejected is not None:
@@ -232,14 +214,14 @@ def pairs_from_tables(
     labels: Mapping[str, ScoredCandidate] | None = None,
     label_rejections: Mapping[str, RejectedRow] | None = None,
 ) -> PairsResult:
-    """Pairs from the sample stage's files: Turn table, candidate table (with log-prob columns), rejected.
+    """Pairs from the sample stage's files: Turn table, candidate table, rejected rows.
 
     A turn without candidates keeps the sampler's rejection reason when there is one. ``labels`` and
     ``label_rejections`` (by candidate_id) come from :func:`label_with_esm_stage`; without them the
     candidates are scored here with the pure scorer.
     """
     turn_records = from_table(Turn, turns, source="turns")
-    cands, sequence, reference = candidates_from_table(candidates)
+    cands = from_table(Candidate, candidates, source="candidates")
     by_turn: dict[str, list[Candidate]] = {}
     for candidate in cands:
         by_turn.setdefault(candidate.turn_id, []).append(candidate)
@@ -257,14 +239,7 @@ def pairs_from_tables(
             first = unscorable[0]
             result.rejected.append(reject(turn.turn_id, STAGE, first.reason, first.detail, turn))
             continue
-        pairs, scored, rejected = label_turn(
-            turn,
-            mine,
-            esm,
-            sequence_logprobs=sequence,
-            reference_logprob=reference.get(turn.turn_id),
-            labels=labels,
-        )
+        pairs, scored, rejected = label_turn(turn, mine, esm, labels=labels)
         result.pairs.extend(pairs)
         result.scored.extend(scored)
         if rejected is not None:
@@ -276,7 +251,7 @@ def esm_input_table(turns: pa.Table, candidates: pa.Table) -> pa.Table:
     """The ESM stage's input: candidate_id, candidate (calls JSON or raw text), reference, tools (JSON)."""
     by_turn = {t.turn_id: t for t in from_table(Turn, turns, source="turns")}
     rows = []
-    for candidate in candidates_from_table(candidates)[0]:
+    for candidate in from_table(Candidate, candidates, source="candidates"):
         turn = by_turn[candidate.turn_id]
         target = _target(candidate)
         rows.append(
@@ -303,7 +278,7 @@ def label_with_esm_stage(
 
     from ttpa_ray.esm.stage import score_dataset
 
-    cands = {c.candidate_id: c for c in candidates_from_table(candidates)[0]}
+    cands = {c.candidate_id: c for c in from_table(Candidate, candidates, source="candidates")}
     table = esm_input_table(turns, candidates)
     if table.num_rows == 0:
         return {}, {}

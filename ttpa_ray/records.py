@@ -4,7 +4,9 @@ The flow is ToolSpec -> Dialogue -> Turn -> Candidate -> ScoredCandidate -> Pref
 input a stage cannot turn into an output becomes a RejectedRow (nothing disappears). A Message is the
 unit inside dialogues, turns and pairs. Every class is a frozen dataclass with ``SCHEMA``,
 ``to_row()`` (an Arrow-ready dict) and ``from_row()`` (validating: a missing or wrongly typed field
-raises :class:`RecordError` naming the record type, the field and the row id). Tables carry the
+raises :class:`RecordError` naming the record type, the field and the row id); for all but Message
+the three are derived from the dataclass fields alone (``_record``: a field's annotated type picks
+its Arrow type, writer and reader), so a field is declared once. Tables carry the
 metadata ``{"ttpa.record": <name>, "ttpa.schema_version": "1"}`` and a reader refuses a table of
 another record type or version (:class:`SchemaMismatchError`).
 
@@ -50,8 +52,8 @@ import math
 import numbers
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, Self, TypeVar
 
@@ -158,10 +160,6 @@ def _schema(record: str, fields: list[pa.Field], omit_when_null: Sequence[str] =
     if omit_when_null:
         meta[_META_OMIT] = ",".join(omit_when_null).encode()
     return pa.schema(fields, metadata=meta)
-
-
-def _tool_fields() -> list[pa.Field]:
-    return [pa.field("tools", JSON), pa.field("tool_sources", STRINGS)]
 
 
 def _storage_type(dtype: pa.DataType) -> pa.DataType:
@@ -491,23 +489,127 @@ R = TypeVar("R", bound=Record)
 
 
 @dataclass(frozen=True, slots=True)
-class ToolSpec:
+class _Column:
+    """How one record field is stored: its Arrow fields, how its value is written, how it is read."""
+
+    name: str
+    fields: tuple[pa.Field, ...]
+    write: Callable[[Any], dict[str, Any]]
+    read: Callable[[_Reader], Any]
+
+
+def _choice(allowed: frozenset[str]) -> Callable[[_Reader, str], str]:
+    return lambda reader, key: reader.choice(key, allowed)
+
+
+# Field type (as annotated) -> Arrow type, reader, writer. A field's metadata may override the Arrow
+# type ("arrow") and the reader ("read"), and say "absent_ok" (an old table without the column reads
+# as None) or "omit_when_null" (the column is written only when set on every row).
+_KINDS: dict[str, tuple[pa.DataType, Callable[[_Reader, str], Any], Callable[[Any], Any]]] = {
+    "str": (pa.string(), _Reader.text, lambda v: v),
+    "str | None": (pa.string(), _Reader.opt_text, lambda v: v),
+    "int": (pa.int64(), _Reader.integer, lambda v: v),
+    "int | None": (pa.int64(), _Reader.opt_integer, lambda v: v),
+    "float": (pa.float64(), _Reader.number, lambda v: v),
+    "float | None": (pa.float64(), _Reader.opt_number, lambda v: v),
+    "tuple[str, ...]": (STRINGS, _Reader.texts, list),
+    "tuple[int, ...]": (pa.list_(pa.int64()), _Reader.integers, list),
+    "tuple[ToolCall, ...]": (CALLS, _Reader.calls, lambda calls: [_call_row(c) for c in calls]),
+    "tuple[Message, ...]": (MESSAGES, _Reader.messages, lambda messages: _messages_row(messages)),
+    "dict[str, Any]": (JSON, _Reader.json_object, lambda v: _dumps(v)),
+    "dict[str, float]": (pa.map_(pa.string(), pa.float64()), _Reader.float_map, dict),
+}
+
+
+def _column(f: Field[Any]) -> _Column:
+    kind, name = str(f.type), f.name
+    if kind == "tuple[ToolSpec, ...]":  # the tools and their sources, two columns
+        return _Column(
+            name, (pa.field(name, JSON), pa.field("tool_sources", STRINGS)), _tools_row, _Reader.tools
+        )
+    if kind == "Candidate":  # a nested record: its columns, flat
+        arrow_fields = tuple(a for c in Candidate._COLUMNS for a in c.fields)
+        return _Column(name, arrow_fields, lambda value: value.to_row(), Candidate._read)
+    arrow, read, write = _KINDS[kind]
+    arrow, read = f.metadata.get("arrow", arrow), f.metadata.get("read", read)
+    absent_ok = f.metadata.get("absent_ok") or f.metadata.get("omit_when_null")
+
+    def read_field(reader: _Reader) -> Any:
+        return None if absent_ok and name not in reader.row else read(reader, name)
+
+    return _Column(name, (pa.field(name, arrow),), lambda value: {name: write(value)}, read_field)
+
+
+class _Row:
+    """Base of the records declared by their dataclass fields alone (see :func:`_record`)."""
+
+    __slots__ = ()
+    SCHEMA: ClassVar[pa.Schema]
+    _COLUMNS: ClassVar[tuple[_Column, ...]]
+    _ID: ClassVar[str | None] = None  # the field that names a row in errors (None: the first)
+
+    def __post_init__(self) -> None:
+        # lists are accepted at construction; records hold tuples so that they stay immutable
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if str(f.type).startswith("tuple[") and not isinstance(value, tuple):
+                object.__setattr__(self, f.name, tuple(value))
+
+    def to_row(self) -> dict[str, Any]:
+        """Arrow-ready row: JSON values as text, calls as name + arguments text, tools with their sources."""
+        row: dict[str, Any] = {}
+        for column in self._COLUMNS:
+            row.update(column.write(getattr(self, column.name)))
+        return row
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Self:
+        """Validate and build from an Arrow row (or a ``datasets`` row, where JSON is already decoded);
+        extra columns are ignored."""
+        return cls._read(_Reader.for_row(cls.__name__, row, cls._ID or cls._COLUMNS[0].name))
+
+    @classmethod
+    def _read(cls, reader: _Reader) -> Self:
+        return cls(**{c.name: c.read(reader) for c in cls._COLUMNS})
+
+
+_R = TypeVar("_R", bound=_Row)
+
+
+def _record(name: str) -> Callable[[type[_R]], type[_R]]:
+    """Derive a record's Arrow schema, row writer and validating reader from its dataclass fields."""
+
+    def derive(cls: type[_R]) -> type[_R]:
+        cls._COLUMNS = tuple(_column(f) for f in fields(cls))  # type: ignore[arg-type]
+        omit = [f.name for f in fields(cls) if f.metadata.get("omit_when_null")]  # type: ignore[arg-type]
+        cls.SCHEMA = _schema(name, [a for c in cls._COLUMNS for a in c.fields], omit)
+        return cls
+
+    return derive
+
+
+def _tool_parameters(reader: _Reader, key: str) -> dict[str, Any]:
+    parameters = reader.json_object(key)
+    _check_parameters(reader, reader.text("name"), parameters)
+    return parameters
+
+
+def _payload_text(reader: _Reader, key: str) -> str:
+    payload = reader.raw(key)
+    return payload if isinstance(payload, str) else _dumps(payload)  # a datasets row holds it decoded
+
+
+@_record("tool_spec")
+@dataclass(frozen=True, slots=True)
+class ToolSpec(_Row):
     """A tool the model may call: name, description, JSON-schema ``parameters`` and its catalogue source."""
 
     name: str
     description: str = ""
-    parameters: dict[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
-    source: str = "unknown"  # "builtin", "bfcl", "module:<path>", ...
-
-    SCHEMA: ClassVar[pa.Schema] = _schema(
-        "tool_spec",
-        [
-            pa.field("name", pa.string()),
-            pa.field("description", pa.string()),
-            pa.field("parameters", JSON),
-            pa.field("source", pa.string()),
-        ],
+    parameters: dict[str, Any] = field(
+        default_factory=lambda: {"type": "object", "properties": {}}, metadata={"read": _tool_parameters}
     )
+    source: str = "unknown"  # "builtin", "bfcl", "module:<path>", ...
 
     def to_openai(self) -> dict[str, Any]:
         """The OpenAI / transformers tool form ``{"type": "function", "function": {...}}``."""
@@ -523,28 +625,6 @@ class ToolSpec:
         name = inner.get("name") if isinstance(inner, Mapping) else None
         reader = _Reader("ToolSpec", {}, row_id=name if isinstance(name, str) else None)
         return _parse_tool(reader, "", obj, source)
-
-    def to_row(self) -> dict[str, Any]:
-        """Arrow-ready row (parameters as JSON text)."""
-        return {
-            "name": self.name,
-            "description": self.description,
-            "parameters": _dumps(self.parameters),
-            "source": self.source,
-        }
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Self:
-        """Validate and build from an Arrow row."""
-        r = _Reader.for_row("ToolSpec", row, "name")
-        parameters = r.json_object("parameters")
-        _check_parameters(r, r.text("name"), parameters)
-        return cls(
-            name=r.text("name"),
-            description=r.text("description"),
-            parameters=parameters,
-            source=r.text("source"),
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -670,8 +750,9 @@ def conversation_problem(messages: Sequence[Message]) -> str | None:
     return None
 
 
+@_record("dialogue")
 @dataclass(frozen=True, slots=True)
-class Dialogue:
+class Dialogue(_Row):
     """A reversed-synthesis dialogue: system, user question, assistant calls + tool responses, answer."""
 
     dialogue_id: str
@@ -682,51 +763,10 @@ class Dialogue:
     provenance: dict[str, Any] = field(default_factory=dict)  # teacher model, seed, config hash...
     status: str = "ok"
 
-    SCHEMA: ClassVar[pa.Schema] = _schema(
-        "dialogue",
-        [
-            pa.field("dialogue_id", pa.string()),
-            pa.field("seed_id", pa.string()),
-            pa.field("messages", MESSAGES),
-            *_tool_fields(),
-            pa.field("scenario", pa.string()),
-            pa.field("provenance", JSON),
-            pa.field("status", pa.string()),
-        ],
-    )
 
-    def __post_init__(self) -> None:
-        _freeze(self, "messages", "tools")
-
-    def to_row(self) -> dict[str, Any]:
-        """Arrow-ready row (messages, tools and provenance as JSON text)."""
-        return {
-            "dialogue_id": self.dialogue_id,
-            "seed_id": self.seed_id,
-            "messages": _messages_row(self.messages),
-            **_tools_row(self.tools),
-            "scenario": self.scenario,
-            "provenance": _dumps(self.provenance),
-            "status": self.status,
-        }
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Self:
-        """Validate and build from an Arrow row."""
-        r = _Reader.for_row("Dialogue", row, "dialogue_id")
-        return cls(
-            dialogue_id=r.text("dialogue_id"),
-            seed_id=r.text("seed_id"),
-            messages=r.messages("messages"),
-            tools=r.tools(),
-            scenario=r.text("scenario"),
-            provenance=r.json_object("provenance"),
-            status=r.text("status"),
-        )
-
-
+@_record("turn")
 @dataclass(frozen=True, slots=True)
-class Turn:
+class Turn(_Row):
     """One assistant tool-call turn: the context before it, the tools, and the reference call(s) y*."""
 
     turn_id: str
@@ -736,126 +776,36 @@ class Turn:
     tools: tuple[ToolSpec, ...]
     reference_calls: tuple[ToolCall, ...]
 
-    SCHEMA: ClassVar[pa.Schema] = _schema(
-        "turn",
-        [
-            pa.field("turn_id", pa.string()),
-            pa.field("dialogue_id", pa.string()),
-            pa.field("turn_index", pa.int64()),
-            pa.field("context", MESSAGES),
-            *_tool_fields(),
-            pa.field("reference_calls", CALLS),
-        ],
-    )
 
-    def __post_init__(self) -> None:
-        _freeze(self, "context", "tools", "reference_calls")
-
-    def to_row(self) -> dict[str, Any]:
-        """Arrow-ready row."""
-        return {
-            "turn_id": self.turn_id,
-            "dialogue_id": self.dialogue_id,
-            "turn_index": self.turn_index,
-            "context": _messages_row(self.context),
-            **_tools_row(self.tools),
-            "reference_calls": [_call_row(c) for c in self.reference_calls],
-        }
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Self:
-        """Validate and build from an Arrow row."""
-        r = _Reader.for_row("Turn", row, "turn_id")
-        return cls(
-            turn_id=r.text("turn_id"),
-            dialogue_id=r.text("dialogue_id"),
-            turn_index=r.integer("turn_index"),
-            context=r.messages("context"),
-            tools=r.tools(),
-            reference_calls=r.calls("reference_calls"),
-        )
-
-
-_CANDIDATE_FIELDS = [
-    pa.field("candidate_id", pa.string()),
-    pa.field("turn_id", pa.string()),
-    pa.field("calls", CALLS),
-    pa.field("raw_text", pa.string()),
-    pa.field("parse_error", pa.string()),
-    pa.field("sampler", pa.string()),
-    pa.field("branch_position", pa.int64()),
-    pa.field("branch_token", pa.string()),
-    pa.field("branch_token_id", pa.int64()),
-    pa.field("reference_token", pa.string()),
-    pa.field("logprob", pa.float64()),
-    pa.field("completion_token_ids", pa.list_(pa.int64())),
-]
-
-
+@_record("candidate")
 @dataclass(frozen=True, slots=True)
-class Candidate:
-    """A sampled completion for a turn: parsed calls (maybe none) and, for TPS, where it branched off y*."""
+class Candidate(_Row):
+    """A sampled completion for a turn: parsed calls (maybe none) and, for TPS, where it branched off y*.
+
+    ``sequence_logprob`` and ``reference_logprob`` are the policy's own log-probs at sampling time,
+    sums over completion tokens: of this whole completion, and of the turn's reference y* (teacher
+    forced, y* includes the end token); a table written before they existed reads them as None.
+    """
 
     candidate_id: str
     turn_id: str
     calls: tuple[ToolCall, ...] = ()
     raw_text: str = ""
     parse_error: str | None = None
-    sampler: str = "tps"  # "tps" | "sequence"
+    sampler: str = field(default="tps", metadata={"read": _choice(SAMPLERS)})  # "tps" | "sequence"
     branch_position: int | None = None  # token index in the reference completion where it diverges
     branch_token: str | None = None
     branch_token_id: int | None = None
     reference_token: str | None = None
     logprob: float | None = None  # policy log-prob of the branch token
     completion_token_ids: tuple[int, ...] = ()
-
-    SCHEMA: ClassVar[pa.Schema] = _schema("candidate", _CANDIDATE_FIELDS)
-
-    def __post_init__(self) -> None:
-        _freeze(self, "calls", "completion_token_ids")
-
-    def to_row(self) -> dict[str, Any]:
-        """Arrow-ready row."""
-        return {
-            "candidate_id": self.candidate_id,
-            "turn_id": self.turn_id,
-            "calls": [_call_row(c) for c in self.calls],
-            "raw_text": self.raw_text,
-            "parse_error": self.parse_error,
-            "sampler": self.sampler,
-            "branch_position": self.branch_position,
-            "branch_token": self.branch_token,
-            "branch_token_id": self.branch_token_id,
-            "reference_token": self.reference_token,
-            "logprob": self.logprob,
-            "completion_token_ids": list(self.completion_token_ids),
-        }
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Self:
-        """Validate and build from an Arrow row (extra columns, e.g. a ScoredCandidate's, are ignored)."""
-        return cls._read(_Reader.for_row("Candidate", row, "candidate_id"))
-
-    @classmethod
-    def _read(cls, r: _Reader) -> Self:
-        return cls(
-            candidate_id=r.text("candidate_id"),
-            turn_id=r.text("turn_id"),
-            calls=r.calls("calls"),
-            raw_text=r.text("raw_text"),
-            parse_error=r.opt_text("parse_error"),
-            sampler=r.choice("sampler", SAMPLERS),
-            branch_position=r.opt_integer("branch_position"),
-            branch_token=r.opt_text("branch_token"),
-            branch_token_id=r.opt_integer("branch_token_id"),
-            reference_token=r.opt_text("reference_token"),
-            logprob=r.opt_number("logprob"),
-            completion_token_ids=r.integers("completion_token_ids"),
-        )
+    sequence_logprob: float | None = field(default=None, metadata={"absent_ok": True})
+    reference_logprob: float | None = field(default=None, metadata={"absent_ok": True})
 
 
+@_record("scored_candidate")
 @dataclass(frozen=True, slots=True)
-class ScoredCandidate:
+class ScoredCandidate(_Row):
     """A candidate with its ESM score, per-component scores and error categories (flat in Arrow)."""
 
     candidate: Candidate
@@ -863,50 +813,20 @@ class ScoredCandidate:
     esm_components: dict[str, float] = field(default_factory=dict)  # name, required, key, value_type, value
     esm_errors: tuple[str, ...] = ()
 
-    SCHEMA: ClassVar[pa.Schema] = _schema(
-        "scored_candidate",
-        [
-            *_CANDIDATE_FIELDS,
-            pa.field("esm_score", pa.float64()),
-            pa.field("esm_components", pa.map_(pa.string(), pa.float64())),
-            pa.field("esm_errors", STRINGS),
-        ],
-    )
-
-    def __post_init__(self) -> None:
-        _freeze(self, "esm_errors")
-
     @property
     def candidate_id(self) -> str:
         return self.candidate.candidate_id
+
+    _ID: ClassVar[str | None] = "candidate_id"
 
     @property
     def turn_id(self) -> str:
         return self.candidate.turn_id
 
-    def to_row(self) -> dict[str, Any]:
-        """Arrow-ready row: the candidate's columns followed by the ESM columns."""
-        return {
-            **self.candidate.to_row(),
-            "esm_score": self.esm_score,
-            "esm_components": dict(self.esm_components),
-            "esm_errors": list(self.esm_errors),
-        }
 
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Self:
-        """Validate and build from an Arrow row."""
-        r = _Reader.for_row("ScoredCandidate", row, "candidate_id")
-        return cls(
-            candidate=Candidate._read(r),
-            esm_score=r.number("esm_score"),
-            esm_components=r.float_map("esm_components"),
-            esm_errors=r.texts("esm_errors"),
-        )
-
-
+@_record("preference_pair")
 @dataclass(frozen=True, slots=True)
-class PreferencePair:
+class PreferencePair(_Row):
     """A token-level preference pair; its table is also a TRL conversational preference dataset."""
 
     pair_id: str
@@ -920,134 +840,29 @@ class PreferencePair:
     rejected_errors: tuple[str, ...] = ()
     branch_position: int | None = None
     branch_token: str | None = None
-    chosen_source: str = "candidate"  # "candidate" | "reference"
+    chosen_source: str = field(default="candidate", metadata={"read": _choice(CHOSEN_SOURCES)})
     chosen_logprob: float | None = None
     rejected_logprob: float | None = None
-    ref_chosen_logps: float | None = None  # precomputed reference log-probs (TRL's column names)
-    ref_rejected_logps: float | None = None
-
-    SCHEMA: ClassVar[pa.Schema] = _schema(
-        "preference_pair",
-        [
-            pa.field("pair_id", pa.string()),
-            pa.field("turn_id", pa.string()),
-            pa.field("prompt", MESSAGES),
-            pa.field("chosen", MESSAGES),
-            pa.field("rejected", MESSAGES),
-            *_tool_fields(),
-            pa.field("chosen_score", pa.float64()),
-            pa.field("rejected_score", pa.float64()),
-            pa.field("rejected_errors", STRINGS),
-            pa.field("branch_position", pa.int64()),
-            pa.field("branch_token", pa.string()),
-            pa.field("chosen_source", pa.string()),
-            pa.field("chosen_logprob", pa.float64()),
-            pa.field("rejected_logprob", pa.float64()),
-            pa.field("ref_chosen_logps", pa.float64()),
-            pa.field("ref_rejected_logps", pa.float64()),
-        ],
-        # TRL's DPO collator batches these whenever the column exists: a null would crash it
-        omit_when_null=("ref_chosen_logps", "ref_rejected_logps"),
-    )
-
-    def __post_init__(self) -> None:
-        _freeze(self, "prompt", "chosen", "rejected", "tools", "rejected_errors")
-
-    def to_row(self) -> dict[str, Any]:
-        """Arrow-ready row (messages and tools as JSON text)."""
-        return {
-            "pair_id": self.pair_id,
-            "turn_id": self.turn_id,
-            "prompt": _messages_row(self.prompt),
-            "chosen": _messages_row(self.chosen),
-            "rejected": _messages_row(self.rejected),
-            **_tools_row(self.tools),
-            "chosen_score": self.chosen_score,
-            "rejected_score": self.rejected_score,
-            "rejected_errors": list(self.rejected_errors),
-            "branch_position": self.branch_position,
-            "branch_token": self.branch_token,
-            "chosen_source": self.chosen_source,
-            "chosen_logprob": self.chosen_logprob,
-            "rejected_logprob": self.rejected_logprob,
-            "ref_chosen_logps": self.ref_chosen_logps,
-            "ref_rejected_logps": self.ref_rejected_logps,
-        }
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Self:
-        """Validate and build from an Arrow row (or a ``datasets`` row, where JSON is already decoded)."""
-        r = _Reader.for_row("PreferencePair", row, "pair_id")
-        return cls(
-            pair_id=r.text("pair_id"),
-            turn_id=r.text("turn_id"),
-            prompt=r.messages("prompt"),
-            chosen=r.messages("chosen"),
-            rejected=r.messages("rejected"),
-            tools=r.tools(),
-            chosen_score=r.number("chosen_score"),
-            rejected_score=r.number("rejected_score"),
-            rejected_errors=r.texts("rejected_errors"),
-            branch_position=r.opt_integer("branch_position"),
-            branch_token=r.opt_text("branch_token"),
-            chosen_source=r.choice("chosen_source", CHOSEN_SOURCES),
-            chosen_logprob=r.opt_number("chosen_logprob"),
-            rejected_logprob=r.opt_number("rejected_logprob"),
-            # written only when set (see the module docstring)
-            ref_chosen_logps=r.opt_number("ref_chosen_logps", absent_ok=True),
-            ref_rejected_logps=r.opt_number("ref_rejected_logps", absent_ok=True),
-        )
+    # precomputed reference log-probs (TRL's column names); TRL's DPO collator batches these whenever
+    # the column exists: a null would crash it
+    ref_chosen_logps: float | None = field(default=None, metadata={"omit_when_null": True})
+    ref_rejected_logps: float | None = field(default=None, metadata={"omit_when_null": True})
 
 
+@_record("rejected_row")
 @dataclass(frozen=True, slots=True)
-class RejectedRow:
+class RejectedRow(_Row):
     """An input a stage could not turn into an output, with a machine-friendly reason and the original row."""
 
     input_id: str
     stage: str
     reason: str  # short and machine-friendly: "parse_error", "no_successful_call", ...
     detail: str  # the human message
-    payload: str  # JSON text of the original row
-
-    SCHEMA: ClassVar[pa.Schema] = _schema(
-        "rejected_row",
-        [
-            pa.field("input_id", pa.string()),
-            pa.field("stage", pa.string()),
-            pa.field("reason", pa.string()),
-            pa.field("detail", pa.string()),
-            pa.field("payload", JSON),
-        ],
-    )
+    payload: str = field(metadata={"arrow": JSON, "read": _payload_text})  # JSON text of the original row
 
     def payload_object(self) -> Any:
         """The original row, decoded."""
         return json.loads(self.payload)
-
-    def to_row(self) -> dict[str, Any]:
-        """Arrow-ready row."""
-        return {
-            "input_id": self.input_id,
-            "stage": self.stage,
-            "reason": self.reason,
-            "detail": self.detail,
-            "payload": self.payload,
-        }
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Self:
-        """Validate and build from an Arrow row."""
-        r = _Reader.for_row("RejectedRow", row, "input_id")
-        payload = r.raw("payload")
-        if not isinstance(payload, str):  # a datasets row holds it decoded
-            payload = _dumps(payload)
-        return cls(
-            input_id=r.text("input_id"),
-            stage=r.text("stage"),
-            reason=r.text("reason"),
-            detail=r.text("detail"),
-            payload=payload,
-        )
 
 
 def _json_default(value: Any) -> Any:

@@ -16,8 +16,8 @@ the policy log-prob of each whole candidate and of y*, the tokens generated, or 
 gave nothing. :class:`SamplerReplica` is the thin Ray Data shell (``map_batches`` over Turn rows).
 
 Log-probs are sums over completion tokens (y* includes the end token), the policy's own numbers at
-sampling time; they travel beside the Candidate columns as ``sequence_logprob`` and
-``reference_logprob`` because the Candidate record has no field for them yet.
+sampling time; each candidate carries its own (``sequence_logprob``) and its turn's reference's
+(``reference_logprob``).
 """
 
 from __future__ import annotations
@@ -55,12 +55,8 @@ if TYPE_CHECKING:
 
 STAGE: Final = "tps"
 SPAN_KINDS: Final = frozenset({"name", "key", "value"})
-# Extra columns of a candidate table beside Candidate.SCHEMA (see the module docstring).
-LOGPROB_FIELDS: Final = (
-    pa.field("sequence_logprob", pa.float64()),
-    pa.field("reference_logprob", pa.float64()),
-    pa.field("generated_tokens", pa.int64()),
-)
+# The sampler's own count beside the Candidate columns: tokens decoded for the row's candidate.
+GENERATED_TOKENS: Final = pa.field("generated_tokens", pa.int64())
 STATUS_COLUMN: Final = "_ttpa_status"
 REASON_COLUMN: Final = "_ttpa_reason"
 DETAIL_COLUMN: Final = "_ttpa_detail"
@@ -68,7 +64,7 @@ PAYLOAD_COLUMN: Final = "_ttpa_payload"
 SAMPLE_SCHEMA: Final = pa.schema(
     [
         *Candidate.SCHEMA,
-        *LOGPROB_FIELDS,
+        GENERATED_TOKENS,
         pa.field(STATUS_COLUMN, pa.string()),
         pa.field(REASON_COLUMN, pa.string()),
         pa.field(DETAIL_COLUMN, pa.string()),
@@ -276,7 +272,6 @@ class TurnSample:
 
     turn: Turn
     candidates: tuple[Candidate, ...] = ()
-    candidate_logprobs: tuple[float, ...] = ()  # policy log-prob of each whole candidate completion
     reference_logprob: float | None = None  # policy log-prob of y* (teacher-forced), TPS only
     generated_tokens: int = 0  # decoded by the engine for this turn (TPS: + 1 for the forced pass)
     candidate_tokens: tuple[int, ...] = ()  # generated tokens of each candidate (before dedupe)
@@ -360,7 +355,6 @@ class _BaseSampler:
     ) -> TurnSample:
         """Candidates of one turn from its decoded continuations: parse, dedupe, keep log-probs."""
         candidates: list[Candidate] = []
-        logprobs: list[float] = []
         per_candidate_tokens: list[int] = []
         seen: set[str] = set()
         generated = extra_tokens
@@ -377,6 +371,7 @@ class _BaseSampler:
                 continue
             seen.add(key)
             cumulative = completion.cumulative_logprob
+            logprob = cont.base_logprob + float(cumulative) if cumulative is not None else math.nan
             candidates.append(
                 Candidate(
                     turn_id=turn.turn_id,
@@ -385,17 +380,17 @@ class _BaseSampler:
                     parse_error=parsed.error,
                     sampler=self.name,
                     completion_token_ids=tuple(ids),
+                    sequence_logprob=None if math.isnan(logprob) else logprob,
+                    reference_logprob=reference_logprob,
                     **cont.candidate,
                 )
             )
-            logprobs.append(cont.base_logprob + (float(cumulative) if cumulative is not None else math.nan))
         rejected = None
         if not candidates:
             rejected = reject(turn.turn_id, STAGE, "no_branch_point", self._no_candidate_detail(), turn)
         return TurnSample(
             turn=turn,
             candidates=tuple(candidates),
-            candidate_logprobs=tuple(logprobs),
             reference_logprob=reference_logprob,
             generated_tokens=generated,
             candidate_tokens=tuple(per_candidate_tokens),
@@ -601,8 +596,6 @@ def sample_rows(samples: Iterable[TurnSample]) -> list[dict[str, Any]]:
             rows.append(
                 {
                     **placeholder,
-                    "sequence_logprob": None,
-                    "reference_logprob": None,
                     "generated_tokens": sample.generated_tokens,
                     STATUS_COLUMN: "rejected",
                     REASON_COLUMN: sample.rejected.reason,
@@ -611,12 +604,10 @@ def sample_rows(samples: Iterable[TurnSample]) -> list[dict[str, Any]]:
                 }
             )
             continue
-        for candidate, logprob in zip(sample.candidates, sample.candidate_logprobs, strict=True):
+        for candidate in sample.candidates:
             rows.append(
                 {
                     **candidate.to_row(),
-                    "sequence_logprob": None if math.isnan(logprob) else logprob,
-                    "reference_logprob": sample.reference_logprob,
                     "generated_tokens": len(candidate.completion_token_ids)
                     - (candidate.branch_position or 0)
                     - (1 if candidate.branch_position is not None else 0),
@@ -635,7 +626,7 @@ def sample_table(samples: Iterable[TurnSample]) -> pa.Table:
 
 
 def split_sample_table(table: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """(candidates, rejected): Candidate columns + log-prob columns, and a RejectedRow table."""
+    """(candidates, rejected): Candidate columns (+ generated_tokens), and a RejectedRow table."""
     status = table.column(STATUS_COLUMN).to_pylist()
     keep = pa.array([s == "ok" for s in status])
     candidates = table.filter(keep).drop_columns(
@@ -652,25 +643,6 @@ def split_sample_table(table: pa.Table) -> tuple[pa.Table, pa.Table]:
         for row in table.filter(pc.invert(keep)).to_pylist()
     ]
     return candidates, batch_from_rows(rejected_rows, RejectedRow.SCHEMA)
-
-
-def candidates_from_table(
-    table: pa.Table,
-) -> tuple[list[Candidate], dict[str, float | None], dict[str, float | None]]:
-    """Candidates of a candidate table, with candidate_id -> sequence_logprob, turn_id -> reference_logprob.
-
-    The two maps come from the log-prob columns written beside the Candidate columns.
-    """
-    candidates: list[Candidate] = []
-    sequence: dict[str, float | None] = {}
-    reference: dict[str, float | None] = {}
-    for row in table.to_pylist():
-        candidate = Candidate.from_row(row)
-        candidates.append(candidate)
-        sequence[candidate.candidate_id] = row.get("sequence_logprob")
-        if row.get("reference_logprob") is not None or candidate.turn_id not in reference:
-            reference[candidate.turn_id] = row.get("reference_logprob")
-    return candidates, sequence, reference
 
 
 # --------------------------------------------------------------------------------------- Ray shell
@@ -795,7 +767,7 @@ def run_sample_stage(
             report.seconds = time.perf_counter() - start
             if progress is not None:
                 progress(report)
-    schema = pa.schema([*Candidate.SCHEMA, *LOGPROB_FIELDS], metadata=Candidate.SCHEMA.metadata)
+    schema = pa.schema([*Candidate.SCHEMA, GENERATED_TOKENS], metadata=Candidate.SCHEMA.metadata)
     candidates_all = (
         pa.concat_tables([t.select(schema.names).cast(schema) for t in candidate_parts])
         if candidate_parts

@@ -32,6 +32,7 @@ from ttpa_ray.records import (
     RecordError,
     RejectedRow,
     ToolSpec,
+    batch_from_rows,
     conversation_problem,
     reject,
     write_parquet,
@@ -174,32 +175,13 @@ def _pair_problem(
 
 
 def _pairs_table(rows: list[dict[str, Any]], with_ref: bool) -> pa.Table:
-    messages = pa.list_(pa.json_())
-    fields = [
-        pa.field("sample_index", pa.int64()),
-        pa.field("pair_id", pa.string()),
-        pa.field("prompt", messages),
-        pa.field("chosen", messages),
-        pa.field("rejected", messages),
-        pa.field("tools", pa.json_()),
-    ]
-    if with_ref:
-        fields += [pa.field(name, pa.float64()) for name in REF_COLUMNS]
-    return _json_table(rows, pa.schema(fields))
+    names = [*PAIR_COLUMNS[1:], *(REF_COLUMNS if with_ref else ())]
+    return batch_from_rows(rows, _trainer_schema(PreferencePair.SCHEMA, names))
 
 
-def _json_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    # pyarrow builds JSON extension arrays only from their string storage: build, then cast.
-    def storage(t: pa.DataType) -> pa.DataType:
-        if isinstance(t, pa.BaseExtensionType):
-            return t.storage_type
-        if pa.types.is_list(t):
-            return pa.list_(storage(t.value_type))
-        return t
-
-    plain = pa.schema([f.with_type(storage(f.type)) for f in schema])
-    columns = {f.name: [r[f.name] for r in rows] for f in schema}
-    return pa.table(columns, schema=plain).cast(schema)
+def _trainer_schema(record: pa.Schema, names: Sequence[str]) -> pa.Schema:
+    """The trainer's input table: the row's index in the data, then these columns of a record."""
+    return pa.schema([pa.field("sample_index", pa.int64()), *(record.field(n) for n in names)])
 
 
 def check_dialogues(
@@ -242,15 +224,8 @@ def check_dialogues(
                 "tools": full["tools"],
             }
         )
-    schema = pa.schema(
-        [
-            pa.field("sample_index", pa.int64()),
-            pa.field("dialogue_id", pa.string()),
-            pa.field("messages", pa.list_(pa.json_())),
-            pa.field("tools", pa.json_()),
-        ]
-    )
-    return CheckedData(_json_table(kept, schema), rejected)
+    schema = _trainer_schema(Dialogue.SCHEMA, ["dialogue_id", "messages", "tools"])
+    return CheckedData(batch_from_rows(kept, schema), rejected)
 
 
 def read_rows(path: str | Path, record: type | None = None) -> list[dict[str, Any]]:
