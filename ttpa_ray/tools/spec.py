@@ -16,9 +16,12 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from jsonschema import Draft202012Validator, validators
+from jsonschema.exceptions import UnknownType, ValidationError
 
 from ttpa_ray.codec import json_type_of
 
@@ -86,23 +89,6 @@ class ToolResult:
         return dataclasses.asdict(self)
 
 
-def matches_json_type(value: Any, type_name: str) -> bool:
-    """Whether ``value`` is of JSON type ``type_name``; an integer is a number, a bool is neither."""
-    if type_name == ANY_TYPE:
-        return True
-    actual = json_type_of(value)
-    if type_name == "number":
-        return actual in ("integer", "number")
-    return actual == type_name
-
-
-def _same_json_value(a: Any, b: Any) -> bool:
-    # Python says True == 1; JSON (and an enum of integers) does not.
-    if isinstance(a, bool) or isinstance(b, bool):
-        return isinstance(a, bool) and isinstance(b, bool) and a == b
-    return bool(a == b)
-
-
 def _declared_types(schema: Mapping[str, Any]) -> list[str]:
     declared = schema.get("type")
     if declared is None:
@@ -115,41 +101,63 @@ def _short(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _value_problems(value: Any, schema: Mapping[str, Any], where: str) -> list[str]:
-    """Problems of one value against a (sub)schema; ``where`` names it, e.g. ``argument 'dates[1]'``."""
-    if value is None and (schema.get("nullable") or ("default" in schema and schema["default"] is None)):
-        return []
-    types = _declared_types(schema)
-    if types and not any(matches_json_type(value, t) for t in types):
-        expected = " or ".join(types)
-        return [f"{where} must be {expected}, got {json_type_of(value)} ({_short(value)})"]
-    enum = schema.get("enum")
-    if isinstance(enum, list) and enum and not any(_same_json_value(value, option) for option in enum):
-        options = ", ".join(_short(option) for option in enum)
-        return [f"{where} must be one of {options}, got {_short(value)}"]
-    problems: list[str] = []
-    if isinstance(value, list | tuple) and isinstance(schema.get("items"), Mapping):
-        base = where.rstrip("'")
-        for index, item in enumerate(value):
-            problems += _value_problems(item, schema["items"], f"{base}[{index}]'")
-    if isinstance(value, dict):
-        base = where.rstrip("'")
-        properties = schema.get("properties")
-        if isinstance(properties, Mapping):
-            for key in schema.get("required", []) or []:
-                if key not in value:
-                    problems.append(f"{base}' is missing required key '{key}'")
-            for key, item in value.items():
-                if key in properties and isinstance(properties[key], Mapping):
-                    problems += _value_problems(item, properties[key], f"{base}.{key}'")
-                elif schema.get("additionalProperties") is False:
-                    problems.append(f"{base}' has unknown key '{key}'")
-        extra = schema.get("additionalProperties")
-        if isinstance(extra, Mapping):
-            for key, item in value.items():
-                if not (isinstance(properties, Mapping) and key in properties):
-                    problems += _value_problems(item, extra, f"{base}.{key}'")
-    return problems
+def _nullable(schema: Mapping[str, Any]) -> bool:
+    return schema.get("nullable") is True or ("default" in schema and schema["default"] is None)
+
+
+def _unless_null(keyword: str) -> Any:
+    """A JSON-schema keyword that lets null through where the schema says nullable / default null."""
+    check = Draft202012Validator.VALIDATORS[keyword]
+
+    def keyword_check(validator: Any, value: Any, instance: Any, schema: Mapping[str, Any]) -> Any:
+        if not (instance is None and _nullable(schema)):
+            yield from check(validator, value, instance, schema)
+
+    return keyword_check
+
+
+# JSON Schema as tools write it: BFCL's "any" type; an integer is an int (5.0 is a number), a bool
+# is neither; nullable / default null admit null.
+_Validator = validators.extend(
+    Draft202012Validator,
+    validators={"type": _unless_null("type"), "enum": _unless_null("enum")},
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine_many(
+        {
+            ANY_TYPE: lambda _, value: True,
+            "integer": lambda _, value: json_type_of(value) == "integer",
+        }
+    ),
+)
+
+
+def _where(path: Sequence[Any]) -> str:
+    """``argument 'dates[1]'`` / ``argument 'point.x'`` for a path into the arguments."""
+    text = str(path[0]) + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path[1:])
+    return f"argument '{text}'"
+
+
+def _problems(error: ValidationError) -> list[str]:
+    """The one-line problems of one jsonschema error (a required or additionalProperties error
+    names every key it is about)."""
+    path, value, kind = list(error.absolute_path), error.instance, error.validator
+    if kind == "required":
+        missing = [key for key in error.validator_value if key not in value]
+        if not path:
+            return [f"missing required argument '{key}'" for key in missing]
+        return [f"{_where(path)} is missing required key '{key}'" for key in missing]
+    if kind == "additionalProperties":
+        known = error.schema.get("properties") or {}
+        extra = [key for key in value if key not in known]
+        if not path:
+            return [f"unknown argument '{key}'" for key in extra]
+        return [f"{_where(path)} has unknown key '{key}'" for key in extra]
+    if kind == "type":
+        expected = " or ".join(_declared_types(error.schema))
+        return [f"{_where(path)} must be {expected}, got {json_type_of(value)} ({_short(value)})"]
+    if kind == "enum":
+        options = ", ".join(_short(option) for option in error.validator_value)
+        return [f"{_where(path)} must be one of {options}, got {_short(value)}"]
+    return [f"{_where(path) if path else 'arguments'}: {error.message}"]
 
 
 def _parameter_hint(name: str, schema: Mapping[str, Any], required: bool) -> str:
@@ -179,12 +187,17 @@ def describe_parameters(parameters: Mapping[str, Any]) -> str:
     )
 
 
+def _under(path: tuple[Any, ...], prefixes: set[tuple[Any, ...]]) -> bool:
+    return any(path[: len(prefix)] == prefix for prefix in prefixes)
+
+
 def validate_arguments(spec: ToolSpec, arguments: Any) -> str | None:
     """Check ``arguments`` against ``spec.parameters``; None when valid, else an actionable message.
 
-    Checks: arguments form an object, every required argument is present, no unknown argument, every
-    value has the declared JSON type (a bool is not an integer) and is within its enum; arrays and
-    nested objects are checked by their ``items`` / ``properties``. The message names the problems,
+    Checked by jsonschema (every JSON Schema keyword: types, enums, items, nested properties, bounds,
+    patterns...), with the tools' conventions: BFCL's ``any`` type, a bool is not an integer nor a
+    number, ``nullable`` / ``default: null`` admit null, and an argument the schema does not name is
+    refused unless the schema sets ``additionalProperties``. The message names the problems,
     the tool, and what the tool expects, e.g. ``missing required argument 'city' for get_weather;
     expected: city (string), date (string, YYYY-MM-DD)``.
     """
@@ -195,20 +208,20 @@ def validate_arguments(spec: ToolSpec, arguments: Any) -> str | None:
             f"arguments for {spec.name} must be a JSON object, got {json_type_of(arguments)}; "
             f"expected: {expected}"
         )
-    properties: Mapping[str, Any] = parameters.get("properties") or {}
-    problems: list[str] = []
-    for name in parameters.get("required") or []:
-        if name not in arguments:
-            problems.append(f"missing required argument '{name}'")
-    open_object = parameters.get("additionalProperties") not in (None, False)
-    for name, value in arguments.items():
-        if name not in properties:
-            if not open_object:
-                problems.append(f"unknown argument '{name}'")
-            continue
-        schema = properties[name]
-        if isinstance(schema, Mapping):
-            problems += _value_problems(value, schema, f"argument '{name}'")
+    closed = {**parameters, "additionalProperties": parameters.get("additionalProperties") or False}
+    try:
+        errors = list(_Validator(closed).iter_errors(arguments))
+    except UnknownType as exc:  # catalogues are checked at load; a spec made by hand may not be
+        return f"{spec.name}'s parameters schema has the unknown type {exc.type!r}; expected: {expected}"
+    # A value of the wrong type says only that: its enum or items would add nothing.
+    mistyped = {tuple(e.absolute_path) for e in errors if e.validator == "type"}
+    errors = [e for e in errors if e.validator == "type" or not _under(tuple(e.absolute_path), mistyped)]
+    # Missing arguments first, then the others in the order of the arguments.
+    order = {key: i for i, key in enumerate(arguments)}
+    errors.sort(
+        key=lambda e: (bool(e.absolute_path), order.get(e.absolute_path[0], -1) if e.absolute_path else 0)
+    )
+    problems = list(dict.fromkeys(problem for error in errors for problem in _problems(error)))
     if not problems:
         return None
     if len(problems) > _MAX_PROBLEMS:
