@@ -51,6 +51,7 @@ def test_pipeline_through_ray_job_submit(tiny_model_dir: Path, tmp_path: Path) -
             "ray.address=auto",
             f"run.run_dir={run_dir}",
             f"model.policy={tiny_model_dir}",
+            "vllm.gpu_memory_utilization=0.1",  # a smaller KV cache: each engine starts ~4 s sooner
             "reverse.num_seeds=4",
             "reverse.shard_size=4",
             "reverse.max_tokens=256",
