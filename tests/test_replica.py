@@ -155,9 +155,11 @@ def test_killed_engine_core_mid_stage_loses_and_duplicates_nothing(ray_cluster, 
             "model.dtype=float32",
         ],
     )
-    rows = _question_rows(16, max_tokens=48)
+    # Enough work that the replica is still generating when the driver gets its first row: with 16 rows
+    # a slow machine sometimes had the whole stream done (and the engine gone) by then.
+    rows = _question_rows(64, max_tokens=48)
     before = engine_cores()
-    ds = generate_dataset(ray.data.from_items(rows, override_num_blocks=8), str(tiny_model_dir), config)
+    ds = generate_dataset(ray.data.from_items(rows, override_num_blocks=32), str(tiny_model_dir), config)
     out, killed = [], None
     for row in ds.iter_rows():
         out.append(row)
