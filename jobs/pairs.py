@@ -1,4 +1,4 @@
-"""The pairs stage as a Ray job (see ttpa_ray/tps_cli.py).
+"""The pairs stage as a Ray job (the same command as `ttpa pairs`).
 
 ray job submit --working-dir . -- python -m jobs.pairs --config configs/local.yaml [key=value ...]
 """

@@ -1,4 +1,4 @@
-"""The sample stage as a Ray job (see ttpa_ray/tps_cli.py).
+"""The sample stage as a Ray job (the same command as `ttpa sample`).
 
 ray job submit --working-dir . -- python -m jobs.sample --config configs/local.yaml [key=value ...]
 """

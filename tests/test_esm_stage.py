@@ -191,13 +191,8 @@ def test_score_table_reads_candidate_record_calls_column() -> None:
 
 # ------------------------------------------------------------------------------------------- CLI
 def _cli() -> Any:
-    import typer
+    from ttpa_ray.cli import app
 
-    from ttpa_ray.esm.cli import score_command
-
-    app = typer.Typer()
-    app.command("score")(score_command)
-    app.command("other")(lambda: None)  # two commands: typer keeps "score" as a subcommand
     return app
 
 

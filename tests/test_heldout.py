@@ -111,26 +111,25 @@ def test_sample_command_refuses_heldout_dialogues_and_evaluated_bfcl_entries(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     """`ttpa sample` (and jobs.sample) reads the train part; it refuses held-out input before any engine."""
-    import typer
     from typer.testing import CliRunner
 
-    from ttpa_ray.tps_cli import sample_command
+    from ttpa_ray.cli import app
 
-    app = typer.Typer()
-    app.command()(sample_command)  # the app's one command: invoked without its name
     dialogues = [Dialogue(f"dlg-{i}", f"seed-{i}", (Message("user", "q"),)) for i in range(10)]
     write_split(tmp_path / "run", dialogues, 0.2, 0)
     everything = write_parquet(dialogues, tmp_path / "all.parquet", Dialogue)
     common = [f"run.run_dir={tmp_path / 'run'}", f"model.policy={tiny_model_dir}"]
     runner = CliRunner()
-    leaked = runner.invoke(app, ["--dialogues", str(everything), *common])
+    leaked = runner.invoke(app, ["sample", "--dialogues", str(everything), *common])
     assert leaked.exit_code == 2 and "2 of the given dialogues are held out" in leaked.output
-    evaluated = runner.invoke(app, ["--bfcl", "simple_python", *common, "tps.bfcl_offset=0"])
+    evaluated = runner.invoke(app, ["sample", "--bfcl", "simple_python", *common, "tps.bfcl_offset=0"])
     assert evaluated.exit_code == 2
     assert (
         "simple_python entries [0, 1000000) would be trained on (tps.bfcl_offset 0, tps.bfcl_limit "
         "1000000) and evaluated (eval.limit_per_category None): set eval.limit_per_category, or set "
         "tps.allow_evaluated_bfcl=true to train on them anyway" in " ".join(evaluated.output.split())
     )
-    missing = runner.invoke(app, [f"run.run_dir={tmp_path / 'none'}", f"model.policy={tiny_model_dir}"])
+    missing = runner.invoke(
+        app, ["sample", f"run.run_dir={tmp_path / 'none'}", f"model.policy={tiny_model_dir}"]
+    )
     assert missing.exit_code == 2 and "dialogues/train.parquet does not exist" in missing.output

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from ttpa_ray.tools.cli import app
+from ttpa_ray.cli import tools_app as app
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tool_modules"
 runner = CliRunner()

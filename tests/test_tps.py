@@ -192,15 +192,11 @@ def test_sample_table_round_trip_and_rejected_turns(vllm_engine: Any, turns: lis
 @pytest.mark.slow
 def test_sample_and_pairs_commands_on_ray(ray_cluster: Any, tiny_model_dir: Any, tmp_path: Any) -> None:
     """`ttpa sample` then `ttpa pairs` through the Ray Data replica: every dialogue and turn accounted for."""
-    import typer
     from typer.testing import CliRunner
 
+    from ttpa_ray.cli import app
     from ttpa_ray.records import PreferencePair, RejectedRow, read_parquet, write_parquet
-    from ttpa_ray.tps_cli import pairs_command, sample_command
 
-    app = typer.Typer()
-    app.command("sample")(sample_command)
-    app.command("pairs")(pairs_command)
     no_calls = Dialogue("hand/1", "hand", (Message(role="user", content="hi"), Message("assistant", "hello")))
     dialogues = [two_step_dialogue(), *bfcl_dialogues("simple_python", 2), no_calls]
     path = write_parquet(dialogues, tmp_path / "in" / "x.dialogues.parquet")

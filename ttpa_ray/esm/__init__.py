@@ -1,7 +1,7 @@
-"""ESM, the error-oriented scoring mechanism (DESIGN.md section 3): pure scorer, Ray stage, CLI.
+"""ESM, the error-oriented scoring mechanism (DESIGN.md section 3): pure scorer and Ray stage.
 
 The pure core is :mod:`ttpa_ray.esm.scorer` (re-exported here); :mod:`ttpa_ray.esm.stage` is the
-stateless Ray Data shell and :mod:`ttpa_ray.esm.cli` the ``ttpa score`` command.
+stateless Ray Data shell and the row and file forms behind ``ttpa score``.
 
     index = prepare_tools(tools)                      # once per tool list (SchemaError if unusable)
     reference = prepare_reference(bfcl_answer, alternatives=True, tools=index)

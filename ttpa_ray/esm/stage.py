@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ttpa_ray.esm.scorer import (
     DEFAULT_WEIGHTS,
@@ -153,6 +155,80 @@ def score_table(
     for name, column in columns_out.items():
         table = table.append_column(name, column)
     return table
+
+
+def score_record(row: Any, *, alternatives: bool, weights: ESMWeights) -> dict[str, Any]:
+    """One row of `ttpa score` with ``esm_score``, ``esm_components`` and ``esm_errors`` added; a row
+    that cannot be scored gets a null score and ``["invalid_row: <reason>"]``."""
+    if not isinstance(row, dict):
+        return {"_row": row, **_invalid("not_an_object")}
+    if any(field not in row for field in ("candidate", "reference", "tools")):
+        return {**row, **_invalid("missing_column")}
+    flag = row.get("reference_alternatives")
+    try:
+        result = score_row(
+            row["candidate"],
+            row["reference"],
+            row["tools"],
+            reference_alternatives=alternatives if flag is None else flag,
+            weights=weights,
+        )
+    except InvalidRecord as exc:
+        return {**row, **_invalid(exc.reason)}
+    return {
+        **row,
+        "esm_score": result.score,
+        "esm_components": dict(result.components),
+        "esm_errors": list(result.errors),
+    }
+
+
+def _invalid(reason: str) -> dict[str, Any]:
+    return {"esm_score": None, "esm_components": None, "esm_errors": [f"invalid_row: {reason}"]}
+
+
+def score_file(
+    source: Path, target: Path, *, alternatives: bool, weights: ESMWeights
+) -> list[tuple[float | None, dict[str, float] | None, list[str]]]:
+    """`ttpa score`: every row of a JSONL or Parquet file scored by :func:`score_record` and written,
+    in order, to ``target`` (same format; a JSONL line that is not JSON keeps its text as
+    ``_raw_line``; Parquet keeps its columns and gets the three ESM columns). Returns each row's
+    (score, components, errors)."""
+    partial = target.with_name(target.name + ".partial")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    out: list[dict[str, Any]] = []
+    try:
+        if source.suffix.lower() in (".parquet", ".pq"):
+            table = pq.read_table(source)
+            out = [score_record(row, alternatives=alternatives, weights=weights) for row in table.to_pylist()]
+            columns = {
+                "esm_score": pa.float64(),
+                "esm_components": pa.map_(pa.string(), pa.float64()),
+                "esm_errors": pa.list_(pa.string()),
+            }
+            for name, kind in columns.items():
+                values = [row[name] for row in out]
+                if name == "esm_components":
+                    values = [None if v is None else list(v.items()) for v in values]
+                table = table.drop_columns([name] if name in table.column_names else [])
+                table = table.append_column(name, pa.array(values, kind))
+            pq.write_table(table, partial)
+        else:
+            with source.open(encoding="utf-8") as reader, partial.open("w", encoding="utf-8") as writer:
+                for line in filter(str.strip, reader):
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        scored = {"_raw_line": line.rstrip("\n"), **_invalid("invalid_json")}
+                    else:
+                        scored = score_record(row, alternatives=alternatives, weights=weights)
+                    out.append(scored)
+                    writer.write(json.dumps(scored, ensure_ascii=False) + "\n")
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(target)
+    return [(row["esm_score"], row["esm_components"], row["esm_errors"]) for row in out]
 
 
 class ScoreBatch:
