@@ -202,15 +202,15 @@ class ReverseConfig(_Section):
     max_tokens: int = Field(default=512, ge=16)  # per teacher step
     # Length bounds of the teacher's texts. The scenario is a short statement (its details are the
     # information items, 80 characters each); at most 128 it decodes under a pattern, which xgrammar
-    # checks for ~4 us a token against ~25 us for a longer bound (engine.bounded_string).
+    # checks several times faster per token than a longer bound (engine.bounded_string).
     max_scenario_chars: int = Field(default=128, ge=20)
     max_question_chars: int = Field(default=240, ge=20)
     # Constrain the `answer` text to quote a returned value: keeps a weak teacher grounded.
     grounded_answer: bool = True
     # A tool call in two requests: its name under a small regex, then its arguments (continuing the
     # same tokens) under that tool's own schema, whose grammar the engine compiles once per run. In one
-    # request, every step's grammar holds all the dialogue's tools and grounding values, and compiling
-    # it costs the engine tens of ms (a bounded string alone ~40 ms on this CPU; more with a big vocab).
+    # request, every step's grammar holds all the dialogue's tools and grounding values: a new grammar
+    # to compile at every step (dearer with a big vocab).
     two_step_calls: bool = True
     # A simulated tool's writer may also answer {"error": ...}. Off by default: a 135M teacher allowed to
     # answers nearly every call with an error (README, "Simulated tools"; bench/simulated.py --errors).
