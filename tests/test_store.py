@@ -121,17 +121,21 @@ def test_the_dry_run_says_where_a_bucket_run_reads_and_writes() -> None:
 def test_the_newest_checkpoint_is_found_in_a_bucket_as_on_disk(
     s3_server: str, tmp_path: Path, where: str
 ) -> None:
-    """A killed training stage resumes from its storage's newest complete checkpoint, wherever that
-    storage is; a finished run's final checkpoint wins."""
-    from ttpa_ray.train.ray_trainer import HF_CHECKPOINT, POLICY, latest_checkpoint
+    """A killed training stage resumes from its storage's newest complete checkpoint (every rank's
+    upload done), wherever that storage is; a finished run's final checkpoint wins."""
+    from ttpa_ray.train.ray_trainer import COMPLETE, HF_CHECKPOINT, POLICY, latest_checkpoint
 
     storage = _bucket() + "/train/dpo/ray" if where == "bucket" else str(tmp_path / "ray")
     assert latest_checkpoint(storage, "run-dpo") is None
-    for step, complete in ((1, True), (2, True), (3, False)):  # 3 was cut short by the kill
-        name = HF_CHECKPOINT + "/trainer_state.json" if complete else "partial.bin"
-        store.write_text(store.join(storage, "run-dpo", f"checkpoint_00000{step}", *name.split("/")), "{}")
+    for step, complete in ((1, True), (2, True), (3, False)):  # 3's upload was cut short by the kill
+        folder = store.join(storage, "run-dpo", f"checkpoint_00000{step}")
+        store.write_text(store.join(folder, HF_CHECKPOINT, "trainer_state.json"), "{}")
+        if complete:
+            store.write_text(store.join(folder, COMPLETE), "")
     assert latest_checkpoint(storage, "run-dpo") == store.join(storage, "run-dpo", "checkpoint_000002")
     store.write_text(store.join(storage, "run-dpo", "final_policy", POLICY, "config.json"), "{}")
+    assert latest_checkpoint(storage, "run-dpo") == store.join(storage, "run-dpo", "checkpoint_000002")
+    store.write_text(store.join(storage, "run-dpo", "final_policy", COMPLETE), "")
     assert latest_checkpoint(storage, "run-dpo") == store.join(storage, "run-dpo", "final_policy")
 
 

@@ -89,15 +89,19 @@ def test_killed_worker_resumes_without_skipping_or_repeating(
 
 @pytest.mark.slow
 def test_killed_job_is_resumed_by_running_it_again(
-    ray_cluster: Any, tiny_model_dir: Path, tmp_path: Path
+    ray_cluster: Any, s3_server: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    """A job that dies (no retries left) and is started again continues from its last checkpoint."""
+    """A job that dies (no retries left) and is started again continues from its last checkpoint in
+    its storage, here a bucket; run once more, it trains nothing."""
+    from conftest import make_bucket
+
     write_parquet(bfcl_preference_pairs("simple_python")[:24], tmp_path / "pairs" / "part-0.parquet")
     train = TrainConfig(
         num_workers=2,
         deepspeed="zero2",
         save_steps=2,
         max_failures=0,
+        storage_path=make_bucket("killed-job") + "/ray",
         dpo={"max_steps": 4, "per_device_batch_size": 2, "max_length": 512, "init_from_sft": False},
     )
     marker = tmp_path / "crashed.marker"
@@ -120,3 +124,9 @@ def test_killed_job_is_resumed_by_running_it_again(
     # a restart from scratch would log [1, 2, 1, 2, 3, 4]
     assert steps == [1, 2, 3, 4]
     assert set(read_sample_log(outcome.out_dir / "samples")[0]) == {1, 2, 3, 4}
+    assert "killed-job/ray/" in outcome.result.run_path  # Ray Train's run folder, in the bucket
+
+    again = run(None)  # a finished run: its final checkpoint is the result, no step is trained again
+    assert int(again.result.metrics["step"]) == 4
+    assert (outcome.out_dir / "samples" / "samples-rank0.jsonl").read_text().splitlines() == raw
+    assert again.result.policy_dir is not None and (again.result.policy_dir / "config.json").is_file()

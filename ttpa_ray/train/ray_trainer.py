@@ -2,10 +2,21 @@
 
 The same code runs on CPUs (gloo, ``DS_ACCELERATOR=cpu``) and GPUs (NCCL). Checkpoints are TRL/HF
 trainer checkpoints (model, DeepSpeed ZeRO shards of every rank, optimizer, scheduler, RNG states,
-trainer state) reported to Ray Train, which keeps the last N in the run's storage. A restarted worker
-group resumes from the latest one through HF's ``resume_from_checkpoint``: the sampler is re-seeded and
-the consumed batches are skipped, so no sample is skipped or repeated. The last report carries the
-exported policy (``policy/``), which the driver copies next to the run's outputs.
+trainer state) reported to Ray Train, which keeps the last N in the run's storage; once every rank's
+upload is done, rank 0 marks the checkpoint complete there. Every start of the workers (a restarted
+worker group, or a killed job run again) resumes from the newest complete one in storage through HF's
+``resume_from_checkpoint``: the sampler is re-seeded and the consumed batches are skipped, so no sample
+is skipped or repeated. The last report carries the exported policy (``policy/``), which the driver
+copies next to the run's outputs.
+
+Why not Ray's own pieces. ``RayTrainReportCallback`` has every rank copy the whole HF folder into the
+one Ray checkpoint without waiting for the other ranks' files; here the ranks meet at a barrier and
+one rank per node uploads. Ray Train's ``get_checkpoint`` (also its run restoration, a job run again
+under the same name) only knows the checkpoints its controller had registered, and the controller
+takes one report per worker poll (every 2 s): a checkpoint uploaded just before a kill is complete
+in storage but unknown to it, and the workers restart from an older one or from scratch (the
+killed-job test did so with step 2's checkpoint in storage). :func:`latest_checkpoint` reads the
+storage itself.
 """
 
 from __future__ import annotations
@@ -18,14 +29,17 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+from ttpa_ray import store
 from ttpa_ray.models import resolve_dtype
 
 Stage = Literal["sft", "dpo"]
 HF_CHECKPOINT = "checkpoint"  # inside a Ray checkpoint: the HF trainer checkpoint folder
+COMPLETE = "complete"  # inside a Ray checkpoint in storage: written once every rank has uploaded
 POLICY = "policy"  # inside the final Ray checkpoint: the exported HF model folder
+FINAL = "final_policy"  # the final Ray checkpoint
 
 
 @dataclass(frozen=True)
@@ -57,7 +71,8 @@ class TrainJob:
     gradient_checkpointing: bool = False
     sample_log_dir: str | None = None
     crash: CrashOnce | None = None
-    resume_path: str | None = None  # a previous run's checkpoint folder, used when Ray has none yet
+    storage_path: str = ""  # Ray Train's storage and run name: where the checkpoints are (set by
+    run_name: str = ""  # run_torch_trainer)
     progress_file: str | None = None  # rank 0 appends a JSON line per logging step (the driver's bar)
     dtype: str = "float32"  # model.dtype; "auto" resolves on the worker (bf16 where it computes it natively)
 
@@ -145,9 +160,9 @@ def _callbacks(job: TrainJob, rank: int, local_rank: int) -> list[Any]:
                 if local_rank == 0 and source.is_dir():
                     shutil.copytree(source, Path(tmp) / HF_CHECKPOINT)
                     checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(
-                    metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{state.global_step:06d}"
-                )
+                name = f"checkpoint_{state.global_step:06d}"
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+            _mark_complete(job, rank, name)
 
     class Crash(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -168,6 +183,16 @@ def _callbacks(job: TrainJob, rank: int, local_rank: int) -> list[Any]:
     return out
 
 
+def _mark_complete(job: TrainJob, rank: int, name: str) -> None:
+    """After every rank's upload of checkpoint ``name``: rank 0 writes the mark latest_checkpoint needs."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0 and job.run_name:
+        store.write_text(store.join(job.storage_path, job.run_name, name, COMPLETE), "")
+
+
 def train_loop(job_fields: dict[str, Any]) -> None:
     """The per-worker function of the TorchTrainer (also callable directly on one process)."""
     crash = job_fields.get("crash")
@@ -186,10 +211,9 @@ def train_loop(job_fields: dict[str, Any]) -> None:
 
     context = ray.train.get_context()
     rank, local_rank = context.get_world_rank(), context.get_local_rank()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and job.resume_path:
-        # a killed job run again: Ray Train V2 dropped resume_from_checkpoint, so the loop takes it
-        checkpoint = ray.train.Checkpoint(job.resume_path)  # a folder or an object-store URI
+    # the newest complete checkpoint in storage; Ray's own may be older (see the module docstring)
+    newest = latest_checkpoint(job.storage_path, job.run_name) if job.run_name else None
+    checkpoint = ray.train.Checkpoint(newest) if newest else ray.train.get_checkpoint()
     resume_from: str | None = None
     attempt = "fresh"
     if checkpoint is not None:
@@ -291,8 +315,9 @@ def train_loop(job_fields: dict[str, Any]) -> None:
         ray.train.report(
             {**final, "done": 1.0},
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name="final_policy",
+            checkpoint_dir_name=FINAL,
         )
+    _mark_complete(job, rank, FINAL)
     shutil.rmtree(work_dir, ignore_errors=True)
     with contextlib.suppress(OSError):  # the run's scratch root, once no rank's attempt is left in it
         work_dir.parent.rmdir()
@@ -332,10 +357,9 @@ def run_torch_trainer(
     previous = latest_checkpoint(storage_path, run_name)
     if previous is not None:
         print(f"[{job.stage}] resuming run {run_name!r} from {previous}", flush=True)
-    job_fields = asdict(job) | {"resume_path": previous}
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=job_fields,
+        train_loop_config=asdict(job) | {"storage_path": storage_path, "run_name": run_name},
         scaling_config=ScalingConfig(
             num_workers=num_workers,
             use_gpu=job.use_gpu,
@@ -356,12 +380,18 @@ def run_torch_trainer(
     result = trainer.fit()
     if result.error is not None:
         raise result.error
+    # a checkpoint uploaded but never registered by Ray (see the module docstring) is not among those
+    # Ray keeps and deletes: the last N, as configured, are all that stays
+    kept = {PurePosixPath(c.path).name for c, _ in result.best_checkpoints or []}
+    fs, run_path = store.resolve(store.join(storage_path, run_name))
+    for name in set(_step_folders(fs, run_path)) - kept:
+        fs.delete_dir(f"{run_path}/{name}")
     metrics = dict(result.metrics or {})
     history: list[dict[str, float]] = []
     finals: list[dict[str, Any]] = []
     policy_dir = None
     checkpoint = result.checkpoint
-    if previous is not None and previous.rstrip("/").endswith("final_policy"):
+    if previous is not None and previous.rstrip("/").endswith(FINAL):
         # the run had already finished: its final checkpoint is the result
         checkpoint = Checkpoint(previous)
     if checkpoint is not None:
@@ -394,27 +424,27 @@ def run_torch_trainer(
 
 
 def latest_checkpoint(storage_path: str, run_name: str) -> str | None:
-    """The newest checkpoint a previous run of ``run_name`` left in its storage (a local path or an
-    object-store URI: a killed job is resumed by running it again); None for a new run. A finished
-    run's last checkpoint holds its policy."""
-    import pyarrow.fs as pafs
-
-    from ttpa_ray import store
-
+    """The newest complete checkpoint (marked by every rank's upload) of ``run_name`` in its storage (a
+    local path or an object-store URI); None for a new run. A finished run's final one wins."""
     run_dir = store.join(storage_path, run_name)
-    final = store.join(run_dir, "final_policy")
-    if store.exists(store.join(final, POLICY)):
+    final = store.join(run_dir, FINAL)
+    if store.exists(store.join(final, COMPLETE)):
         return final
     fs, path = store.resolve(run_dir)
-    folders = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    steps = sorted(
+    steps = [name for name in _step_folders(fs, path) if store.exists(store.join(run_dir, name, COMPLETE))]
+    return store.join(run_dir, steps[-1]) if steps else None
+
+
+def _step_folders(fs: Any, run_path: str) -> list[str]:
+    """Names of the step checkpoints in a Ray run folder, oldest first."""
+    import pyarrow.fs as pafs
+
+    folders = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+    return sorted(
         info.base_name
         for info in folders
-        if info.type == pafs.FileType.Directory
-        and info.base_name.startswith("checkpoint_")
-        and store.exists(store.join(run_dir, info.base_name, HF_CHECKPOINT, "trainer_state.json"))
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
     )
-    return store.join(run_dir, steps[-1]) if steps else None
 
 
 def _worker_env(use_gpu: bool) -> dict[str, str]:
