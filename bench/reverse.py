@@ -18,19 +18,17 @@ dialogues in flight, 1024 with configs/local.yaml), so the stream's tail, when i
 in ever smaller batches, weighs as much as it does there.
 
 Order, on one engine after a warm-up with other seeds and every tool's arguments grammar compiled (a
-replica pays those once per run, for all its seeds): the configured scheduling (``auto``: continuous;
-the headline), then raw; then, unless --quick, the other scheduling and its raw. ``continuous`` lets a
-dialogue's next step join the running batch as soon as its previous step ended; ``lockstep`` sends
-one step of every dialogue in flight per generate call. Each scheduling runs cold otherwise, as a real
-run's dialogues do: the prefix cache is emptied first, and it gets seeds of its own, since the engine
-keeps every grammar it compiled and cannot be made to forget them (each dialogue's grounded answer and
-tool window make new ones). Each ratio is against the raw run right after it, so slow drift in the
-machine's load weighs on both.
+replica pays those once per run, for all its seeds): the stage (the headline), then raw; then, unless
+--quick, the stage again on other seeds and its raw (the spread of the figure). Each stage run is
+cold otherwise, as a real run's dialogues are: the prefix cache is emptied first, and it gets seeds of
+its own, since the engine keeps every grammar it compiled and cannot be made to forget them (each
+dialogue's grounded answer and tool window make new ones). Each ratio is against the raw run right
+after it, so slow drift in the machine's load weighs on both.
 
 Also printed: the engine's busy fraction (time the stage waited on the engine / wall time); the
 cores that the driver, vLLM's engine core and its model worker kept busy during the stage and during
 raw; and a flat batch under the scene step's JSON-schema grammar against the same batch without (the
-grammar's own cost on this CPU, which no scheduling can remove).
+grammar's own cost on this CPU, which no scheduling of the steps can remove).
 
 The model: ``--model tiny`` (the default, the project's random tiny model, on which the target was set;
 the tiny runs pin the engine and tool-window settings the target was measured with) or ``--model
@@ -55,7 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Recorder:
-    """Wraps an engine's ``submit``/``poll`` and ``generate`` (the two schedulings' ways in) to keep
+    """Wraps an engine's ``submit``/``poll`` and ``generate`` (the stage's and the grammars' ways in) to keep
     every request: its prompt ids and the tokens it generated, in submission order."""
 
     def __init__(self, engine: Any) -> None:
@@ -180,7 +178,7 @@ def _compile_argument_grammars(replica: Any, catalogue: Any) -> None:
 
     A replica serves one run's seeds for hours, and each tool's arguments schema is one grammar for all
     of them (two-step calls), so those compiles are paid once per replica. One replica call's seeds
-    left to pay them would charge the first scheduling measured with what a long run amortises. What
+    left to pay them would charge the first run measured with what a long run amortises. What
     stays cold is what a long run keeps compiling: each dialogue's own grammars (grounded answers,
     one-request calls, scenes of another tool window).
     """
@@ -199,7 +197,7 @@ def _compile_argument_grammars(replica: Any, catalogue: Any) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--quick", action="store_true", help="the configured scheduling only (under 3 minutes)"
+        "--quick", action="store_true", help="one stage run and its raw (under 3 minutes on the tiny model)"
     )
     parser.add_argument(
         "--set",
@@ -222,7 +220,6 @@ def main() -> None:
         _shards,
         dialogues_in_flight,
         make_seeds,
-        scheduling_mode,
         shards_per_call,
     )
     from ttpa_ray.tiny_model import make_tiny_model
@@ -265,31 +262,26 @@ def main() -> None:
     _stage(replica, config, _shards(warm, 4), work / "warm")
     _compile_argument_grammars(replica, catalogue)
 
-    # The configured scheduling (the headline) first, then (not with --quick) the other one. Each on
-    # seeds of its own: the engine keeps every grammar it compiled and has no way to forget them, and a
-    # real run's dialogues, each with its own tools and grounding values, mostly bring new ones.
-    configured = scheduling_mode(config.reverse)
-    other = "lockstep" if configured == "continuous" else "continuous"
+    # The headline run first, then (not with --quick) a second one. Each on seeds of its own: the engine
+    # keeps every grammar it compiled and has no way to forget them, and a real run's dialogues, each
+    # with its own tools and grounding values, mostly bring new ones.
     runs: dict[str, dict[str, Any]] = {}
-    for offset, mode in enumerate([configured] if args.quick else [configured, other]):
+    for offset, name in enumerate(["first"] if args.quick else ["first", "second"]):
         seeds = make_seeds(catalogue, config.reverse, config.run.seed + 2 * offset)
         shards = _shards(seeds, config.reverse.shard_size)
-        scheduled = config.model_copy(
-            update={"reverse": config.reverse.model_copy(update={"scheduling": mode})}
-        )
         recorder = Recorder(engine)
-        run = _stage(replica, scheduled, shards, work / mode)
+        run = _stage(replica, config, shards, work / name)
         requests = recorder.stop()
         run["raw"], run["raw_cores"] = _raw(engine, requests, config.reverse.temperature)
         run["requests"] = len(requests)
         run["prompt_mean"] = sum(len(p) for p, _ in requests) / len(requests)
-        runs[mode] = run
+        runs[name] = run
     builder = ReverseBuilder(engine, replica.registry, config.reverse)
     grammar = _grammar_share(engine, builder, seeds[: config.vllm.max_num_seqs], config.reverse.temperature)
     engine.close()
     replica.registry.close()  # its sandbox workers, now rather than from __del__ at interpreter exit
 
-    headline = runs[configured]
+    headline = runs["first"]
     in_flight = dialogues_in_flight(config.reverse, config.vllm.max_num_seqs)
     print(f"load average at the end (2 cores): {os.getloadavg()[0]:.2f}")
     print(
@@ -298,7 +290,7 @@ def main() -> None:
     )
     for name, run in runs.items():
         print(
-            f"stage, {name:<10}: {run['dialogues']:.0f} dialogues, {run['rejected']:.0f} rejected;"
+            f"stage, {name:<6}: {run['dialogues']:.0f} dialogues, {run['rejected']:.0f} rejected;"
             f" {run['requests']} requests, mean prompt {run['prompt_mean']:.0f} tokens;"
             f" {run['tokens']:.0f} tokens in {run['seconds']:.2f} s = {run['rate']:,.0f} tok/s,"
             f" engine busy {run['busy'] / run['seconds']:.3f}; raw {run['raw']:,.0f} tok/s:"
@@ -309,7 +301,6 @@ def main() -> None:
             print(f"  cores busy, {label:<5}: {shares}")
     print(f"flat batch under the scene grammar: {grammar:.3f} of the same batch without")
     print(f"model: {args.model} ({model})")
-    print(f"headline: the configured scheduling ({config.reverse.scheduling}: {configured})")
     print(f"reverse_over_raw_tokens_per_second = {headline['rate'] / headline['raw']:.3f}")
 
 

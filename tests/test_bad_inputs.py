@@ -160,9 +160,8 @@ def test_an_answer_whose_prompt_did_not_fit_is_rejected_not_scored() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheduling", ["continuous", "lockstep"])
 def test_a_reverse_prompt_longer_than_max_model_len_rejects_its_seed(
-    vllm_engine: Any, tmp_path: Path, scheduling: str
+    vllm_engine: Any, tmp_path: Path
 ) -> None:
     """Tools whose descriptions alone exceed the engine's 4096 tokens: each seed ends prompt_too_long
     (vLLM would refuse the request and fail the whole shard)."""
@@ -176,9 +175,7 @@ def test_a_reverse_prompt_longer_than_max_model_len_rejects_its_seed(
         )
         source += "    return x\n\n\n"
     (folder / "wordy.py").write_text(source)
-    config = load_config(
-        None, ["reverse.num_seeds=3", f"reverse.catalogue={folder}", f"reverse.scheduling={scheduling}"]
-    )
+    config = load_config(None, ["reverse.num_seeds=3", f"reverse.catalogue={folder}"])
     catalogue = load_catalogue(config.reverse.catalogue)
     seeds = make_seeds(catalogue, config.reverse, 0)
     with ToolRegistry(catalogue) as registry:

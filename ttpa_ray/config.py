@@ -188,10 +188,6 @@ class ReverseConfig(_Section):
     # Dialogues in flight on one engine; unset: 4 x the engine's max_num_seqs, so that while the driver
     # handles a finished step (tool call, next prompt) the engine's waiting queue refills the free slot.
     max_concurrent_dialogues: int | None = Field(default=None, ge=1)
-    # continuous: a dialogue submits its next step the moment its last one finished (the engine's batch
-    # stays full); lockstep: every dialogue in flight takes one step per engine.generate call; auto:
-    # continuous (measured faster on the CPU build too, see reverse.scheduling_mode)
-    scheduling: Literal["auto", "continuous", "lockstep"] = "auto"
     shard_size: int = Field(default=16, ge=1)  # seeds per output shard (the unit of resume)
     temperature: float = Field(default=0.7, ge=0)
     failure_temperature_step: float = Field(default=0.3, ge=0)  # added per failed call (at most 1.5 in all)

@@ -674,22 +674,17 @@ class ReverseBuilder:
     ) -> tuple[list[Dialogue], list[RejectedRow]]:
         """Build every seed; a finished dialogue's slot is refilled by the next seed at once.
 
-        ``config.scheduling`` (:func:`scheduling_mode`) picks how dialogues share the engine (both
-        measured by bench/reverse.py):
-        ``continuous`` submits a dialogue's next step as soon as its previous one finished, so the
-        engine's batch never waits for the slowest dialogue; ``lockstep`` sends one step of every
-        dialogue in flight per ``generate`` call. Results come back in seed order; on the CPU build
-        the same seeds and config give the same records (each step samples with its own seed).
-        ``on_done(seed, result)`` is called as each seed ends (the replica writes a shard as soon as
-        its last seed is done).
+        Continuous batching: a dialogue submits its next step as soon as its previous one finished, so
+        the engine's batch never waits for the slowest dialogue (steps are short and unequal: a call
+        head against a scene). Results come back in seed order; on the CPU build the same seeds and
+        config give the same records (each step samples with its own seed). ``on_done(seed,
+        result)`` is called as each seed ends (the replica writes a shard as soon as its last seed is
+        done).
         """
         self._pending = deque(seeds)
         self._finished = {}
         self._on_done = on_done
-        if scheduling_mode(self.config) == "lockstep":
-            self._run_lockstep()
-        else:
-            self._run_continuous()
+        self._run_continuous()
         results = [self._finished[s.seed_id] for s in seeds]
         dialogues = [r for r in results if isinstance(r, Dialogue)]
         return dialogues, [r for r in results if isinstance(r, RejectedRow)]
@@ -757,32 +752,6 @@ class ReverseBuilder:
                 state, session = in_flight.pop(request_id)
                 if not self._step_done(state, session, completion):
                     submit(state, session)
-
-    def _run_lockstep(self) -> None:
-        active: list[tuple[DialogueState, Any]] = []
-        while True:
-            while len(active) < self.in_flight and (started := self._start_next()):
-                active.append(started)
-            if not active:
-                return
-            requests = [self._request(state) for state, _ in active]
-            fits = [
-                self._fits(state, session, p)
-                for (state, session), (p, _) in zip(active, requests, strict=True)
-            ]
-            active = [a for a, ok in zip(active, fits, strict=True) if ok]
-            requests = [r for r, ok in zip(requests, fits, strict=True) if ok]
-            if not active:
-                continue
-            start = time.perf_counter()
-            completions = self.engine.generate([p for p, _ in requests], [q for _, q in requests])
-            self.requests += len(requests)
-            self.busy_seconds += time.perf_counter() - start
-            active = [
-                (state, session)
-                for (state, session), completion in zip(active, completions, strict=True)
-                if not self._step_done(state, session, completion)
-            ]
 
 
 # ----------------------------------------------------------------------------------------- Ray shell
@@ -934,20 +903,6 @@ def dialogues_in_flight(reverse: ReverseConfig, max_num_seqs: int) -> int:
     requests hold no KV cache, only a prompt. (bench/reverse.py measures the stage against raw vLLM.)
     """
     return reverse.max_concurrent_dialogues or 4 * max_num_seqs
-
-
-def scheduling_mode(reverse: ReverseConfig) -> str:
-    """``reverse.scheduling``, with ``auto`` resolved: ``continuous``, on the CPU build as on GPUs
-    (bench/reverse.py measures both against raw vLLM).
-
-    A dialogue's steps are short and unequal (a call head is ~20 tokens, a scene ~150): a lockstep
-    round waits for its longest step while the engine's batch empties. Continuous refills each slot as
-    it frees; its cost is the driver's work (tool calls, next prompts) beside the engine, which on a
-    GPU node has cores of its own.
-    """
-    if reverse.scheduling != "auto":
-        return reverse.scheduling
-    return "continuous"
 
 
 def shards_per_call(config: TTPAConfig, shards: int) -> int:
