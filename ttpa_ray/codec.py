@@ -29,20 +29,6 @@ class ToolCall:
         """``{"name": ..., "arguments": {...}}`` (the arguments dict is shared, not copied)."""
         return {"name": self.name, "arguments": self.arguments}
 
-    @classmethod
-    def from_dict(cls, obj: dict[str, Any]) -> ToolCall:
-        """Build from ``{"name": ..., "arguments": {...} | "<json>"}`` (raises ValueError)."""
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-            raise ValueError(f"a call needs a string 'name', got {obj!r:.200}")
-        args = obj.get("arguments", obj.get("parameters", {}))
-        if isinstance(args, str):
-            args = json.loads(args) if args.strip() else {}
-        if args is None:
-            args = {}
-        if not isinstance(args, dict):
-            raise ValueError(f"arguments of {obj['name']!r} must be an object, got {type(args).__name__}")
-        return cls(name=obj["name"], arguments=args)
-
 
 @dataclass(frozen=True)
 class ParseResult:

@@ -204,7 +204,7 @@ def _in_ray_actor() -> bool:
 
 
 class Engine:
-    """A vLLM ``LLM`` with the project's prompt rendering; construct once per process (start-up ~20 s)."""
+    """A vLLM ``LLM`` with the project's prompt rendering; construct once per process (it starts slowly)."""
 
     def __init__(self, model: str, vllm: VLLMConfig, *, dtype: str = "auto", seed: int = 0) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -417,10 +417,6 @@ class Engine:
                     )
                 )
         return finished
-
-    def has_unfinished(self) -> bool:
-        """Whether any submitted request is still running."""
-        return bool(self.llm.llm_engine.has_unfinished_requests())
 
     def close(self) -> None:
         """Stop the engine's background process now rather than at interpreter exit."""

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -322,16 +322,6 @@ def _group_by_turn(continuations: Sequence[_Continuation]) -> dict[int, list[int
     for k, cont in enumerate(continuations):
         groups.setdefault(cont.turn_index, []).append(k)
     return groups
-
-
-class Sampler(Protocol):
-    """What both samplers provide."""
-
-    name: str
-
-    def sample(self, turns: Sequence[Turn]) -> list[TurnSample]:
-        """One TurnSample per turn, in order."""
-        ...
 
 
 class _BaseSampler:

@@ -253,11 +253,6 @@ class ToolRegistry:
         """The tools' specs, in catalogue order."""
         return self.catalogue.tools()
 
-    @property
-    def load_errors(self) -> list[LoadError]:
-        """What the catalogue could not load."""
-        return list(self.catalogue.errors)
-
     def simulated_tool(self, name: str) -> SimulatedTool | None:
         """The simulated tool of that name (None: no such tool, or one that really runs)."""
         binding = self.catalogue.bindings.get(name)

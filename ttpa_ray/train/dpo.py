@@ -127,25 +127,6 @@ def precompute_reference_logps(
     )
 
 
-def implicit_reward_accuracy(
-    policy_path: str | Path,
-    reference_path: str | Path,
-    pairs_table: pa.Table,
-    *,
-    max_length: int,
-    reference_logps: pa.Table | None = None,
-) -> dict[str, float]:
-    """DPO's implicit reward accuracy of a policy on pairs: the share of pairs where
-    ``logp_policy(chosen) - logp_ref(chosen) > logp_policy(rejected) - logp_ref(rejected)``, ties counted
-    as half (so a policy equal to its reference scores exactly 0.5), plus the mean reward margin.
-    ``reference_logps`` (a table from :func:`precompute_reference_logps`) saves the reference pass."""
-    policy = precompute_reference_logps(policy_path, pairs_table, max_length=max_length)
-    reference = reference_logps or precompute_reference_logps(
-        reference_path, pairs_table, max_length=max_length
-    )
-    return reward_accuracy(policy, reference)
-
-
 def reward_accuracy(policy_logps: pa.Table, reference_logps: pa.Table) -> dict[str, float]:
     """Implicit reward accuracy and mean margin from two log-prob tables over the same pairs."""
     wins = 0.0

@@ -84,7 +84,7 @@ def _init_distributed(use_gpu: bool) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # DeepSpeed's CPU accelerator takes its device count from LOCAL_SIZE (its own launcher sets it) and
         # otherwise runs `numactl --hardware` in a subprocess, which ZeRO-3 does for every gradient bucket it
-        # reduces: a fork of the multi-GB worker per bucket (profiled: up to 65 ms per micro-step).
+        # reduces: a fork of the multi-GB worker per bucket.
         # Ray Train sets LOCAL_WORLD_SIZE, the same number.
         local = os.environ.get("LOCAL_WORLD_SIZE")
         if local:
