@@ -116,6 +116,26 @@ def kill_new_engine_core(before: set[tuple[int, float]], timeout_s: float = 120)
     raise AssertionError(f"no new vLLM engine core appeared within {timeout_s} s")
 
 
+def kill_engine_core_of(replica_pid: int, timeout_s: float = 60) -> int:
+    """SIGKILL the vLLM engine core started by the replica actor process ``replica_pid``; its pid."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            children = psutil.Process(replica_pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            raise AssertionError(
+                f"replica process {replica_pid} is gone; engine cores: {engine_cores()}"
+            ) from None
+        cores = [c for c in children if " ".join(c.cmdline()).startswith("VLLM::EngineCore")]
+        if cores:
+            os.kill(cores[0].pid, 9)
+            return cores[0].pid
+        time.sleep(0.2)
+    raise AssertionError(
+        f"replica process {replica_pid} has no vLLM engine core; engine cores: {engine_cores()}"
+    )
+
+
 def session_processes() -> list[psutil.Process]:
     """Live processes started by this session (by its mark), except this one and its own watchdog."""
     me, mark = os.getpid(), os.environ[SESSION_MARK]

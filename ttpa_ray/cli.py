@@ -187,6 +187,7 @@ def sample_command(
 ) -> None:
     """Token-level preference sampling (or the sequence baseline, tps.sampler): dialogues -> candidates
     in <run_dir>/tps. Held-out dialogues and evaluated BFCL entries are refused."""
+    from ttpa_ray.models import resolve_model
     from ttpa_ray.pipeline import sample_turns
     from ttpa_ray.rundir import check_not_heldout, read_split
     from ttpa_ray.tps import bfcl_dialogues, read_dialogues
@@ -202,6 +203,7 @@ def sample_command(
             fail(str(err))
 
     def sample(ctx: RunContext) -> StageReport:
+        ctx.models["policy"] = resolve_model(cfg.model.policy, key="model.policy", log=console.print)
         if bfcl:
             found = bfcl_dialogues(bfcl, limit, start=cfg.tps.bfcl_offset)
         elif dialogues is not None:
@@ -212,7 +214,7 @@ def sample_command(
         console.print(f"sample ({cfg.tps.sampler}): {len(found)} dialogues, policy {ctx.models['policy']}")
         return sample_turns(ctx, cfg, ctx.run_dir / "tps", "sample", dialogues=found)
 
-    report = _stage(cfg, sample)
+    report = _stage(cfg, sample, models=False)  # the policy only: sampling needs no teacher
     notes = report.notes
     console.print(
         f"sample: {notes['turns']} turns -> {notes['candidates']} "
