@@ -208,7 +208,18 @@ def main() -> None:
     )
     parser.add_argument("--model", default="tiny", help="tiny (default) or smollm2-135m-instruct")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per run (default: one replica call)")
+    parser.add_argument(
+        "--without-engine-caches",
+        action="store_true",
+        help="encode every prompt whole and let vLLM check every request's grammar (what the two "
+        "caches of ttpa_ray/engine.py save)",
+    )
     args = parser.parse_args()
+    if args.without_engine_caches:
+        from ttpa_ray import engine as engine_module
+
+        engine_module.SegmentEncoder.encode = engine_module.SegmentEncoder.whole  # type: ignore[method-assign]
+        engine_module.remember_schema_checks = lambda: False
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
@@ -300,7 +311,9 @@ def main() -> None:
             shares = ", ".join(f"{kind} {share:.2f}" for kind, share in sorted(cores.items()))
             print(f"  cores busy, {label:<5}: {shares}")
     print(f"flat batch under the scene grammar: {grammar:.3f} of the same batch without")
-    print(f"model: {args.model} ({model})")
+    print(
+        f"model: {args.model} ({model}){'; without the engine caches' if args.without_engine_caches else ''}"
+    )
     print(f"reverse_over_raw_tokens_per_second = {headline['rate'] / headline['raw']:.3f}")
 
 

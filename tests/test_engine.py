@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -194,3 +195,94 @@ def test_bounded_schema_adds_guards_only_where_missing() -> None:
     assert pattern.fullmatch("Ada L.") and not pattern.fullmatch("A") and not pattern.fullmatch('Ada "L"')
     assert not pattern.fullmatch("Ada\nL") and not pattern.fullmatch("A\\da")
     assert "minimum" not in schema["properties"]["x"]  # the input is not modified
+
+
+def _dialogue_prompts(engine_tokenizer: object) -> list[str]:
+    """Texts as reverse construction renders them: system with tools, turns that grow step by step."""
+    messages: list[dict[str, object]] = [
+        {"role": "system", "content": "You solve tasks with tools."},
+        {"role": "user", "content": "Scenario: a trip to Paris (2026-12-01), budget 800 EUR."},
+    ]
+    texts = []
+    for step in range(3):
+        texts.append(
+            engine_tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+                messages, tools=[WEATHER, CONVERT], add_generation_prompt=True, tokenize=False
+            )
+        )
+        call = {"name": "get_weather", "arguments": {"city": "Paris", "date": f"2026-12-0{step + 1}"}}
+        messages.append(
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]}
+        )
+        messages.append({"role": "tool", "content": f'{{"temp_c": {12 + step}, "sky": "rain  \\n drizzle"}}'})
+    return texts
+
+
+def test_segment_encoder_matches_whole_encoding_and_reuses_turns(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from ttpa_ray.engine import SegmentEncoder
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    encoder = SegmentEncoder(tokenizer, verify=0)  # no built-in check: this test is the check
+    texts = _dialogue_prompts(tokenizer)
+    for text in texts:
+        assert encoder.encode(text) == tokenizer.encode(text, add_special_tokens=False)
+    assert encoder.exact
+    # The system turn (tool list) and every earlier turn were encoded once, then looked up.
+    assert encoder.hits >= 2 * len(texts), (encoder.hits, encoder.misses)
+    assert encoder.encode(texts[-1]) == tokenizer.encode(texts[-1], add_special_tokens=False)
+
+
+def test_segment_encoder_falls_back_when_special_tokens_change_their_neighbours(tiny_model_dir: Path) -> None:
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from ttpa_ray.engine import SegmentEncoder
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # A special token that swallows the spaces around it: encoding between special tokens would keep them.
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [AddedToken("<|sep|>", lstrip=True, rstrip=True)]}
+    )
+    text = "left side   <|sep|>   right side"
+    whole = tokenizer.encode(text, add_special_tokens=False)
+    encoder = SegmentEncoder(tokenizer, verify=4)
+    assert encoder.encode(text) == whole
+    assert not encoder.exact  # turned off for good: later prompts are encoded whole
+    assert encoder.encode(text + " again") == tokenizer.encode(text + " again", add_special_tokens=False)
+
+
+@pytest.mark.slow
+def test_schema_checks_are_remembered_but_failures_are_not(vllm_engine) -> None:
+    from vllm.exceptions import VLLMValidationError
+
+    from ttpa_ray import engine as engine_module
+
+    engine = vllm_engine
+    prompt = engine.render([{"role": "user", "content": "Weather in Paris?"}], [WEATHER])
+    schema = tool_call_schema([WEATHER])
+    engine.generate(
+        [prompt], engine.sampling_params(max_tokens=48, temperature=1.0, seed=1, json_schema=schema)
+    )
+    key = engine_module._constraint_key(
+        engine.sampling_params(max_tokens=1, json_schema=schema).structured_outputs
+    )
+    assert key is not None and key in engine_module._VALIDATED_SCHEMAS
+    regex = call_head_regex(["get_weather"])  # regexes too (vLLM starts a thread to check each one)
+    engine.generate([prompt], engine.sampling_params(max_tokens=32, regex=regex))
+    assert "regex\0" + regex in engine_module._VALIDATED_SCHEMAS
+    # xgrammar cannot take multipleOf: vLLM's check refuses it every time, nothing is remembered.
+    bad = {"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 3}}, "required": ["n"]}
+    for _ in range(2):
+        with pytest.raises(VLLMValidationError):
+            engine.generate([prompt], engine.sampling_params(max_tokens=8, json_schema=bad))
+    assert "json\0" + json.dumps(bad, sort_keys=True) not in engine_module._VALIDATED_SCHEMAS
+    with pytest.raises(VLLMValidationError):  # an unbalanced regex is refused, and not remembered
+        engine.generate([prompt], engine.sampling_params(max_tokens=8, regex="(a|b"))
+    assert "regex\0(a|b" not in engine_module._VALIDATED_SCHEMAS
+    from vllm.v1.structured_output import backend_xgrammar
+
+    installed = backend_xgrammar.validate_xgrammar_grammar
+    assert engine_module.remember_schema_checks()  # idempotent: still installed, not wrapped twice
+    assert backend_xgrammar.validate_xgrammar_grammar is installed

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -182,6 +183,122 @@ def call_head_name(text: str, names: Sequence[str]) -> str | None:
     return None
 
 
+class SegmentEncoder:
+    """Token ids of rendered prompts, each stretch of text between special tokens encoded once.
+
+    A fast tokenizer splits its input at added tokens before it normalises and pre-tokenises, so the
+    ids of a prompt are the ids of its stretches between special tokens, joined with the special tokens'
+    own ids. The stretches repeat: every step of a dialogue re-renders the system turn with its tool
+    list and all earlier turns, so each is looked up instead of encoded again (reverse construction
+    renders hundreds of ~1,000-token prompts per shard, and the engine waits on the driver meanwhile).
+    The first ``verify`` prompts are also encoded whole; one difference (a tokenizer whose special
+    tokens strip neighbouring spaces, say) turns the cache off for good and every prompt is encoded whole.
+    Worth its lines where the engine outpaces the driver (a fast replica; the tiny model here), not on
+    SmolLM2 on this CPU: ``bench/reverse.py --without-engine-caches`` measures both caches (README).
+    """
+
+    def __init__(self, tokenizer: Any, *, max_entries: int = 4096, verify: int = 16) -> None:
+        self.tokenizer = tokenizer
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        self.special_ids = {tok.content: int(i) for i, tok in decoder.items() if tok.special and tok.content}
+        self.exact = bool(self.special_ids)
+        alternatives = sorted(self.special_ids, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
+        self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        self.max_entries = max_entries
+        self.verify_left = verify
+        self.hits = self.misses = 0
+
+    def whole(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def encode(self, text: str) -> list[int]:
+        if not self.exact or self._split is None:
+            return self.whole(text)
+        ids: list[int] = []
+        for part in self._split.split(text):
+            if not part:
+                continue
+            special = self.special_ids.get(part)
+            if special is not None:
+                ids.append(special)
+                continue
+            cached = self._cache.get(part)
+            if cached is None:
+                self.misses += 1
+                cached = self.whole(part)
+                self._cache[part] = cached
+                if len(self._cache) > self.max_entries:
+                    self._cache.popitem(last=False)
+            else:
+                self.hits += 1
+                self._cache.move_to_end(part)
+            ids.extend(cached)
+        if self.verify_left > 0:
+            self.verify_left -= 1
+            whole = self.whole(text)
+            if whole != ids:
+                log.warning("prompt ids differ when encoded between special tokens; encoding whole prompts")
+                self.exact = False
+                self._cache.clear()
+                return whole
+        return ids
+
+
+# vLLM checks each request's JSON schema or regex in the driver by building its grammar (the engine
+# then compiles it again); a regex is built in a thread of its own, started for that one check.
+# Dialogues send the same schemas and regexes step after step, so one that passed is remembered (keyed
+# by its kind and canonical text) and the check runs once per distinct constraint.
+_VALIDATED_SCHEMAS: OrderedDict[str, None] = OrderedDict()
+_MAX_VALIDATED = 4096
+
+
+def _constraint_key(so: Any) -> str | None:
+    """The memo key of a request's one JSON schema or regex; None for anything else (checked each time)."""
+    if so is None:
+        return None
+    schema, regex = getattr(so, "json", None), getattr(so, "regex", None)
+    if getattr(so, "choice", None) or getattr(so, "grammar", None) or getattr(so, "structural_tag", None):
+        return None
+    if schema and not regex:
+        return "json\0" + (schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True))
+    if regex and not schema:
+        return "regex\0" + regex
+    return None
+
+
+def remember_schema_checks() -> bool:
+    """Wrap vLLM's xgrammar request check with a per-schema memory; True if installed (idempotent)."""
+    try:
+        from vllm.v1.structured_output import backend_xgrammar
+    except ImportError:
+        return False
+    check = getattr(backend_xgrammar, "validate_xgrammar_grammar", None)
+    if check is None:
+        return False
+    if getattr(check, "_ttpa_remembers", False):
+        return True
+    original: Callable[[Any], None] = check
+
+    def remembering(sampling_params: Any) -> None:
+        so = getattr(sampling_params, "structured_outputs", None)
+        key = _constraint_key(so)
+        if key is None:
+            original(sampling_params)
+            return
+        if key in _VALIDATED_SCHEMAS:
+            _VALIDATED_SCHEMAS.move_to_end(key)
+            return
+        original(sampling_params)  # raises for a constraint xgrammar cannot take: never remembered
+        _VALIDATED_SCHEMAS[key] = None
+        if len(_VALIDATED_SCHEMAS) > _MAX_VALIDATED:
+            _VALIDATED_SCHEMAS.popitem(last=False)
+
+    remembering._ttpa_remembers = True  # type: ignore[attr-defined]
+    backend_xgrammar.validate_xgrammar_grammar = remembering
+    return True
+
+
 @dataclass
 class Completion:
     """One generated text with its token ids and why it stopped."""
@@ -224,6 +341,8 @@ class Engine:
         self.max_model_len = int(
             getattr(self.llm.llm_engine.model_config, "max_model_len", vllm.max_model_len)
         )
+        self.encoder = SegmentEncoder(self.tokenizer)
+        remember_schema_checks()
         self.in_actor = _in_ray_actor()
         self._closing = False
         self._watch_engine_core()
@@ -310,11 +429,8 @@ class Engine:
         add_generation_prompt: bool = True,
     ) -> list[int]:
         """Prompt token ids of :meth:`render_text` (the template carries the special tokens)."""
-        return self.encode(self.render_text(messages, tools, add_generation_prompt=add_generation_prompt))
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, special tokens in it included, none added."""
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        text = self.render_text(messages, tools, add_generation_prompt=add_generation_prompt)
+        return self.encoder.encode(text)
 
     def sampling_params(
         self,

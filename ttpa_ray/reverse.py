@@ -364,7 +364,7 @@ class ReverseBuilder:
                 "json": tool_call_schema(tools, arguments=lambda n: self._arguments_schema(state, n))
             }
         if len(allowed) == 1:  # nothing to choose: the head is written, not generated
-            head = self.engine.encode(call_head(allowed[0].name))
+            head = self.engine.encoder.encode(call_head(allowed[0].name))
             self._head_chosen(state, allowed[0].name, prompt + head)
             return self._call_request(state)
         state.call_prompt = prompt
