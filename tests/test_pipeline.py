@@ -1,19 +1,63 @@
-"""The main job on a small setting, its run dir in a bucket: each stage's counts add up, the report
-exists and parses, and a killed run resumes from the bucket."""
+"""The main job on a small setting, its run dir in a bucket: killed after its reverse stage, then
+submitted with the Ray job CLI to another Ray cluster, where it resumes from the bucket; each stage's
+counts add up and the report exists and parses."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-from rich.console import Console
+from conftest import free_port, make_bucket, ray_head, vllm_processes
 
-from ttpa_ray.config import load_config
+from ttpa_ray import store
 from ttpa_ray.evaluate import HELDOUT_CATEGORY
-from ttpa_ray.pipeline import STAGES, run_pipeline
+from ttpa_ray.pipeline import STAGES
 
-LOCAL = Path(__file__).parent.parent / "configs" / "local.yaml"
+ROOT = Path(__file__).parent.parent
+LOCAL = ROOT / "configs" / "local.yaml"
+BIN = ROOT / ".venv" / "bin"
+
+
+def submit_job(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``ray job submit --working-dir <repo> -- python -m jobs.pipeline <args>`` to a head of its own
+    (``ray start --head``, dashboard and job agent on free ports), stopped afterwards."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    dashboard = free_port()
+    head_args = [
+        f"--port={free_port()}",
+        f"--dashboard-port={dashboard}",
+        "--include-dashboard=true",
+        "--num-cpus=2",
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+    ]
+    excludes = {"excludes": [".venv", "runs", "models", ".git", ".pytest_cache"]}
+    submit = [
+        *(str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}"),
+        *("--working-dir", str(ROOT), "--runtime-env-json", json.dumps(excludes)),
+        *("--", "python", "-m", "jobs.pipeline", "--config", "configs/local.yaml", "ray.address=auto"),
+        *args,
+    ]
+    with ray_head(head_args, env, tmp_path / "head.log"):
+        deadline = time.time() + 120
+        not_up_yet = ("No available agent", "Connection refused")
+        while True:  # the dashboard and its job agent come up some seconds after the head
+            result = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=1500)
+            output = result.stdout + result.stderr
+            if not any(text in output for text in not_up_yet) or time.time() > deadline:
+                break
+            time.sleep(3)
+        head_output = (tmp_path / "head.log").read_text()[-2000:]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + head_output
+    assert "succeeded" in result.stdout + result.stderr
+    return result
 
 
 @pytest.mark.slow
@@ -21,19 +65,10 @@ def test_pipeline_in_a_bucket_killed_and_resumed_elsewhere(
     ray_cluster, s3_server: str, tiny_model_dir: Path, tmp_path: Path, heldout_dialogues_file: Path
 ) -> None:
     """The job on a run dir in an S3 bucket (a real S3 server on 127.0.0.1), killed (SIGKILL) after
-    its reverse stage, then run again from another, empty working copy: the stages the bucket says are
-    finished are skipped, the others run, every count adds up, and everything a later run needs is in
-    the bucket (issues 17 and 19)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
+    its reverse stage, then submitted with `ray job submit` to another cluster with another, empty
+    working copy: the stages the bucket says are finished are skipped, the others run, every count
+    adds up, and everything a later run needs is in the bucket (issues 8, 17 and 19)."""
     import ray
-    from conftest import make_bucket, vllm_processes
-
-    from ttpa_ray import store
 
     remote = make_bucket("pipeline") + "/runs/small"
     # The random tiny teacher's dialogues never pass the filters, so the run's own held-out split is
@@ -92,17 +127,12 @@ def test_pipeline_in_a_bucket_killed_and_resumed_elsewhere(
     while vllm_processes() - before and time.time() < deadline:
         time.sleep(0.5)  # the killed job's replicas go with it
 
-    overrides.append(f"run.local_dir={tmp_path / 'second'}")  # another machine: nothing local
-    config = load_config(LOCAL, overrides)
-    console = Console(record=True, width=120)
-    reports = run_pipeline(config, console)
-    shown = console.export_text()
+    # another cluster, another machine's working copy: nothing local but the bucket
+    overrides.append(f"run.local_dir={tmp_path / 'second'}")
+    shown = submit_job(overrides, tmp_path).stdout  # the job's console, as `ray job submit` streams it
     for number, name in enumerate(killed_after, start=1):
         assert f"[{number}/{len(STAGES)}] {name}: done by an earlier run, skipped" in shown
     stages = [name for name, _, _ in STAGES]
-    assert [r.name for r in reports] == stages
-    for report in reports:
-        assert report.records_in == report.records_out + report.records_rejected, report
 
     run_dir = tmp_path / "second"  # the working copy; the bucket holds the same
     assert store.read_text(remote + "/pipeline.json") == (run_dir / "pipeline.json").read_text()
@@ -113,6 +143,8 @@ def test_pipeline_in_a_bucket_killed_and_resumed_elsewhere(
     assert not (run_dir / "train" / "dpo" / "ray").exists()
     summary = json.loads((run_dir / "pipeline.json").read_text())
     assert [s["name"] for s in summary["stages_run"]] == stages
+    for stage in summary["stages_run"]:
+        assert stage["records_in"] == stage["records_out"] + stage["records_rejected"], stage
     assert summary["stages_pending"] == []
     by_name = {s["name"]: s for s in summary["stages_run"]}
     assert by_name["reverse"]["records_in"] == 4
