@@ -116,6 +116,14 @@ def kill_new_engine_core(before: set[tuple[int, float]], timeout_s: float = 120)
     raise AssertionError(f"no new vLLM engine core appeared within {timeout_s} s")
 
 
+def _cmdline(process: psutil.Process) -> str:
+    """Its command line, or "" once it has exited (a killed engine core stays a zombie a while)."""
+    try:
+        return " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):  # a ZombieProcess is a NoSuchProcess
+        return ""
+
+
 def kill_engine_core_of(replica_pid: int, timeout_s: float = 60) -> int:
     """SIGKILL the vLLM engine core started by the replica actor process ``replica_pid``; its pid."""
     deadline = time.time() + timeout_s
@@ -126,7 +134,7 @@ def kill_engine_core_of(replica_pid: int, timeout_s: float = 60) -> int:
             raise AssertionError(
                 f"replica process {replica_pid} is gone; engine cores: {engine_cores()}"
             ) from None
-        cores = [c for c in children if " ".join(c.cmdline()).startswith("VLLM::EngineCore")]
+        cores = [c for c in children if _cmdline(c).startswith("VLLM::EngineCore")]
         if cores:
             os.kill(cores[0].pid, 9)
             return cores[0].pid
@@ -180,7 +188,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             command = " ".join(process.cmdline())[:150]
             lines.append(f"  pid {process.pid} (parent {process.ppid()}): {command}")
             process.kill()
-        except psutil.NoSuchProcess:
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     if lines:
         message = "processes started by the test session still running at its end (now killed):"

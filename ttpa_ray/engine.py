@@ -359,8 +359,13 @@ class Engine:
         import psutil
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        me = psutil.Process()
-        cores = [c for c in me.children() if " ".join(c.cmdline()).startswith("VLLM::EngineCore")]
+        def is_core(child: psutil.Process) -> bool:
+            try:
+                return " ".join(child.cmdline()).startswith("VLLM::EngineCore")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):  # a child that exited (or a zombie)
+                return False
+
+        cores = [c for c in psutil.Process().children() if is_core(c)]
         client = getattr(self.llm.llm_engine, "engine_core", None)
         outputs = getattr(client, "outputs_queue", None)
         if not cores or outputs is None:
