@@ -15,7 +15,7 @@ run: setup
 	$(PY) -m ttpa_ray.cli run --config $(CONFIG) $(ARGS)
 
 test: setup lint
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q tests --durations=25 $(ARGS)
 
 lint: setup
 	.venv/bin/ruff check ttpa_ray jobs tests bench
