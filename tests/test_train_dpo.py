@@ -54,8 +54,8 @@ def test_dpo_zero3_precomputed_reference_learns_on_held_out_pairs(
         dpo={
             "reference": "replicas",  # the default: the vLLM replicas score the pairs before training
             "learning_rate": 1e-3,
-            "num_epochs": 1,
-            "per_device_batch_size": 4,
+            "num_epochs": 2,
+            "per_device_batch_size": 8,
             "max_length": MAX_LENGTH,
             "init_from_sft": False,
         },
@@ -76,7 +76,7 @@ def test_dpo_zero3_precomputed_reference_learns_on_held_out_pairs(
     # per-step metrics with DPO's rewards, and TensorBoard event files
     history = outcome.result.history
     steps = int(outcome.result.metrics["step"])
-    assert steps == -(-outcome.rows_used // 8)  # 1 epoch of ceil(rows / (2 workers x 4))
+    assert steps == 2 * -(-outcome.rows_used // 16)  # 2 epochs of ceil(rows / (2 workers x 8))
     assert [int(h["step"]) for h in history] == list(range(1, steps + 1))
     assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(
         history[-1]
