@@ -116,16 +116,10 @@ def kill_new_engine_core(before: set[tuple[int, float]], timeout_s: float = 120)
     raise AssertionError(f"no new vLLM engine core appeared within {timeout_s} s")
 
 
-def _cmdline(process: psutil.Process) -> str:
-    """Its command line, or "" once it has exited (a killed engine core stays a zombie a while)."""
-    try:
-        return " ".join(process.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):  # a ZombieProcess is a NoSuchProcess
-        return ""
-
-
 def kill_engine_core_of(replica_pid: int, timeout_s: float = 60) -> int:
     """SIGKILL the vLLM engine core started by the replica actor process ``replica_pid``; its pid."""
+    from ttpa_ray.engine import is_engine_core
+
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
@@ -134,7 +128,7 @@ def kill_engine_core_of(replica_pid: int, timeout_s: float = 60) -> int:
             raise AssertionError(
                 f"replica process {replica_pid} is gone; engine cores: {engine_cores()}"
             ) from None
-        cores = [c for c in children if _cmdline(c).startswith("VLLM::EngineCore")]
+        cores = [c for c in children if is_engine_core(c)]
         if cores:
             os.kill(cores[0].pid, 9)
             return cores[0].pid

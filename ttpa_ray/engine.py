@@ -311,6 +311,17 @@ class Completion:
 ENGINE_DEAD_EXIT_CODE = 75  # a replica process ending because its engine core died
 
 
+def is_engine_core(process: Any) -> bool:
+    """Whether the psutil process is a vLLM engine core; False for one that has exited (a killed
+    core is a zombie until its parent reaps it, and psutil cannot read a zombie's command line)."""
+    import psutil
+
+    try:
+        return " ".join(process.cmdline()).startswith("VLLM::EngineCore")
+    except (psutil.NoSuchProcess, psutil.AccessDenied):  # ZombieProcess is a NoSuchProcess
+        return False
+
+
 def _in_ray_actor() -> bool:
     try:
         import ray
@@ -359,13 +370,7 @@ class Engine:
         import psutil
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        def is_core(child: psutil.Process) -> bool:
-            try:
-                return " ".join(child.cmdline()).startswith("VLLM::EngineCore")
-            except (psutil.NoSuchProcess, psutil.AccessDenied):  # a child that exited (or a zombie)
-                return False
-
-        cores = [c for c in psutil.Process().children() if is_core(c)]
+        cores = [c for c in psutil.Process().children() if is_engine_core(c)]
         client = getattr(self.llm.llm_engine, "engine_core", None)
         outputs = getattr(client, "outputs_queue", None)
         if not cores or outputs is None:
