@@ -130,6 +130,12 @@ def test_state_machine_builds_a_grounded_dialogue_with_real_tools() -> None:
     assert [t.name for t in dialogue.tools][:2] == ["get_weather", "convert_currency"]
 
 
+TWO_CALLS = [
+    {"name": "get_weather", "arguments": {"city": "Paris", "date": "2026-07-14"}},
+    {"name": "add_days", "arguments": {"date": "2026-07-14", "days": 3}},
+]
+
+
 @pytest.mark.parametrize(
     ("steps", "reason"),
     [
@@ -152,6 +158,26 @@ def test_state_machine_builds_a_grounded_dialogue_with_real_tools() -> None:
             "answer_ungrounded",
         ),
         (["not json at all"] * 3, "parse_failure"),
+        # the text gates (ttpa_ray/quality.py), on what the 135M teacher wrote in make run
+        (
+            [
+                *TWO_CALLS,
+                {"name": "answer", "arguments": {"answer": "It is 2026-07-17. finish with answer soon."}},
+            ],
+            "prompt_leak",
+        ),
+        (
+            [*TWO_CALLS, {"name": "answer", "arguments": {"answer": "It is 2026-07-17, at 99 euros."}}],
+            "answer_ungrounded",
+        ),
+        (
+            [
+                *TWO_CALLS,
+                {"name": "answer", "arguments": {"answer": "You are back on 2026-07-17."}},
+                {"question": "The answer is: The answer is: The answer is: The answer is: The answer is:"},
+            ],
+            "repetitive_question",
+        ),
     ],
 )
 def test_filters_reject_with_their_reason(steps: list[object], reason: str) -> None:

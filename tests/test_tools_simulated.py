@@ -238,6 +238,30 @@ def test_written_responses_are_checked_and_only_valid_ones_cached(tmp_path: Path
     assert writer.texts == []
 
 
+def test_a_response_that_restates_the_schema_is_a_tool_error_and_not_cached(tmp_path: Path) -> None:
+    """A schema-only tool with no response schema: the writer restating the parameters' schema (seen
+    from the 135M teacher) is not an answer."""
+    path = tmp_path / "tools.json"
+    entry = {
+        "name": "web_lookup",
+        "parameters": {"type": "object", "properties": {"query": {"type": "string"}}},
+    }
+    path.write_text(json.dumps([entry]), encoding="utf-8")
+    texts = ['{"query": {"type": ["string", "description"]}}', '{"title": "Lyon", "type": "city"}']
+
+    class Scripted:
+        def write(self, tool_spec: ToolSpec, arguments: Mapping[str, Any], examples: Sequence[str]) -> str:
+            return texts.pop(0)
+
+    with ToolRegistry(load_catalogue(path), writer=Scripted()) as registry:
+        restated = registry.call("web_lookup", {"query": "lyon"})
+        assert registry.simulated.cache.size() == 0
+        answered = registry.call("web_lookup", {"query": "lyon"})
+        assert registry.simulated.cache.size() == 1
+    assert not restated.ok and "restates a schema at query.type" in str(restated.error)
+    assert answered.ok and answered.content == {"title": "Lyon", "type": "city"}
+
+
 def test_a_bad_response_schema_is_a_load_error_naming_the_tool(tmp_path: Path) -> None:
     path = tmp_path / "tools.json"
     good = {"name": "lookup", "parameters": {"type": "object", "properties": {}}}

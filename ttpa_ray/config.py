@@ -166,6 +166,32 @@ class VLLMConfig(_Section):
         return self
 
 
+class QualityConfig(_Section):
+    """Text gates of reversed construction (ttpa_ray/quality.py); the defaults pass fluent text."""
+
+    # A text (question, answer, string argument) is repetitive when more than this share of its token
+    # n-grams occur twice or more, or this share of its lines.
+    max_repeated_ngram_share: float = Field(default=0.3, gt=0, le=1)
+    max_repeated_line_share: float = Field(default=0.3, gt=0, le=1)
+    ngram: int = Field(default=3, ge=2)
+    question_chars: tuple[int, int] = (15, 400)
+    answer_chars: tuple[int, int] = (8, 1000)
+    # The question is rejected as a copy when this similar to the answer or the scenario.
+    max_copy_similarity: float = Field(default=0.8, gt=0, le=1)
+    # Every number and quoted value of the answer must come from a call, its result or the scenario.
+    strict_grounding: bool = True
+    # Later copies of a question (same normalised text) across the whole run: duplicate_question.
+    dedup_questions: bool = True
+
+    @model_validator(mode="after")
+    def _ranges(self) -> QualityConfig:
+        for key in ("question_chars", "answer_chars"):
+            low, high = getattr(self, key)
+            if not 0 <= low <= high:
+                raise ValueError(f"reverse.quality.{key} must be [low, high] with 0 <= low <= high")
+        return self
+
+
 class ReverseConfig(_Section):
     """Reversed dataset construction (DESIGN.md stage 1)."""
 
@@ -211,6 +237,7 @@ class ReverseConfig(_Section):
     # A simulated tool's writer may also answer {"error": ...}. Off by default: a 135M teacher allowed to
     # answers nearly every call with an error (README, "Simulated tools"; bench/simulated.py --errors).
     simulated_errors: bool = False
+    quality: QualityConfig = QualityConfig()
 
     @model_validator(mode="after")
     def _ranges(self) -> ReverseConfig:

@@ -175,7 +175,8 @@ def _storage_type(dtype: pa.DataType) -> pa.DataType:
     return dtype
 
 
-def _storage_schema(schema: pa.Schema) -> pa.Schema:
+def storage_schema(schema: pa.Schema) -> pa.Schema:
+    """The schema with every Arrow extension type (the JSON columns) as its storage type."""
     return pa.schema([f.with_type(_storage_type(f.type)) for f in schema], metadata=schema.metadata)
 
 
@@ -924,7 +925,7 @@ def batch_from_rows(rows: Iterable[Mapping[str, Any]], schema: pa.Schema) -> pa.
         missing = [name for name in required if name not in row]
         if missing:
             raise RecordError(record, missing[0], "is missing from the row dict", row_index=index)
-    table = pa.Table.from_pylist(rows, schema=_storage_schema(schema)).cast(schema)
+    table = pa.Table.from_pylist(rows, schema=storage_schema(schema)).cast(schema)
     dropped = []
     for name in omit:
         nulls = table.column(name).null_count

@@ -19,7 +19,12 @@ Quality filters (reasons of rejected rows): ``no_successful_call``, ``too_few_to
 two distinct tools), ``restart``, ``question_names_tool``, ``answer_ungrounded`` (the answer uses no
 value any call returned), ``parse_failure`` (teacher output unparseable beyond the retry limit),
 ``no_tools`` (the seed's window has no usable tool), ``prompt_too_long`` (a step's prompt leaves no
-room under ``vllm.max_model_len``; it is never sent).
+room under ``vllm.max_model_len``; it is never sent). Text gates (:mod:`ttpa_ray.quality`, thresholds in
+``reverse.quality``): ``repetitive_question``, ``repetitive_answer``, ``repetitive_argument``,
+``question_length``, ``answer_length``, ``question_copies_text``, ``prompt_leak`` (the builder's own
+prompts or nudges in the text), ``answer_ungrounded`` also when a number or quoted value of the answer
+comes from no call, result or the scenario; and across the whole run ``duplicate_question`` (a later
+seed's copy of a question, found by grouping on a normalised-text key in Ray Data).
 
 The Ray shell (:func:`run_reverse`) hosts one builder per vLLM replica in a Ray Data actor pool. Each
 input row is one shard of seeds; a replica writes its shard's dialogues and rejected rows as Parquet
@@ -54,6 +59,7 @@ from ttpa_ray.engine import (
     call_head_regex,
     tool_call_schema,
 )
+from ttpa_ray.quality import DUPLICATE, Gates, PromptLeaks, question_key
 from ttpa_ray.records import Dialogue, Message, RejectedRow, ToolSpec, reject, to_table
 from ttpa_ray.tools.simulated import SimulatedCache, response_request
 
@@ -76,6 +82,38 @@ RESTART_TOOL = ToolSpec(
     source="control",
 )
 CONTROL_TOOLS = {ANSWER_TOOL.name: ANSWER_TOOL, RESTART_TOOL.name: RESTART_TOOL}
+# The builder's own words to the teacher; the text gates reject a dialogue that repeats them.
+CALL_SYSTEM = (
+    "You are solving a task with tools, one call at a time. Use real values from the scenario and from "
+    "earlier results. When you have what you need, call `answer` with the final answer; call `restart` "
+    "only if the attempt cannot be saved."
+)
+NUDGE_LAST = "No calls left: call `answer` now."
+NUDGE_SOON = "{left} call(s) left: finish with `answer` soon."
+SCENE_SYSTEM = "You imagine realistic situations in which a person needs tools."
+QUESTION_SYSTEM = "You write the question a user asked, given how it was answered."
+QUESTION_INSTRUCTION = (
+    "Write the user's question in the first person, naturally, containing every value the calls needed "
+    "(dates, places, names, numbers), without naming any tool. Reply in JSON."
+)
+SCENE_INSTRUCTION = (
+    "Write a short scenario statement (no question, no tool names), {low} to {high} items of additional "
+    "information (times, places, people, amounts: the values the tools' parameters will need), and pick "
+    "the related tools. Reply in JSON."
+)
+PROMPT_LEAKS = PromptLeaks(
+    short=[NUDGE_LAST, NUDGE_SOON],
+    long=[
+        SYSTEM_PROMPT,
+        CALL_SYSTEM,
+        SCENE_SYSTEM,
+        QUESTION_SYSTEM,
+        QUESTION_INSTRUCTION,
+        SCENE_INSTRUCTION,
+        ANSWER_TOOL.description,
+        RESTART_TOOL.description,
+    ],
+)
 
 
 @dataclass(frozen=True)
@@ -232,11 +270,7 @@ def _scene_instruction(tools: Sequence[ToolSpec], low: int, high: int, parameter
         return f"- {tool.name}: {tool.description}" + (f"\n  parameters: {about}" if parameters else "")
 
     listing = "\n".join(listed(t) for t in tools)
-    return (
-        f"Tools:\n{listing}\n\nWrite a short scenario statement (no question, no tool names), "
-        f"{low} to {high} items of additional information (times, places, people, amounts: the values "
-        "the tools' parameters will need), and pick the related tools. Reply in JSON."
-    )
+    return f"Tools:\n{listing}\n\n" + SCENE_INSTRUCTION.format(low=low, high=high)
 
 
 @dataclass
@@ -276,6 +310,17 @@ class ReverseBuilder:
         self.config = config
         self.teacher = teacher
         self.specs = {spec.name: spec for spec in registry.specs}
+        quality = config.quality
+        self.gates = Gates(
+            max_repeated_ngram_share=quality.max_repeated_ngram_share,
+            max_repeated_line_share=quality.max_repeated_line_share,
+            ngram=quality.ngram,
+            question_chars=quality.question_chars,
+            answer_chars=quality.answer_chars,
+            max_copy_similarity=quality.max_copy_similarity,
+            strict_grounding=quality.strict_grounding,
+            leaks=PROMPT_LEAKS,
+        )
         self.stats: Counter[str] = Counter()
         self._arguments_schemas: dict[str, dict[str, Any]] = {}  # by tool: one object, one grammar
         self.busy_seconds = 0.0
@@ -298,7 +343,7 @@ class ReverseBuilder:
         low, high = self.config.info_items
         example = self.config.scene_example
         messages = [
-            {"role": "system", "content": "You imagine realistic situations in which a person needs tools."},
+            {"role": "system", "content": SCENE_SYSTEM},
             # One worked example (fictional tools): a small teacher copies its shape, a large one ignores it.
             *(
                 [
@@ -341,22 +386,15 @@ class ReverseBuilder:
         info = "\n".join(f"- {item}" for item in state.information)
         left = state.seed.call_budget - state.calls_made
         messages: list[dict[str, Any]] = [
-            {
-                "role": "system",
-                "content": (
-                    "You are solving a task with tools, one call at a time. Use real values from the "
-                    "scenario and from earlier results. When you have what you need, call `answer` with "
-                    "the final answer; call `restart` only if the attempt cannot be saved."
-                ),
-            },
+            {"role": "system", "content": CALL_SYSTEM},
             {"role": "user", "content": f"Scenario: {state.scenario}\nInformation:\n{info}"},
             *state.teacher_messages,
         ]
         allowed = self._allowed_tools(state)
         if left <= 0:
-            messages.append({"role": "user", "content": "No calls left: call `answer` now."})
+            messages.append({"role": "user", "content": NUDGE_LAST})
         elif left <= self.config.nudge_when_left:
-            messages.append({"role": "user", "content": f"{left} call(s) left: finish with `answer` soon."})
+            messages.append({"role": "user", "content": NUDGE_SOON.format(left=left)})
         tools = [t.to_openai() for t in allowed]
         prompt = self.engine.render(messages, tools)
         if not self.config.two_step_calls:
@@ -423,13 +461,12 @@ class ReverseBuilder:
             f"- {call.name}({json.dumps(call.arguments, ensure_ascii=False)})" for call, _ in state.trajectory
         )
         messages = [
-            {"role": "system", "content": "You write the question a user asked, given how it was answered."},
+            {"role": "system", "content": QUESTION_SYSTEM},
             {
                 "role": "user",
                 "content": (
                     f"Scenario: {state.scenario}\nTool calls made:\n{used}\nFinal answer: {state.answer}\n\n"
-                    "Write the user's question in the first person, naturally, containing every value the "
-                    "calls needed (dates, places, names, numbers), without naming any tool. Reply in JSON."
+                    + QUESTION_INSTRUCTION
                 ),
             },
         ]
@@ -625,12 +662,29 @@ class ReverseBuilder:
                 state, "answer_ungrounded", f"the answer uses no returned value: {state.answer[:200]}"
             )
             return
+        # What the dialogue knows: results, the arguments the calls were given, the scenario.
+        known = [
+            *(content for _, content in state.trajectory),
+            *(call.arguments for call, _ in state.trajectory),
+            state.scenario,
+            *state.information,
+        ]
+        verdict = self.gates.arguments(call for call, _ in state.trajectory) or self.gates.answer(
+            state.answer, known
+        )
+        if verdict is not None:
+            self._reject(state, verdict.reason, verdict.detail)
+            return
         state.phase = "question"
 
     def _finish(self, state: DialogueState) -> None:
         named = names_a_tool(state.question, list(self.specs))
         if named is not None:
             self._reject(state, "question_names_tool", f"the question names the tool {named!r}")
+            return
+        verdict = self.gates.question(state.question, state.answer, state.scenario)
+        if verdict is not None:
+            self._reject(state, verdict.reason, verdict.detail)
             return
         state.phase = "done"
         self.stats["dialogue"] += 1
@@ -969,8 +1023,11 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
                 ray.kill(cache)
         if finished != len(todo):
             raise RuntimeError(f"reverse: {finished} shard rows came back for {len(todo)} shards")
+    dedup = config.reverse.quality.dedup_questions
     seconds = time.perf_counter() - start
-    return write_manifest(out_dir, seeds, shards, seconds, shards_at, cache_at if simulated else None)
+    return write_manifest(
+        out_dir, seeds, shards, seconds, shards_at, cache_at if simulated else None, dedup=dedup
+    )
 
 
 class _ShardWatcher:
@@ -1022,10 +1079,13 @@ def write_manifest(
     seconds: float,
     shards_at: str | None = None,
     cache_at: str | None = None,
+    *,
+    dedup: bool = False,
 ) -> ReverseReport:
     """Check every seed ended as one dialogue or one rejected row, and write manifest.json (in
     ``out_dir``; the shards are in ``shards_at``, by default the same; the simulated-response cache,
-    if the catalogue has simulated tools, in ``cache_at``)."""
+    if the catalogue has simulated tools, in ``cache_at``). With ``dedup``, later copies of a question
+    become rejected rows (:func:`drop_duplicate_questions`) and the manifest names the kept dialogues."""
     shards_at = shards_at or str(out_dir)
     reasons: Counter[str] = Counter()
     simulated: Counter[str] = Counter()
@@ -1049,6 +1109,14 @@ def write_manifest(
             f"reverse output does not account for every seed: {len(seeds)} seeds, {dialogues} dialogues, "
             f"{rejected} rejected, missing {missing[:3]}, duplicated {duplicated[:3]}"
         )
+    folders: dict[str, str] = {}
+    if dedup and dialogues:
+        folders["unique"], folders["duplicates"], copies = drop_duplicate_questions(
+            shards_at, [sid for sid, _ in shards]
+        )
+        dialogues, rejected = dialogues - copies, rejected + copies
+        if copies:
+            reasons[DUPLICATE] += copies
     report = ReverseReport(
         seeds=len(seeds),
         dialogues=dialogues,
@@ -1064,17 +1132,109 @@ def write_manifest(
         "stage": STAGE,
         "report": report.__dict__,
         "shards": [{"shard_id": sid, **shard_paths(shards_at, sid)} for sid, _ in shards],
+        **folders,
     }
     store.write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2))
     return report
 
 
 def read_dialogues(out_dir: Path) -> list[Dialogue]:
-    """Every dialogue of a finished reverse run, in shard order."""
+    """Every dialogue of a finished reverse run (less the duplicate questions), in seed order."""
     from ttpa_ray.records import read_parquet
 
     manifest = json.loads((out_dir / "manifest.json").read_text())
+    unique = manifest.get("unique")
+    if unique:
+        return sorted(
+            (d for path in store.files(unique) for d in read_parquet(Dialogue, path)),
+            key=lambda d: seed_order(d.seed_id),
+        )
     out: list[Dialogue] = []
     for shard in manifest["shards"]:
         out.extend(read_parquet(Dialogue, shard["dialogues"]))
     return out
+
+
+# ------------------------------------------------------------------------------- duplicate questions
+def seed_order(seed_id: str) -> tuple[int, str]:
+    """Seeds in the order they were made (``seed-<run seed>-<index>``), whatever the index's width."""
+    tail = seed_id.rsplit("-", 1)[-1]
+    return (int(tail) if tail.isdigit() else -1, seed_id)
+
+
+def _with_question_key(batch: Any) -> Any:
+    """The batch with each dialogue's question key (quality.question_key) and its seed's index."""
+    import pyarrow as pa
+
+    from ttpa_ray.records import rows_from_batch, storage_schema
+
+    dialogues = [Dialogue.from_row(row) for row in rows_from_batch(batch)]
+    questions = [next((m.content or "" for m in d.messages if m.role == "user"), "") for d in dialogues]
+    # Ray's hash shuffle cannot make empty blocks of Arrow extension types (the JSON columns): their
+    # text crosses it as plain strings and becomes JSON again in _kept.
+    batch = batch.cast(storage_schema(batch.schema))
+    return batch.append_column("question_key", pa.array([question_key(q) for q in questions])).append_column(
+        "seed_index", pa.array([seed_order(d.seed_id)[0] for d in dialogues], pa.int64())
+    )
+
+
+def _mark_copies(group: Any) -> Any:
+    """One question key's dialogues: the first seed's keeps ``duplicate_of`` empty, later ones name it."""
+    import pyarrow as pa
+
+    ordered = group.sort_by([("seed_index", "ascending"), ("seed_id", "ascending")])
+    first = ordered.column("dialogue_id")[0].as_py()
+    marks = [""] + [first] * (ordered.num_rows - 1)
+    return ordered.append_column("duplicate_of", pa.array(marks, pa.string()))
+
+
+def _kept(batch: Any) -> Any:
+    import pyarrow.compute as pc
+
+    keep = pc.equal(batch.column("duplicate_of"), "")
+    kept = batch.filter(keep).drop_columns(["question_key", "seed_index", "duplicate_of"])
+    return kept.select(Dialogue.SCHEMA.names).cast(Dialogue.SCHEMA)
+
+
+def _copies(batch: Any) -> Any:
+    import pyarrow.compute as pc
+
+    from ttpa_ray.records import rows_from_batch
+
+    rows = rows_from_batch(batch.filter(pc.not_equal(batch.column("duplicate_of"), "")))
+    rejected = []
+    for row in rows:
+        dialogue = Dialogue.from_row(row)
+        question = next((m.content or "" for m in dialogue.messages if m.role == "user"), "")
+        detail = f"the question of {row['duplicate_of']} again: {question[:160]!r}"
+        rejected.append(reject(dialogue.seed_id, STAGE, DUPLICATE, detail, dialogue))
+    return to_table(rejected, RejectedRow)
+
+
+def drop_duplicate_questions(shards_at: str, shard_ids: Sequence[str]) -> tuple[str, str, int]:
+    """Group the run's dialogues by question key in Ray Data and keep the first seed's of each group.
+
+    Writes ``<shards_at>/unique`` (the dialogues kept) and ``<shards_at>/duplicates`` (a rejected row
+    ``duplicate_question`` per later copy, naming the dialogue it repeats); the driver sees counts only.
+    Deterministic for the same shards, so a rerun writes the same folders again. Returns both folders
+    and the number of copies.
+    """
+    import ray
+
+    fs, _ = store.resolve(shards_at)
+    paths = [store.resolve(shard_paths(shards_at, sid)["dialogues"])[1] for sid in shard_ids]
+    unique, duplicates = store.join(shards_at, "unique"), store.join(shards_at, "duplicates")
+    for folder in (unique, duplicates):
+        if store.exists(folder):
+            fs.delete_dir(store.resolve(folder)[1])
+    marked = (
+        ray.data.read_parquet(paths, filesystem=fs)
+        .map_batches(_with_question_key, batch_format="pyarrow")
+        .groupby("question_key", num_partitions=max(1, min(len(paths), 64)))
+        .map_groups(_mark_copies, batch_format="pyarrow")
+        .materialize()
+    )
+    copies = marked.map_batches(_copies, batch_format="pyarrow").materialize()
+    marked.map_batches(_kept, batch_format="pyarrow").write_parquet(store.resolve(unique)[1], filesystem=fs)
+    copies.write_parquet(store.resolve(duplicates)[1], filesystem=fs)
+    return unique, duplicates, copies.count()

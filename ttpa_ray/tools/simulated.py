@@ -47,6 +47,7 @@ import jsonschema
 
 from ttpa_ray import store
 from ttpa_ray.codec import ToolCall, canonical
+from ttpa_ray.quality import restates_schema
 from ttpa_ray.records import ToolSpec
 from ttpa_ray.tools.spec import (
     DEFAULT_MAX_RESPONSE_CHARS,
@@ -161,7 +162,12 @@ def check_response(tool: SimulatedTool, text: str) -> tuple[Any, str | None]:
         return None, f"the simulated response of {tool.spec.name!r} is not JSON ({exc.msg}): {text[:120]!r}"
     if not isinstance(content, dict):
         return None, f"the simulated response of {tool.spec.name!r} is not a JSON object"
-    if tool.response_schema is None or is_error(content):
+    if is_error(content):
+        return content, None
+    restated = restates_schema(content, tool.response_schema)
+    if restated is not None:  # the writer copied the tool's schema instead of answering the call
+        return None, f"the simulated response of {tool.spec.name!r} restates a schema at {restated}"
+    if tool.response_schema is None:
         return content, None
     try:
         jsonschema.validate(content, tool.response_schema)
