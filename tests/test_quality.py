@@ -46,6 +46,7 @@ FLUENT_ANSWERS = [
 @pytest.mark.parametrize("question", FLUENT_QUESTIONS)
 def test_fluent_questions_pass(question: str) -> None:
     assert GATES.question(question, FLUENT_ANSWERS[0], KNOWN[-1]) is None
+    assert GATES.question(question, "Sunny.", "s") is None  # a short text is in everything: no copy
 
 
 @pytest.mark.parametrize("answer", FLUENT_ANSWERS)
@@ -218,10 +219,15 @@ def test_duplicate_questions_across_shards_are_rejected_in_ray_data(
         }
         Path(paths["done"]).write_text(json.dumps(marker))
 
-    report = write_manifest(tmp_path, seeds, shards, 1.0, dedup=True)
+    report = write_manifest(tmp_path, seeds, shards, 1.0, dedup=True, catalogue_tools=13)
 
     assert (report.seeds, report.dialogues, report.rejected) == (6, 3, 3)
     assert report.reasons == {"restart": 1, "duplicate_question": 2}
+    quality = report.quality
+    assert quality["yield"] == 0.5 and quality["duplicate_share"] == 0.4 and quality["degenerate_share"] == 0
+    assert quality["calls_per_dialogue"] == quality["tools_per_dialogue"] == 2
+    assert quality["catalogue_tools_used"] == round(2 / 13, 4)  # get_weekday and add_days
+    assert 0.5 < quality["question_distinct_2grams"] < 1  # two questions share most of their words
     kept = read_dialogues(tmp_path)
     assert [d.seed_id for d in kept] == [s.seed_id for s in (seeds[0], seeds[1], seeds[4])]
     assert kept[0] == dialogues[0]  # the records come back whole
@@ -234,3 +240,26 @@ def test_duplicate_questions_across_shards_are_rejected_in_ray_data(
     assert copies[1].payload_object()["messages"][1]  # the copy itself is kept as the payload
     again = write_manifest(tmp_path, seeds, shards, 1.0, dedup=True)  # a rerun writes the same
     assert (again.dialogues, again.rejected) == (3, 3) and read_dialogues(tmp_path) == kept
+
+
+def test_the_report_has_a_data_quality_section() -> None:
+    from ttpa_ray.evaluate import render_data_quality
+
+    quality = {
+        "seeds": 48,
+        "dialogues": 9,
+        "yield": 0.1875,
+        "reasons": {"repetitive_answer": 12, "restart": 3},
+        "degenerate_share": 0.25,
+        "duplicate_share": 0.1,
+        "simulated_invalid_share": None,
+        "calls_per_dialogue": 2.5,
+        "tools_per_dialogue": 2.0,
+        "question_distinct_2grams": 0.8,
+        "catalogue_tools_used": 0.6154,
+    }
+    text = render_data_quality(quality)
+    assert "## Data quality (reversed construction)" in text
+    assert "| 48 | 9 | 18.8% | 25.0% | 10.0% | 80.0% | 2.50 | 2.00 | 61.5% | - |" in text
+    assert "Rejected by reason: repetitive_answer 12, restart 3" in text
+    assert render_data_quality(None) == ""

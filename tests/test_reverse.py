@@ -237,6 +237,61 @@ def test_question_naming_a_tool_is_rejected() -> None:
     assert isinstance(state.result, RejectedRow) and state.result.reason == "question_names_tool"
 
 
+@pytest.mark.parametrize(("verdict", "admitted"), [((True, True), True), ((True, False), False)])
+def test_judge_admits_only_what_it_finds_answerable_and_following(
+    verdict: tuple[bool, bool], admitted: bool
+) -> None:
+    """reverse.judge: after the gates, the teacher's two booleans decide; a "no" is judge_rejected with
+    the verdict in the row, a "yes" is kept in the dialogue's provenance."""
+    config = load_config(None, ["reverse.judge=true"]).reverse
+    with ToolRegistry(load_catalogue("builtin"), isolated=False) as registry:
+        builder = ReverseBuilder(engine=None, registry=registry, config=config)  # type: ignore[arg-type]
+        seed = Seed("seed-j", ("get_weather", "add_days"), 6, 1)
+        state = DialogueState(seed=seed, tools=[builder.specs[n] for n in seed.tool_names])
+        session = registry.session(seed.seed_id)
+        scene = {"scenario": "s", "information": ["a", "b", "c", "d"], "tools": ["get_weather", "add_days"]}
+        steps = [
+            scene,
+            *TWO_CALLS,
+            {"name": "answer", "arguments": {"answer": "You are back on 2026-07-17."}},
+            {"question": "I leave Paris on 2026-07-14 for three days: when am I back?"},
+        ]
+        for step in steps:
+            builder.advance(state, _completion(step), session)
+        assert state.phase == "judge"
+        answerable, follows = verdict
+        builder.advance(state, _completion({"answerable": answerable, "follows": follows}), session)
+        session.close()
+    if admitted:
+        assert isinstance(state.result, Dialogue)
+        assert state.result.provenance["judge"] == {"answerable": True, "follows": True}
+    else:
+        assert isinstance(state.result, RejectedRow) and state.result.reason == "judge_rejected"
+        assert state.result.payload_object()["judge"] == {"answerable": True, "follows": False}
+
+
+def test_question_stem_casts_the_teacher_as_the_user(vllm_engine) -> None:
+    """reverse.question_stem: the question step's prompt ends in the stem, the engine writes one
+    sentence ending in "?" under the step's regex, and the question is the stem and that sentence."""
+    config = load_config(None, ["reverse.question_stem=Can you"]).reverse
+    with ToolRegistry(load_catalogue("builtin"), isolated=False) as registry:
+        builder = ReverseBuilder(vllm_engine, registry, config)
+        seed = Seed("seed-q", ("get_weather", "add_days"), 5, 7)
+        state = DialogueState(seed=seed, tools=[builder.specs[n] for n in seed.tool_names])
+        state.phase, state.scenario, state.answer = "question", "Anna flies to Paris.", "Sunny, 21 C."
+        state.trajectory = [
+            (ToolCall("get_weather", {"city": "Paris"}), {"condition": "sunny", "temp_c": 21})
+        ]
+        prompt, params = builder._request(state)
+        assert vllm_engine.tokenizer.decode(prompt).endswith("Can you")
+        assert "by calling get_weather" in vllm_engine.tokenizer.decode(prompt)
+        (completion,) = vllm_engine.generate([prompt], params)
+        builder.advance(state, completion, None)
+    assert state.question.startswith("Can you") and state.question.endswith("?")
+    assert "\n" not in state.question and len(state.question) <= config.max_question_chars
+    assert state.phase == "done"  # a dialogue or, for the random model's text, a gate's rejection
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("two_step", [True, False])
 def test_builder_on_tiny_model_with_bfcl_environment(vllm_engine, two_step: bool) -> None:

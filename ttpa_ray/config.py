@@ -237,6 +237,13 @@ class ReverseConfig(_Section):
     # A simulated tool's writer may also answer {"error": ...}. Off by default: a 135M teacher allowed to
     # answers nearly every call with an error (README, "Simulated tools"; bench/simulated.py --errors).
     simulated_errors: bool = False
+    # The question step: None, the teacher writes "the user's question" as JSON; a stem such as "Can you",
+    # the teacher is cast as the user and its one-sentence request begins with the stem (chosen on
+    # validation seeds: bench/quality.py).
+    question_stem: str | None = None
+    # After the text gates, the teacher judges each dialogue (can the calls answer the question, does
+    # the answer follow from their results); a "no" is the rejected row judge_rejected with the verdict.
+    judge: bool = False
     quality: QualityConfig = QualityConfig()
 
     @model_validator(mode="after")

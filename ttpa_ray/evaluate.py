@@ -381,6 +381,7 @@ def run_evaluation(
     models: dict[str, str],
     out_dir: Path,
     progress: Callable[[str, int], None] | None = None,
+    data_quality: dict[str, Any] | None = None,
 ) -> EvaluationRun:
     """Evaluate each labelled model on the same BFCL entries and held-out turns; write the report.
 
@@ -401,7 +402,7 @@ def run_evaluation(
     samples, seed = config.eval.bootstrap_samples, config.run.seed
     summaries = {label: summarize(rows, samples=samples, seed=seed) for label, rows in results.items()}
     found = comparisons(results, samples=samples, seed=seed)
-    paths = write_report(out_dir, summaries, results, found)
+    paths = write_report(out_dir, summaries, results, found, data_quality)
     paths["rejected"] = out_dir / "rejected.parquet"
     write_parquet(rejected, paths["rejected"], RejectedRow)
     return EvaluationRun(
@@ -421,13 +422,17 @@ def write_report(
     summaries: dict[str, dict[str, CategorySummary]],
     results: dict[str, list[EntryResult]],
     found: Sequence[Comparison] = (),
+    data_quality: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """Write report.json, report.md, per-answer answers.jsonl and PNG plots; return their paths."""
+    """Write report.json, report.md, per-answer answers.jsonl and PNG plots; return their paths.
+    ``data_quality``: the reverse stage's quality summary (reverse.quality_summary), reported too."""
     out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         model: {cat: asdict(s) for cat, s in cats.items()} for model, cats in summaries.items()
     }
     report["comparisons"] = [{**asdict(c), "sentence": c.sentence()} for c in found]
+    if data_quality:
+        report["data_quality"] = data_quality
     paths = {
         "json": out_dir / "report.json",
         "markdown": out_dir / "report.md",
@@ -438,9 +443,46 @@ def write_report(
         for model, rows in results.items():
             for row in rows:
                 handle.write(json.dumps({"model": model, **asdict(row)}, ensure_ascii=False) + "\n")
-    paths["markdown"].write_text(render_markdown(summaries, found), encoding="utf-8")
+    markdown = render_markdown(summaries, found) + render_data_quality(data_quality)
+    paths["markdown"].write_text(markdown, encoding="utf-8")
     paths.update(plot_report(out_dir, summaries))
     return paths
+
+
+def render_data_quality(quality: dict[str, Any] | None) -> str:
+    """The report's data-quality section: what reversed construction admitted and why it rejected."""
+    if not quality:
+        return ""
+
+    def share(key: str) -> str:
+        value = quality.get(key)
+        return "-" if value is None else f"{value:.1%}"
+
+    def number(key: str) -> str:
+        value = quality.get(key)
+        return "-" if value is None else f"{value:.2f}"
+
+    lines = [
+        "",
+        "## Data quality (reversed construction)",
+        "",
+        "Yield: dialogues admitted over seeds. Degenerate: seeds rejected by the text gates (repetition, "
+        "length, a question copying the answer or scenario, the builder's prompt text). Duplicates: later "
+        "copies of a question over the dialogues made. Distinct 2-grams: over all the questions' 2-grams.",
+        "",
+        "| seeds | dialogues | yield | degenerate | duplicates | distinct 2-grams | calls / dialogue "
+        "| tools / dialogue | catalogue tools used | simulated responses invalid |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {quality.get('seeds', '-')} | {quality.get('dialogues', '-')} | {share('yield')} "
+        f"| {share('degenerate_share')} | {share('duplicate_share')} | {share('question_distinct_2grams')} "
+        f"| {number('calls_per_dialogue')} | {number('tools_per_dialogue')} "
+        f"| {share('catalogue_tools_used')} | {share('simulated_invalid_share')} |",
+        "",
+        "Rejected by reason: "
+        + (", ".join(f"{k} {v}" for k, v in quality.get("reasons", {}).items()) or "none"),
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _cell(value: float, interval: Interval) -> str:

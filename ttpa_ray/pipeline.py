@@ -176,6 +176,15 @@ def stage_reverse(ctx: RunContext) -> StageReport:
         f"   {report.seeds} seeds -> {report.dialogues} dialogues ({share:.0%}); rejected by reason: "
         f"{dict(sorted(report.reasons.items(), key=lambda kv: -kv[1]))}"
     )
+    quality = report.quality
+    if quality.get("dialogues"):
+        ctx.console.print(
+            f"   data quality: degenerate {quality['degenerate_share']:.0%} of seeds, duplicates "
+            f"{quality['duplicate_share']:.0%}, distinct question 2-grams "
+            f"{quality['question_distinct_2grams']:.0%}, {quality['calls_per_dialogue']:.1f} calls and "
+            f"{quality['tools_per_dialogue']:.1f} tools a dialogue, "
+            f"{quality['catalogue_tools_used']:.0%} of the catalogue's tools used"
+        )
     if report.simulated:
         sim = report.simulated
         calls = sum(sim.get(k, 0) for k in SIMULATED_KEYS)
@@ -205,6 +214,7 @@ def stage_reverse(ctx: RunContext) -> StageReport:
             "generated_tokens": report.generated_tokens,
             "engine_busy_fraction": round(report.busy_fraction, 3),
             "simulated": report.simulated,
+            "quality": report.quality,
             "train_dialogues": split.counts["train"],
             "validation_dialogues": split.counts["validation"],
             "heldout_dialogues": split.counts["heldout"],
@@ -434,6 +444,15 @@ def stage_sequence(ctx: RunContext) -> StageReport:
     return report
 
 
+def reverse_quality(run_dir: Path) -> dict[str, Any] | None:
+    """The run's data-quality summary (the reverse stage's manifest), if the run built its dialogues."""
+    manifest = run_dir / "reverse" / "manifest.json"
+    if not manifest.is_file():
+        return None
+    quality: dict[str, Any] | None = json.loads(manifest.read_text())["report"].get("quality")
+    return quality
+
+
 def stage_evaluate(ctx: RunContext) -> StageReport:
     """Evaluate the policy (and the aligned one) on BFCL's AST categories and the held-out dialogues."""
     from ttpa_ray.evaluate import run_evaluation
@@ -448,6 +467,7 @@ def stage_evaluate(ctx: RunContext) -> StageReport:
             models,
             ctx.run_dir / "eval",
             lambda label, answers: bar.update(answers, detail=f"{label} done"),
+            data_quality=reverse_quality(ctx.run_dir),
         )
         bar.update(run.entries * len(models), total=run.entries * len(models), detail="all models")
     ctx.console.print(

@@ -139,7 +139,7 @@ def _similar(a: str, b: str) -> float:
     x, y = " ".join(_words(a)), " ".join(_words(b))
     if not x or not y:
         return 0.0
-    if len(x) >= 20 and (x in y or y in x):
+    if min(len(x), len(y)) >= 20 and (x in y or y in x):
         return 1.0
     return difflib.SequenceMatcher(None, x, y, autojunk=False).ratio()
 

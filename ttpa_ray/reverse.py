@@ -59,7 +59,7 @@ from ttpa_ray.engine import (
     call_head_regex,
     tool_call_schema,
 )
-from ttpa_ray.quality import DUPLICATE, Gates, PromptLeaks, question_key
+from ttpa_ray.quality import DEGENERATE, DUPLICATE, Gates, PromptLeaks, question_bigrams, question_key
 from ttpa_ray.records import Dialogue, Message, RejectedRow, ToolSpec, reject, to_table
 from ttpa_ray.tools.simulated import SimulatedCache, response_request
 
@@ -92,6 +92,19 @@ NUDGE_LAST = "No calls left: call `answer` now."
 NUDGE_SOON = "{left} call(s) left: finish with `answer` soon."
 SCENE_SYSTEM = "You imagine realistic situations in which a person needs tools."
 QUESTION_SYSTEM = "You write the question a user asked, given how it was answered."
+# The question written by the teacher cast as the user (reverse.question_stem): a 135M teacher asked for
+# "the user's question" mostly describes the request instead of making it (ENVIRONMENT.md, measured).
+USER_SYSTEM = "You are a user talking to an assistant that can use tools."
+USER_INSTRUCTION = (
+    "Your situation: {scenario}\nThe assistant will answer you by calling {calls}, and will tell you: "
+    "{answer}\nWrite the request you send to the assistant, in one sentence, with the values it needs."
+)
+JUDGE_SYSTEM = "You check tool-use dialogues for a training set. You are strict."
+JUDGE_INSTRUCTION = (
+    "A user asked: {question}\nThe assistant made these tool calls:\n{calls}\nand answered: {answer}\n\n"
+    "answerable: can the question be answered by these calls? follows: does the answer follow from "
+    "what the calls returned? Reply in JSON."
+)
 QUESTION_INSTRUCTION = (
     "Write the user's question in the first person, naturally, containing every value the calls needed "
     "(dates, places, names, numbers), without naming any tool. Reply in JSON."
@@ -110,6 +123,10 @@ PROMPT_LEAKS = PromptLeaks(
         QUESTION_SYSTEM,
         QUESTION_INSTRUCTION,
         SCENE_INSTRUCTION,
+        USER_SYSTEM,
+        USER_INSTRUCTION,
+        JUDGE_SYSTEM,
+        JUDGE_INSTRUCTION,
         ANSWER_TOOL.description,
         RESTART_TOOL.description,
     ],
@@ -298,6 +315,7 @@ class DialogueState:
     call_name: str = ""
     call_head: list[int] = field(default_factory=list)
     responding: ToolCall | None = None  # the simulated call whose response the teacher is writing
+    judge: dict[str, bool] = field(default_factory=dict)  # the judge's verdict (reverse.judge)
     result: Dialogue | RejectedRow | None = None
 
 
@@ -457,6 +475,18 @@ class ReverseBuilder:
         return {**schema, "properties": {**schema["properties"], "answer": answer}}
 
     def _question_request(self, state: DialogueState) -> tuple[list[int], dict[str, Any]]:
+        stem = self.config.question_stem
+        if stem:  # the teacher as the user, its reply begun by the stem; one sentence ending in "?"
+            calls = "; ".join(
+                f"{call.name}({json.dumps(call.arguments, ensure_ascii=False)}) which returns "
+                f"{json.dumps(result, ensure_ascii=False)[:160]}"
+                for call, result in state.trajectory
+            )
+            instruction = USER_INSTRUCTION.format(scenario=state.scenario, calls=calls, answer=state.answer)
+            messages = [{"role": "system", "content": USER_SYSTEM}, {"role": "user", "content": instruction}]
+            prompt = self.engine.encoder.encode(self.engine.render_text(messages) + stem)
+            longest = max(8, self.config.max_question_chars - len(stem) - 1)
+            return prompt, {"regex": f'[^\\n"?]{{8,{longest}}}\\?'}
         used = "\n".join(
             f"- {call.name}({json.dumps(call.arguments, ensure_ascii=False)})" for call, _ in state.trajectory
         )
@@ -494,6 +524,7 @@ class ReverseBuilder:
             "call": self._call_request,
             "respond": self._respond_request,
             "question": self._question_request,
+            "judge": self._judge_request,
         }
         prompt, constraint = make[state.phase](state)
         step_seed = int.from_bytes(
@@ -532,6 +563,7 @@ class ReverseBuilder:
                 "calls": [[c.to_dict(), r] for c, r in state.trajectory],
                 "answer": state.answer,
                 "question": state.question,
+                "judge": state.judge,
                 "teacher_messages": state.teacher_messages,  # every call tried, failed ones included
             },
         )
@@ -590,12 +622,29 @@ class ReverseBuilder:
             failure = self.registry.simulated.answer(tool, call.arguments, completion.text)
             self.simulated_calls["invalid" if failure else "written"] += 1
             self._take_call(state, call, session, responded=True, failure=failure)
-        elif state.phase == "question":
+        elif state.phase == "judge":
             try:
-                state.question = str(json.loads(text, strict=False)["question"]).strip()
+                verdict = json.loads(text, strict=False)
+                answerable, follows = bool(verdict["answerable"]), bool(verdict["follows"])
             except (ValueError, KeyError, TypeError):
-                self._parse_failed(state, "question", text)
+                self._parse_failed(state, "judge verdict", text)
                 return
+            state.judge = {"answerable": answerable, "follows": follows}
+            if answerable and follows:
+                self._admit(state)
+            else:
+                self._reject(
+                    state, "judge_rejected", f"the judge found answerable={answerable}, follows={follows}"
+                )
+        elif state.phase == "question":
+            if self.config.question_stem:
+                state.question = (self.config.question_stem + text).strip()
+            else:
+                try:
+                    state.question = str(json.loads(text, strict=False)["question"]).strip()
+                except (ValueError, KeyError, TypeError):
+                    self._parse_failed(state, "question", text)
+                    return
             self._finish(state)
 
     def _take_call(
@@ -686,9 +735,33 @@ class ReverseBuilder:
         if verdict is not None:
             self._reject(state, verdict.reason, verdict.detail)
             return
+        if self.config.judge:
+            state.phase = "judge"
+            return
+        self._admit(state)
+
+    def _admit(self, state: DialogueState) -> None:
         state.phase = "done"
         self.stats["dialogue"] += 1
         state.result = self._dialogue(state)
+
+    def _judge_request(self, state: DialogueState) -> tuple[list[int], dict[str, Any]]:
+        """The teacher as a judge (reverse.judge): can the calls answer the question, and does the answer
+        follow from their results? Two booleans, under a JSON schema."""
+        calls = "\n".join(
+            f"- {call.name}({json.dumps(call.arguments, ensure_ascii=False)}) returned "
+            f"{json.dumps(result, ensure_ascii=False)[:300]}"
+            for call, result in state.trajectory
+        )
+        content = JUDGE_INSTRUCTION.format(question=state.question, calls=calls, answer=state.answer)
+        messages = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": content}]
+        schema = {
+            "type": "object",
+            "properties": {"answerable": {"type": "boolean"}, "follows": {"type": "boolean"}},
+            "required": ["answerable", "follows"],
+            "additionalProperties": False,
+        }
+        return self.engine.render(messages), {"json": schema}
 
     def _dialogue(self, state: DialogueState) -> Dialogue:
         messages = [Message("system", SYSTEM_PROMPT), Message("user", state.question)]
@@ -714,6 +787,7 @@ class ReverseBuilder:
                 "failed_calls": state.failed_calls,
                 "information": state.information,
                 "generated_tokens": state.generated_tokens,
+                **({"judge": state.judge} if state.judge else {}),
                 # calls whose response the simulator wrote (their tools' sources say simulated:...)
                 "simulated_calls": sum(
                     1 for call, _ in state.trajectory if self.registry.simulated_tool(call.name)
@@ -944,6 +1018,7 @@ class ReverseReport:
     out_dir: str
     # calls of simulated tools by how they were answered (SIMULATED_KEYS), and the cache's size
     simulated: dict[str, int] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)  # quality_summary
 
 
 def _shards(seeds: Sequence[Seed], size: int) -> list[tuple[str, list[Seed]]]:
@@ -1026,7 +1101,14 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
     dedup = config.reverse.quality.dedup_questions
     seconds = time.perf_counter() - start
     return write_manifest(
-        out_dir, seeds, shards, seconds, shards_at, cache_at if simulated else None, dedup=dedup
+        out_dir,
+        seeds,
+        shards,
+        seconds,
+        shards_at,
+        cache_at if simulated else None,
+        dedup=dedup,
+        catalogue_tools=len(catalogue.names),
     )
 
 
@@ -1081,6 +1163,7 @@ def write_manifest(
     cache_at: str | None = None,
     *,
     dedup: bool = False,
+    catalogue_tools: int = 0,
 ) -> ReverseReport:
     """Check every seed ended as one dialogue or one rejected row, and write manifest.json (in
     ``out_dir``; the shards are in ``shards_at``, by default the same; the simulated-response cache,
@@ -1128,6 +1211,12 @@ def write_manifest(
         out_dir=str(out_dir),
         simulated={**simulated, "cache_size": SimulatedCache(cache_at).size()} if cache_at else {},
     )
+    kept = (
+        store.files(folders["unique"])
+        if "unique" in folders
+        else [shard_paths(shards_at, sid)["dialogues"] for sid, _ in shards]
+    )
+    report.quality = quality_summary(report, kept, catalogue_tools)
     manifest = {
         "stage": STAGE,
         "report": report.__dict__,
@@ -1209,6 +1298,68 @@ def _copies(batch: Any) -> Any:
         detail = f"the question of {row['duplicate_of']} again: {question[:160]!r}"
         rejected.append(reject(dialogue.seed_id, STAGE, DUPLICATE, detail, dialogue))
     return to_table(rejected, RejectedRow)
+
+
+def _dialogue_figures(batch: Any) -> Any:
+    """Per dialogue: its calls, its distinct tools, the tools' names and the question's 2-grams."""
+    import pyarrow as pa
+
+    from ttpa_ray.records import rows_from_batch
+
+    calls, tools, names, bigrams = [], [], [], []
+    for row in rows_from_batch(batch):
+        dialogue = Dialogue.from_row(row)
+        made = [c.name for m in dialogue.messages for c in m.tool_calls]
+        question = next((m.content or "" for m in dialogue.messages if m.role == "user"), "")
+        calls.append(len(made))
+        tools.append(len(set(made)))
+        names.append(sorted(set(made)))
+        bigrams.append(question_bigrams(question))
+    return pa.table({"calls": calls, "tools": tools, "tool_names": names, "bigrams": bigrams})
+
+
+def quality_summary(
+    report: ReverseReport, dialogue_files: Sequence[str], catalogue_tools: int
+) -> dict[str, Any]:
+    """The run's data quality (report and ``pipeline.json``): yield, rejected shares by kind, question
+    diversity (distinct 2-grams over all 2-grams), calls and tools per dialogue, catalogue coverage and
+    the simulated responses written invalid. Aggregated in Ray Data: the driver gets the figures."""
+    import ray
+    from ray.data.aggregate import CountDistinct, Sum, Unique
+
+    reasons = report.reasons
+    made = report.dialogues + reasons.get(DUPLICATE, 0)
+    simulated_written = report.simulated.get("written", 0) + report.simulated.get("invalid", 0)
+    summary: dict[str, Any] = {
+        "seeds": report.seeds,
+        "yield": round(report.dialogues / max(report.seeds, 1), 4),
+        "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        "degenerate_share": round(sum(reasons.get(r, 0) for r in DEGENERATE) / max(report.seeds, 1), 4),
+        "duplicate_share": round(reasons.get(DUPLICATE, 0) / max(made, 1), 4),
+        "simulated_invalid_share": round(report.simulated.get("invalid", 0) / max(simulated_written, 1), 4)
+        if simulated_written
+        else None,
+        "dialogues": report.dialogues,
+    }
+    if not report.dialogues:
+        return summary
+    fs, _ = store.resolve(dialogue_files[0])
+    figures = ray.data.read_parquet([store.resolve(f)[1] for f in dialogue_files], filesystem=fs).map_batches(
+        _dialogue_figures, batch_format="pyarrow"
+    )
+    totals = figures.aggregate(Sum("calls"), Sum("tools"))
+    grams = figures.flat_map(lambda row: [{"bigram": g} for g in row["bigrams"]]).materialize()
+    distinct = grams.aggregate(CountDistinct("bigram"))["count_distinct(bigram)"] if grams.count() else 0
+    all_grams = grams.count()
+    tools = figures.flat_map(lambda row: [{"tool": t} for t in row["tool_names"]]).aggregate(Unique("tool"))
+    n = report.dialogues
+    summary.update(
+        calls_per_dialogue=round(totals["sum(calls)"] / n, 3),
+        tools_per_dialogue=round(totals["sum(tools)"] / n, 3),
+        question_distinct_2grams=round(distinct / max(all_grams, 1), 4),
+        catalogue_tools_used=round(len(tools["unique(tool)"]) / max(catalogue_tools, 1), 4),
+    )
+    return summary
 
 
 def drop_duplicate_questions(shards_at: str, shard_ids: Sequence[str]) -> tuple[str, str, int]:
