@@ -32,6 +32,15 @@ VARIANTS: dict[str, list[str]] = {
     "before": ["reverse.question_stem=null"],
     "can-you": ["reverse.question_stem=Can you"],
     "i-need-to": ["reverse.question_stem=I need to"],
+    # no restart rail: a teacher whose calls failed keeps its budget instead of giving up
+    "can-you-no-restart": ["reverse.question_stem=Can you", "reverse.restart_after_failures=99"],
+    # the answer in its own step as well (reverse.answer_stem)
+    "stems": ["reverse.question_stem=Can you", "reverse.answer_stem=I found that"],
+    "stems-no-restart": [
+        "reverse.question_stem=Can you",
+        "reverse.answer_stem=I found that",
+        "reverse.restart_after_failures=99",
+    ],
 }
 
 
@@ -77,6 +86,12 @@ def main() -> None:
                 builder = ReverseBuilder(engine, registry, config.reverse, teacher=model)
                 dialogues, rejected = builder.run(seeds)
             reasons = Counter(r.reason for r in rejected)
+            errors = Counter(
+                _error_kind(m["content"])
+                for row in rejected
+                for m in row.payload_object().get("teacher_messages", [])
+                if m["role"] == "tool" and '"error"' in str(m["content"])
+            )
             repetition = sum(reasons[r] for r in REPETITIVE) / len(seeds)
             degenerate = sum(reasons[r] for r in DEGENERATE) / len(seeds)
             results[name] = {"dialogues": len(dialogues), "repetition": repetition, "degenerate": degenerate}
@@ -86,6 +101,7 @@ def main() -> None:
                 f"{dict(reasons.most_common())}",
                 flush=True,
             )
+            print(f"{'':>12}failed calls of the rejected seeds, by error: {dict(errors.most_common(8))}")
             for dialogue in dialogues:
                 out.write(json.dumps({"variant": name, **_readable(dialogue)}, ensure_ascii=False) + "\n")
                 print(f"{'':>12}Q: {_readable(dialogue)['question'][:160]}")
@@ -127,6 +143,17 @@ def _readable(dialogue: Any) -> dict[str, Any]:
         "results": [(m.content or "")[:200] for m in messages if m.role == "tool"],
         "answer": messages[-1].content or "",
     }
+
+
+def _error_kind(content: Any) -> str:
+    """A tool error's message with its values cut: what kind of mistake the teacher made."""
+    import re
+
+    try:
+        text = str(json.loads(content).get("error", content))
+    except (ValueError, AttributeError):
+        text = str(content)
+    return re.sub(r"'[^']*'|\"[^\"]*\"|\d[\d.\-:]*", "_", text)[:60]
 
 
 def _texts(payload: dict[str, Any]) -> dict[str, Any]:

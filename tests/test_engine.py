@@ -195,6 +195,22 @@ def test_bounded_schema_adds_guards_only_where_missing() -> None:
     assert pattern.fullmatch("Ada L.") and not pattern.fullmatch("A") and not pattern.fullmatch('Ada "L"')
     assert not pattern.fullmatch("Ada\nL") and not pattern.fullmatch("A\\da")
     assert "minimum" not in schema["properties"]["x"]  # the input is not modified
+    # a format the description states is the string's pattern
+    dated = bounded_schema(
+        {
+            "type": "object",
+            "properties": {
+                "day": {"type": "string", "description": "Date in 2026 as YYYY-MM-DD."},
+                "at": {"type": "string", "description": "Local time as YYYY-MM-DD HH:MM (24-hour clock)."},
+                "alarm": {"type": "string", "description": "Time as HH:MM."},
+            },
+        }
+    )["properties"]
+    assert re.fullmatch(dated["day"]["pattern"], "2026-07-14") and not re.fullmatch(
+        dated["day"]["pattern"], "07/14"
+    )
+    assert re.fullmatch(dated["at"]["pattern"], "2026-07-14 09:30")
+    assert re.fullmatch(dated["alarm"]["pattern"], "09:30") and "maxLength" not in dated["alarm"]
 
 
 def _dialogue_prompts(engine_tokenizer: object) -> list[str]:

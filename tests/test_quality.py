@@ -107,6 +107,13 @@ def test_degenerate_answers_are_rejected_with_their_reason(answer: str, reason: 
     assert verdict is not None and verdict.reason == reason, verdict
 
 
+def test_repetitive_scenario_is_rejected_and_a_fluent_one_passes() -> None:
+    looping = "The team of the team of the team of the team of the team of the team of the team of the team"
+    verdict = GATES.scenario(looping)
+    assert verdict is not None and verdict.reason == "repetitive_scenario"
+    assert GATES.scenario(KNOWN[-1]) is None
+
+
 def test_repetitive_argument_is_rejected() -> None:
     calls = [
         ToolCall("weather", {"city": "London"}),

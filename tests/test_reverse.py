@@ -270,10 +270,37 @@ def test_judge_admits_only_what_it_finds_answerable_and_following(
         assert state.result.payload_object()["judge"] == {"answerable": True, "follows": False}
 
 
-def test_question_stem_casts_the_teacher_as_the_user(vllm_engine) -> None:
-    """reverse.question_stem: the question step's prompt ends in the stem, the engine writes one
-    sentence ending in "?" under the step's regex, and the question is the stem and that sentence."""
-    config = load_config(None, ["reverse.question_stem=Can you"]).reverse
+def test_answer_stem_writes_the_answer_in_a_step_of_its_own() -> None:
+    """reverse.answer_stem: the teacher's `answer` call ends the calls; the answer is then one sentence
+    begun by the stem, checked by the same gates."""
+    config = load_config(None, ["reverse.answer_stem=I found that"]).reverse
+    with ToolRegistry(load_catalogue("builtin"), isolated=False) as registry:
+        builder = ReverseBuilder(engine=None, registry=registry, config=config)  # type: ignore[arg-type]
+        seed = Seed("seed-a", ("get_weather", "add_days"), 6, 1)
+        state = DialogueState(seed=seed, tools=[builder.specs[n] for n in seed.tool_names])
+        session = registry.session(seed.seed_id)
+        scene = {"scenario": "s", "information": ["a", "b", "c", "d"], "tools": ["get_weather", "add_days"]}
+        for step in [scene, *TWO_CALLS, {"name": "answer", "arguments": {"answer": "ignored"}}]:
+            builder.advance(state, _completion(step), session)
+        assert state.phase == "answer"
+        written = Completion(text=" you are back on 2026-07-17.", token_ids=[1], finish_reason="stop")
+        builder.advance(state, written, session)
+        assert state.phase == "question" and state.answer == "I found that you are back on 2026-07-17."
+        builder.advance(
+            state,
+            _completion({"question": "I leave Paris on 2026-07-14 for three days: when am I back?"}),
+            session,
+        )
+        session.close()
+    assert isinstance(state.result, Dialogue)
+    assert state.result.messages[-1].content == "I found that you are back on 2026-07-17."
+
+
+def test_stems_cast_the_teacher_as_assistant_and_user(vllm_engine) -> None:
+    """reverse.answer_stem and question_stem on a real engine: each step's prompt ends in its stem; the
+    answer is one sentence quoting a returned value, the question one sentence ending in "?", under
+    each step's regex, and the question is the stem and that sentence."""
+    config = load_config(None, ["reverse.question_stem=Can you", "reverse.answer_stem=I found that"]).reverse
     with ToolRegistry(load_catalogue("builtin"), isolated=False) as registry:
         builder = ReverseBuilder(vllm_engine, registry, config)
         seed = Seed("seed-q", ("get_weather", "add_days"), 5, 7)
@@ -282,6 +309,12 @@ def test_question_stem_casts_the_teacher_as_the_user(vllm_engine) -> None:
         state.trajectory = [
             (ToolCall("get_weather", {"city": "Paris"}), {"condition": "sunny", "temp_c": 21})
         ]
+        state.phase = "answer"  # the answer's own step: one sentence quoting a returned value
+        prompt, params = builder._request(state)
+        assert vllm_engine.tokenizer.decode(prompt).endswith("I found that")
+        (completion,) = vllm_engine.generate([prompt], params)
+        assert completion.text.endswith(".") and ("sunny" in completion.text or "21" in completion.text)
+        state.phase = "question"
         prompt, params = builder._request(state)
         assert vllm_engine.tokenizer.decode(prompt).endswith("Can you")
         assert "by calling get_weather" in vllm_engine.tokenizer.decode(prompt)

@@ -241,6 +241,10 @@ class ReverseConfig(_Section):
     # the teacher is cast as the user and its one-sentence request begins with the stem (chosen on
     # validation seeds: bench/quality.py).
     question_stem: str | None = None
+    # The final answer: None, the text of the teacher's `answer` call (quoting a returned value, with
+    # grounded_answer); a stem such as "I found that", a step of its own in which the teacher, shown the
+    # results, writes one sentence begun by the stem that quotes a returned value.
+    answer_stem: str | None = None
     # After the text gates, the teacher judges each dialogue (can the calls answer the question, does
     # the answer follow from their results); a "no" is the rejected row judge_rejected with the verdict.
     judge: bool = False

@@ -8,7 +8,7 @@ answer with values no tool returned. Each check here is pure and cheap (regular 
 counts over one dialogue's strings) and names the reason the dialogue is rejected with; the
 thresholds come from ``reverse.quality`` and their defaults pass fluent text (tests/test_quality.py
 holds both kinds). Near-duplicate questions are found across the whole run by :func:`question_key`,
-a normalised-text hash the reverse stage groups by in Ray Data (docs/design.md, "Quality gates").
+a normalised-text hash the reverse stage groups by in Ray Data (README, "What is guaranteed").
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 # Rejection reasons of the text gates (a subset of the reverse stage's reasons), and the reasons
 # counted as "degenerate" in the data-quality summary.
-REPETITIVE = ("repetitive_question", "repetitive_answer", "repetitive_argument")
+REPETITIVE = ("repetitive_scenario", "repetitive_question", "repetitive_answer", "repetitive_argument")
 DEGENERATE = (*REPETITIVE, "question_length", "answer_length", "question_copies_text", "prompt_leak")
 DUPLICATE = "duplicate_question"
 
@@ -168,6 +168,11 @@ class Gates:
 
     def _leak(self, text: str) -> str | None:
         return self.leaks.find(text) if self.leaks is not None else None
+
+    def scenario(self, scenario: str) -> Verdict | None:
+        """The scene's statement, checked before any call is made (a looping scene makes no dialogue)."""
+        why = self._repetitive(scenario)
+        return Verdict("repetitive_scenario", f"{why}: {scenario[:160]!r}") if why else None
 
     def arguments(self, calls: Iterable[Any]) -> Verdict | None:
         """Every string argument of the calls: no repetition, no prompt text."""

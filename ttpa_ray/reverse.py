@@ -19,12 +19,14 @@ Quality filters (reasons of rejected rows): ``no_successful_call``, ``too_few_to
 two distinct tools), ``restart``, ``question_names_tool``, ``answer_ungrounded`` (the answer uses no
 value any call returned), ``parse_failure`` (teacher output unparseable beyond the retry limit),
 ``no_tools`` (the seed's window has no usable tool), ``prompt_too_long`` (a step's prompt leaves no
-room under ``vllm.max_model_len``; it is never sent). Text gates (:mod:`ttpa_ray.quality`, thresholds in
-``reverse.quality``): ``repetitive_question``, ``repetitive_answer``, ``repetitive_argument``,
-``question_length``, ``answer_length``, ``question_copies_text``, ``prompt_leak`` (the builder's own
-prompts or nudges in the text), ``answer_ungrounded`` also when a number or quoted value of the answer
-comes from no call, result or the scenario; and across the whole run ``duplicate_question`` (a later
-seed's copy of a question, found by grouping on a normalised-text key in Ray Data).
+room under ``vllm.max_model_len``; it is never sent). Text gates (:mod:`ttpa_ray.quality`,
+thresholds in ``reverse.quality``): ``repetitive_scenario``, ``repetitive_question``,
+``repetitive_answer``, ``repetitive_argument``, ``question_length``, ``answer_length``,
+``question_copies_text``, ``prompt_leak`` (the builder's own prompts or nudges in the text),
+``answer_ungrounded`` also when a number or quoted value of the answer comes from no call, result or
+the scenario; ``judge_rejected`` (the optional teacher verdict, ``reverse.judge``); and across the
+whole run ``duplicate_question`` (a later seed's copy of a question, found by grouping on a
+normalised-text key in Ray Data).
 
 The Ray shell (:func:`run_reverse`) hosts one builder per vLLM replica in a Ray Data actor pool. Each
 input row is one shard of seeds; a replica writes its shard's dialogues and rejected rows as Parquet
@@ -99,6 +101,11 @@ USER_INSTRUCTION = (
     "Your situation: {scenario}\nThe assistant will answer you by calling {calls}, and will tell you: "
     "{answer}\nWrite the request you send to the assistant, in one sentence, with the values it needs."
 )
+ANSWER_SYSTEM = "You are an assistant that called tools for a user and now tells the user what they found."
+ANSWER_INSTRUCTION = (
+    "Situation: {scenario}\nThe tools returned:\n{results}\nTell the user the result in one sentence, "
+    "with the values the tools returned."
+)
 JUDGE_SYSTEM = "You check tool-use dialogues for a training set. You are strict."
 JUDGE_INSTRUCTION = (
     "A user asked: {question}\nThe assistant made these tool calls:\n{calls}\nand answered: {answer}\n\n"
@@ -127,6 +134,8 @@ PROMPT_LEAKS = PromptLeaks(
         USER_INSTRUCTION,
         JUDGE_SYSTEM,
         JUDGE_INSTRUCTION,
+        ANSWER_SYSTEM,
+        ANSWER_INSTRUCTION,
         ANSWER_TOOL.description,
         RESTART_TOOL.description,
     ],
@@ -474,6 +483,26 @@ class ReverseBuilder:
         answer["pattern"] = f'^[^"\\\\]{{0,80}}({alternation})[^"\\\\]{{0,80}}$'
         return {**schema, "properties": {**schema["properties"], "answer": answer}}
 
+    def _answer_request(self, state: DialogueState) -> tuple[list[int], dict[str, Any]]:
+        """The final answer as the assistant's own sentence (reverse.answer_stem): the results, then a
+        sentence begun by the stem that quotes a returned value and ends with a full stop."""
+        results = "\n".join(
+            f"- {json.dumps(result, ensure_ascii=False)[:300]}" for _, result in state.trajectory
+        )
+        content = ANSWER_INSTRUCTION.format(scenario=state.scenario, results=results)
+        messages = [{"role": "system", "content": ANSWER_SYSTEM}, {"role": "user", "content": content}]
+        prompt = self.engine.encoder.encode(
+            self.engine.render_text(messages) + (self.config.answer_stem or "")
+        )
+        values = sorted(
+            {v for _, content in state.trajectory for v in returned_values(content) if 2 <= len(v) <= 60}
+        )
+        quoted = "|".join(re.escape(v) for v in values[:32] if "\n" not in v)
+        free = '[^\\n"]'
+        if not quoted:
+            return prompt, {"regex": f"{free}{{8,160}}\\."}
+        return prompt, {"regex": f"{free}{{0,80}}({quoted}){free}{{0,80}}\\."}
+
     def _question_request(self, state: DialogueState) -> tuple[list[int], dict[str, Any]]:
         stem = self.config.question_stem
         if stem:  # the teacher as the user, its reply begun by the stem; one sentence ending in "?"
@@ -525,6 +554,7 @@ class ReverseBuilder:
             "respond": self._respond_request,
             "question": self._question_request,
             "judge": self._judge_request,
+            "answer": self._answer_request,
         }
         prompt, constraint = make[state.phase](state)
         step_seed = int.from_bytes(
@@ -596,6 +626,10 @@ class ReverseBuilder:
             if not chosen:
                 self._parse_failed(state, "scene (no known tool chosen)", text)
                 return
+            verdict = self.gates.scenario(state.scenario)
+            if verdict is not None:
+                self._reject(state, verdict.reason, verdict.detail)
+                return
             state.chosen, state.phase = chosen, "call"
         elif state.phase == "call":
             if state.call_name:  # the arguments of a call whose head came first
@@ -605,6 +639,10 @@ class ReverseBuilder:
                 name = call_head_name(text, [t.name for t in self._allowed_tools(state)])
                 if name is None or completion.finish_reason != "stop":
                     self._parse_failed(state, "tool call head", text)
+                    return
+                if name == ANSWER_TOOL.name and self.config.answer_stem:  # its text comes in its own step
+                    state.call_prompt = []
+                    self._take_call(state, ToolCall(name, {"answer": ""}), session)
                     return
                 # The head's tokens without the stop token that ended it; the arguments continue them.
                 self._head_chosen(state, name, state.call_prompt + list(completion.token_ids[:-1]))
@@ -622,6 +660,9 @@ class ReverseBuilder:
             failure = self.registry.simulated.answer(tool, call.arguments, completion.text)
             self.simulated_calls["invalid" if failure else "written"] += 1
             self._take_call(state, call, session, responded=True, failure=failure)
+        elif state.phase == "answer":
+            state.answer = (self.config.answer_stem or "") + text
+            self._finish_calls(state)
         elif state.phase == "judge":
             try:
                 verdict = json.loads(text, strict=False)
@@ -705,6 +746,9 @@ class ReverseBuilder:
             self._reject(
                 state, "too_few_tools", f"only {sorted(distinct)} succeeded; two distinct tools needed"
             )
+            return
+        if self.config.answer_stem and state.phase != "answer":  # the answer is written next
+            state.phase = "answer"
             return
         if not answer_is_grounded(state.answer, [content for _, content in state.trajectory]):
             self._reject(

@@ -13,7 +13,8 @@ def get_city_info(city: str) -> dict[str, Any]:
     main airport, population and languages.
 
     Args:
-        city: City name or airport code, e.g. Paris, NYC or HND.
+        city: City name or airport code; the cities: Paris, London, Berlin, Madrid, Rome, New York, San
+            Francisco, Toronto, Tokyo, Singapore, Dubai, Mumbai or Sydney.
 
     Returns:
         The city's facts.

@@ -28,8 +28,10 @@ def search_flights(
     Search direct flights from one city to another on a given day, cheapest first.
 
     Args:
-        origin: Departure city or airport code, e.g. Paris or CDG.
-        destination: Arrival city or airport code, e.g. New York or JFK.
+        origin: Departure city or airport code; the cities: Paris, London, Berlin, Madrid, Rome, New York,
+            San Francisco, Toronto, Tokyo, Singapore, Dubai, Mumbai or Sydney.
+        destination: Arrival city or airport code; the cities: Paris, London, Berlin, Madrid, Rome, New
+            York, San Francisco, Toronto, Tokyo, Singapore, Dubai, Mumbai or Sydney.
         date: Departure date as YYYY-MM-DD (local time at the origin).
         cabin: Cabin class to price.
         max_price: Highest fare in USD to include; omit for no limit.

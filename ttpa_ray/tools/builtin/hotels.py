@@ -24,7 +24,8 @@ def search_hotels(
     more).
 
     Args:
-        city: City name, e.g. Rome or Sydney.
+        city: City name: Paris, London, Berlin, Madrid, Rome, New York, San Francisco, Toronto, Tokyo,
+            Singapore, Dubai, Mumbai or Sydney.
         check_in: Arrival date as YYYY-MM-DD.
         check_out: Departure date as YYYY-MM-DD, after check_in (at most 30 nights).
         min_stars: Lowest star rating to include; omit for any.

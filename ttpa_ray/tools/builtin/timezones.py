@@ -30,8 +30,10 @@ def convert_time(time: str, from_city: str, to_city: str) -> dict[str, Any]:
 
     Args:
         time: Local date and time in from_city as YYYY-MM-DD HH:MM (24-hour clock).
-        from_city: City whose local time is given, e.g. London.
-        to_city: City to convert the time to, e.g. Tokyo.
+        from_city: City whose local time is given: Paris, London, Berlin, Madrid, Rome, New York, San
+            Francisco, Toronto, Tokyo, Singapore, Dubai, Mumbai or Sydney.
+        to_city: City to convert the time to: Paris, London, Berlin, Madrid, Rome, New York, San Francisco,
+            Toronto, Tokyo, Singapore, Dubai, Mumbai or Sydney.
 
     Returns:
         The same instant in both cities' local times, with their UTC offsets.
@@ -56,8 +58,10 @@ def get_time_difference(from_city: str, to_city: str, date: str) -> dict[str, An
     Get how many hours to_city's clocks are ahead of from_city's on a given day (negative when behind).
 
     Args:
-        from_city: Reference city, e.g. New York.
-        to_city: City compared with the reference, e.g. Paris.
+        from_city: Reference city: Paris, London, Berlin, Madrid, Rome, New York, San Francisco, Toronto,
+            Tokyo, Singapore, Dubai, Mumbai or Sydney.
+        to_city: City compared with the reference: Paris, London, Berlin, Madrid, Rome, New York, San
+            Francisco, Toronto, Tokyo, Singapore, Dubai, Mumbai or Sydney.
         date: Date as YYYY-MM-DD (the difference changes with daylight saving time).
 
     Returns:

@@ -41,7 +41,8 @@ def get_weather(city: str, date: str, unit: Literal["celsius", "fahrenheit"] = "
     Get the recorded weather of a city on one day: conditions, temperatures, rain, humidity and wind.
 
     Args:
-        city: City name, e.g. Paris, New York or Tokyo.
+        city: City name: Paris, London, Berlin, Madrid, Rome, New York, San Francisco, Toronto, Tokyo,
+            Singapore, Dubai, Mumbai or Sydney.
         date: Date in 2026 as YYYY-MM-DD (records cover 2026).
         unit: Temperature unit of the answer.
 
@@ -71,7 +72,8 @@ def get_weather_summary(
     Summarise the weather of a city over a period: temperature extremes and averages, rainy days, total rain.
 
     Args:
-        city: City name, e.g. Paris, New York or Tokyo.
+        city: City name: Paris, London, Berlin, Madrid, Rome, New York, San Francisco, Toronto, Tokyo,
+            Singapore, Dubai, Mumbai or Sydney.
         start_date: First day in 2026 as YYYY-MM-DD (records cover 2026).
         end_date: Last day as YYYY-MM-DD (inclusive, at most 62 days after start_date).
         unit: Temperature unit of the answer.
