@@ -13,6 +13,7 @@ argument), the share rejected by any text gate, every reason, and the admitted q
 written whole to ``--out`` (JSON lines) for reading.
 
     .venv/bin/python bench/quality.py [--quick] [--seeds N] [--seed S] [--variants a,b] [--model M]
+        [--catalogue bfcl-simulated:GorillaFileSystem,TicketAPI]
 Last line: ``repetition_rejected_share = <share of seeds, best variant>``
 """
 
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="run seed of the validation seeds (not 0)")
     parser.add_argument("--variants", default="before,can-you,i-need-to")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="the teacher: a model name or tiny")
+    parser.add_argument("--catalogue", default=None, help="reverse.catalogue (default: the config's)")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "ttpa-bench-quality.jsonl")
     args = parser.parse_args()
     count = args.seeds or (16 if args.quick else 48)
@@ -71,16 +73,17 @@ def main() -> None:
         model = str(ensure_tiny_model(Path(tempfile.gettempdir()) / "ttpa-bench-tiny", seed=0))
     else:
         model = resolve_model(args.model)
-    base = load_config(ROOT / "configs" / "local.yaml", [f"reverse.num_seeds={count}"])
+    common = [f"reverse.num_seeds={count}"]
+    if args.catalogue:
+        common.append(f"reverse.catalogue={args.catalogue}")
+    base = load_config(ROOT / "configs" / "local.yaml", common)
     engine = Engine(model, base.vllm, dtype=base.model.dtype, seed=args.seed)
     catalogue = load_catalogue(base.reverse.catalogue)
     seeds = make_seeds(catalogue, base.reverse, args.seed)
     results: dict[str, dict[str, Any]] = {}
     with args.out.open("w", encoding="utf-8") as out:
         for name in names:
-            config = load_config(
-                ROOT / "configs" / "local.yaml", [f"reverse.num_seeds={count}", *VARIANTS[name]]
-            )
+            config = load_config(ROOT / "configs" / "local.yaml", [*common, *VARIANTS[name]])
             start = time.perf_counter()
             with ToolRegistry(catalogue) as registry:
                 builder = ReverseBuilder(engine, registry, config.reverse, teacher=model)
@@ -102,6 +105,13 @@ def main() -> None:
                 flush=True,
             )
             print(f"{'':>12}failed calls of the rejected seeds, by error: {dict(errors.most_common(8))}")
+            raw = Counter(
+                str(m["content"])[:70]
+                for row in rejected
+                for m in row.payload_object().get("teacher_messages", [])
+                if m["role"] == "tool" and '"error"' in str(m["content"])
+            )
+            print(f"{'':>12}most common: {dict(raw.most_common(6))}")
             for dialogue in dialogues:
                 out.write(json.dumps({"variant": name, **_readable(dialogue)}, ensure_ascii=False) + "\n")
                 print(f"{'':>12}Q: {_readable(dialogue)['question'][:160]}")

@@ -61,6 +61,7 @@ def test_fluent_arguments_pass() -> None:
             "send_message", {"to": "anna", "text": "Your flight AF1234 leaves Paris at 10:05 tomorrow."}
         ),
         ToolCall("weather", {"city": "London", "days": 3, "units": ["metric"]}),
+        ToolCall("open", {"url": "https://example.org/a/very/long/path/to/a/page/about/the_weather_today"}),
     ]
     assert GATES.arguments(calls) is None
 
@@ -75,6 +76,7 @@ def test_fluent_arguments_pass() -> None:
         ),
         ("The answer is: The answer is: The answer is: The answer is: The answer is:", "repetitive_question"),
         ("Weather?", "question_length"),
+        ("Can you run get_exchange_rate_between_euro_and_usd for me please?", "unreadable_question"),
         ("London?? ??", "question_length"),
         ("No calls left: call answer now. What is the weather in London?", "prompt_leak"),
         ("Scenario: Anna is planning a trip. What flights are there?", "prompt_leak"),
@@ -100,6 +102,15 @@ def test_degenerate_questions_are_rejected_with_their_reason(question: str, reas
         ("The highest rainfall in London in 2026 was 8.0 cm and the lowest was 2.5 cm.", "answer_ungrounded"),
         ('Your flight is "AF9999" from Paris, 812.5 EUR.', "answer_ungrounded"),
         ("AF", "answer_length"),
+        # answers the 135M teacher wrote on validation seeds (bench/quality.py)
+        (
+            "no_response_text_to_return_to_user_with_error_message_returned_to_user_with_none2026-01-01",
+            "unreadable_answer",
+        ),
+        (
+            "no_calls_left_now_returned_to_user_returned_to_user_returned_to_user_returned_toMumbai",
+            "repetitive_answer",
+        ),
     ],
 )
 def test_degenerate_answers_are_rejected_with_their_reason(answer: str, reason: str) -> None:

@@ -63,9 +63,13 @@ def test_get_weather(tools: ToolRegistry) -> None:
         "humidity_pct": 58,
         "wind_kph": 21.0,
     }
-    assert ok(tools, "get_weather", city="paris", date="2026-07-14")["high"] == 25.3
+    from ttpa_ray.tools.builtin.weather import get_weather
+
+    assert get_weather("paris", "2026-07-14")["high"] == 25.3  # called directly: any spelling, an alias
+    with pytest.raises(ValueError, match="unknown city 'Atlantis'; known cities: Paris, London"):
+        get_weather("Atlantis", "2026-08-01")
     assert error(tools, "get_weather", city="Atlantis", date="2026-08-01").startswith(
-        "ValueError: unknown city 'Atlantis'; known cities: Paris, London"
+        'argument \'city\' must be one of "Paris", "London"'
     )
     assert error(tools, "get_weather", city="Paris", date="2025-08-01") == (
         "ValueError: no weather record for Paris on 2025-08-01; records cover 2026-01-01 to 2026-12-31"
@@ -74,13 +78,15 @@ def test_get_weather(tools: ToolRegistry) -> None:
         "ValueError: date must be a date as YYYY-MM-DD, got '08/01/2026'"
     )
     assert error(tools, "get_weather", city="Paris") == (
-        "missing required argument 'date' for get_weather; expected: city (string), date (string, "
-        "YYYY-MM-DD), unit (string, optional, one of celsius|fahrenheit, Temperature unit of the answer)"
+        "missing required argument 'date' for get_weather; expected: city (string, one of Paris|London|"
+        "Berlin|Madrid|Rome|New York|San Francisco|Toronto|Tokyo|Singapore|Dubai|Mumbai|Sydney, City name), "
+        "date (string, YYYY-MM-DD), unit (string, optional, one of celsius|fahrenheit, Temperature unit of "
+        "the answer)"
     )
 
 
 def test_get_weather_summary(tools: ToolRegistry) -> None:
-    summary = ok(tools, "get_weather_summary", city="london", start_date="2026-12-01", end_date="2026-12-07")
+    summary = ok(tools, "get_weather_summary", city="London", start_date="2026-12-01", end_date="2026-12-07")
     assert summary["days"] == 7 and summary["rainy_days"] == 3
     assert (summary["highest"], summary["lowest"], summary["total_precipitation_mm"]) == (10.9, 0.0, 30.8)
     assert sum(summary["conditions"].values()) == 7
@@ -166,7 +172,9 @@ def test_calendar_tools(tools: ToolRegistry) -> None:
 
 
 def test_search_flights(tools: ToolRegistry) -> None:
-    result = ok(tools, "search_flights", origin="LHR", destination="CDG", date="2026-06-10", max_price=90)
+    result = ok(
+        tools, "search_flights", origin="London", destination="Paris", date="2026-06-10", max_price=90
+    )
     assert result["flights"] == [
         {
             "flight_number": "BA1673",
@@ -189,7 +197,13 @@ def test_search_flights(tools: ToolRegistry) -> None:
     assert business["flights"][0]["arrival"] == "2026-05-04 20:45"  # 19:00 CEST + 7 h 45 - 6 h
     no_route = ok(tools, "search_flights", origin="London", destination="Tokyo", date="2026-06-10")
     assert no_route["flights"] == [] and "no direct flights" in no_route["note"]
-    assert "same city" in error(tools, "search_flights", origin="Paris", destination="CDG", date="2026-06-10")
+    assert "same city" in error(
+        tools, "search_flights", origin="Paris", destination="Paris", date="2026-06-10"
+    )
+    # called directly, the function also takes airport codes (the schema offers the city names)
+    from ttpa_ray.tools.builtin.flights import search_flights
+
+    assert search_flights("LHR", "CDG", "2026-06-10", max_price=90)["flights"] == result["flights"]
 
 
 def test_search_hotels(tools: ToolRegistry) -> None:
@@ -222,7 +236,10 @@ def test_search_hotels(tools: ToolRegistry) -> None:
 
 
 def test_get_city_info(tools: ToolRegistry) -> None:
-    info = ok(tools, "get_city_info", city="bombay")
+    from ttpa_ray.tools.builtin.cities import get_city_info
+
+    info = ok(tools, "get_city_info", city="Mumbai")
+    assert get_city_info("bombay") == info  # aliases, called directly
     assert (info["city"], info["currency"], info["standard_utc_offset"], info["airport"]) == (
         "Mumbai",
         "INR",
@@ -245,7 +262,7 @@ def test_every_builtin_tool_answers_the_same_through_the_sandbox(tools: ToolRegi
         "get_weekday": {"date": "2026-12-31"},
         "search_flights": {"origin": "Singapore", "destination": "Sydney", "date": "2026-09-09"},
         "search_hotels": {"city": "Toronto", "check_in": "2026-09-01", "check_out": "2026-09-04"},
-        "get_city_info": {"city": "SFO"},
+        "get_city_info": {"city": "San Francisco"},
     }
     assert set(samples) == set(load_catalogue("builtin").names)
     with ToolRegistry(load_catalogue("builtin"), SandboxConfig(workers=1)) as sandboxed:
@@ -255,18 +272,18 @@ def test_every_builtin_tool_answers_the_same_through_the_sandbox(tools: ToolRegi
             assert inside.content == outside.content
 
 
-def test_city_parameters_name_every_city_the_data_covers() -> None:
+def test_city_parameters_offer_exactly_the_cities_the_data_covers() -> None:
     """A teacher that invents a city gets a tool error (the most common failed call of the 135M teacher
-    on validation seeds, bench/quality.py): every city parameter lists the bundled data's cities."""
+    on validation seeds, bench/quality.py): every city parameter's enum is the bundled data's cities, and
+    an invented city is refused naming them."""
     from ttpa_ray.tools.builtin._data import city_names
 
     specs = load_catalogue("builtin").specs
-    described = {
-        (name, key): schema["description"]
+    offered = {
+        (name, key): schema.get("enum")
         for name, spec in specs.items()
         for key, schema in spec.parameters["properties"].items()
         if key in {"city", "origin", "destination", "from_city", "to_city"}
     }
-    assert len(described) == 10
-    for where, description in described.items():
-        assert all(city in description for city in city_names()), where
+    assert len(offered) == 10
+    assert all(enum == city_names() for enum in offered.values()), offered

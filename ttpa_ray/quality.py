@@ -26,10 +26,18 @@ from typing import Any
 # Rejection reasons of the text gates (a subset of the reverse stage's reasons), and the reasons
 # counted as "degenerate" in the data-quality summary.
 REPETITIVE = ("repetitive_scenario", "repetitive_question", "repetitive_answer", "repetitive_argument")
-DEGENERATE = (*REPETITIVE, "question_length", "answer_length", "question_copies_text", "prompt_leak")
+UNREADABLE = ("unreadable_question", "unreadable_answer")
+DEGENERATE = (
+    *REPETITIVE,
+    *UNREADABLE,
+    "question_length",
+    "answer_length",
+    "question_copies_text",
+    "prompt_leak",
+)
 DUPLICATE = "duplicate_question"
 
-_TOKEN = re.compile(r"\w+|[^\w\s]")
+_TOKEN = re.compile(r"[^\W_]+|[^\w\s]")  # underscores split words: "returned_to_user_returned_to_user"
 _WORD = re.compile(r"[a-z]+")
 # Labels of the builder's prompts ("Scenario: ...", "Final answer: ..."): text that carries one copied
 # the prompt, not a person.
@@ -48,7 +56,8 @@ class Verdict:
 
 
 def tokens(text: str) -> list[str]:
-    """Words and punctuation marks, lower case: "10.010.7" is five tokens, so digit salad repeats too."""
+    """Words and punctuation marks, lower case: "10.010.7" is five tokens, so digit salad repeats too;
+    "a_b_c" is three words."""
     return _TOKEN.findall(text.lower())
 
 
@@ -63,6 +72,18 @@ def repeated_ngram_share(text: str, n: int = 3) -> float:
         return 0.0
     counts = Counter(grams)
     return sum(c for c in counts.values() if c > 1) / len(grams)
+
+
+def unreadable_word(text: str, max_chars: int = 40) -> str | None:
+    """A chunk of the text that is no word of prose: an identifier of three or more joined words
+    ("no_calls_left_now_returned_to_user"), or a run of ``max_chars`` characters without a space that is
+    not a link. None for prose."""
+    for chunk in text.split():
+        if chunk.startswith(("http://", "https://")):
+            continue
+        if chunk.count("_") >= 2 or len(chunk) >= max_chars:
+            return chunk
+    return None
 
 
 def repeated_line_share(text: str) -> float:
@@ -194,6 +215,9 @@ class Gates:
         why = self._repetitive(answer)
         if why:
             return Verdict("repetitive_answer", f"{why}: {answer[:160]!r}")
+        word = unreadable_word(answer)
+        if word:
+            return Verdict("unreadable_answer", f"{word[:60]!r} is no word: {answer[:160]!r}")
         leak = self._leak(answer)
         if leak:
             return Verdict("prompt_leak", f"the answer holds {leak!r}: {answer[:160]!r}")
@@ -211,6 +235,9 @@ class Gates:
         why = self._repetitive(question)
         if why:
             return Verdict("repetitive_question", f"{why}: {question[:160]!r}")
+        word = unreadable_word(question)
+        if word:
+            return Verdict("unreadable_question", f"{word[:60]!r} is no word: {question[:160]!r}")
         leak = self._leak(question)
         if leak:
             return Verdict("prompt_leak", f"the question holds {leak!r}: {question[:160]!r}")

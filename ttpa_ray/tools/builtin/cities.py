@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from ttpa_ray.tools.builtin._data import find_city
+from ttpa_ray.tools.builtin._data import City, find_city
 
 
-def get_city_info(city: str) -> dict[str, Any]:
+def get_city_info(city: City) -> dict[str, Any]:
     """
     Get facts about a city: country, currency, time zone (standard UTC offset and daylight-saving rule),
     main airport, population and languages.
 
     Args:
-        city: City name or airport code; the cities: Paris, London, Berlin, Madrid, Rome, New York, San
-            Francisco, Toronto, Tokyo, Singapore, Dubai, Mumbai or Sydney.
+        city: City name.
 
     Returns:
         The city's facts.

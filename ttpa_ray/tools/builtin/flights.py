@@ -11,7 +11,7 @@ import zlib
 from typing import Any, Literal
 
 from ttpa_ray.tools.builtin._clock import local_to_utc, offset_minutes
-from ttpa_ray.tools.builtin._data import find_city, load_csv, parse_date
+from ttpa_ray.tools.builtin._data import City, find_city, load_csv, parse_date
 
 Cabin = Literal["economy", "premium_economy", "business", "first"]
 _CABIN_FACTORS = {"economy": 1.0, "premium_economy": 1.6, "business": 3.4, "first": 5.8}
@@ -22,16 +22,14 @@ def _hash(*parts: str) -> int:
 
 
 def search_flights(
-    origin: str, destination: str, date: str, cabin: Cabin = "economy", max_price: float | None = None
+    origin: City, destination: City, date: str, cabin: Cabin = "economy", max_price: float | None = None
 ) -> dict[str, Any]:
     """
     Search direct flights from one city to another on a given day, cheapest first.
 
     Args:
-        origin: Departure city or airport code; the cities: Paris, London, Berlin, Madrid, Rome, New York,
-            San Francisco, Toronto, Tokyo, Singapore, Dubai, Mumbai or Sydney.
-        destination: Arrival city or airport code; the cities: Paris, London, Berlin, Madrid, Rome, New
-            York, San Francisco, Toronto, Tokyo, Singapore, Dubai, Mumbai or Sydney.
+        origin: Departure city.
+        destination: Arrival city.
         date: Departure date as YYYY-MM-DD (local time at the origin).
         cabin: Cabin class to price.
         max_price: Highest fare in USD to include; omit for no limit.

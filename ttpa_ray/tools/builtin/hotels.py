@@ -5,14 +5,14 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from ttpa_ray.tools.builtin._data import find_city, load_csv, parse_date
+from ttpa_ray.tools.builtin._data import City, find_city, load_csv, parse_date
 
 _MAX_NIGHTS = 30
 _WEEKEND_SURCHARGE = 1.15  # Friday and Saturday nights
 
 
 def search_hotels(
-    city: str,
+    city: City,
     check_in: str,
     check_out: str,
     min_stars: Literal[1, 2, 3, 4, 5] | None = None,
@@ -24,8 +24,7 @@ def search_hotels(
     more).
 
     Args:
-        city: City name: Paris, London, Berlin, Madrid, Rome, New York, San Francisco, Toronto, Tokyo,
-            Singapore, Dubai, Mumbai or Sydney.
+        city: City name.
         check_in: Arrival date as YYYY-MM-DD.
         check_out: Departure date as YYYY-MM-DD, after check_in (at most 30 nights).
         min_stars: Lowest star rating to include; omit for any.

@@ -11,7 +11,7 @@ import datetime as dt
 from typing import Any
 
 from ttpa_ray.tools.builtin._clock import at, format_offset, local_to_utc, offset_minutes
-from ttpa_ray.tools.builtin._data import find_city, parse_date
+from ttpa_ray.tools.builtin._data import City, find_city, parse_date
 
 _TIME_FORMAT_HINT = "YYYY-MM-DD HH:MM"
 
@@ -23,17 +23,15 @@ def _parse_local(text: str) -> dt.datetime:
         raise ValueError(f"time must be a local date and time as {_TIME_FORMAT_HINT}, got {text!r}") from None
 
 
-def convert_time(time: str, from_city: str, to_city: str) -> dict[str, Any]:
+def convert_time(time: str, from_city: City, to_city: City) -> dict[str, Any]:
     """
     Convert a local date and time in one city to the local date and time in another city, daylight saving
     time included.
 
     Args:
         time: Local date and time in from_city as YYYY-MM-DD HH:MM (24-hour clock).
-        from_city: City whose local time is given: Paris, London, Berlin, Madrid, Rome, New York, San
-            Francisco, Toronto, Tokyo, Singapore, Dubai, Mumbai or Sydney.
-        to_city: City to convert the time to: Paris, London, Berlin, Madrid, Rome, New York, San Francisco,
-            Toronto, Tokyo, Singapore, Dubai, Mumbai or Sydney.
+        from_city: City whose local time is given.
+        to_city: City to convert the time to.
 
     Returns:
         The same instant in both cities' local times, with their UTC offsets.
@@ -53,15 +51,13 @@ def convert_time(time: str, from_city: str, to_city: str) -> dict[str, Any]:
     }
 
 
-def get_time_difference(from_city: str, to_city: str, date: str) -> dict[str, Any]:
+def get_time_difference(from_city: City, to_city: City, date: str) -> dict[str, Any]:
     """
     Get how many hours to_city's clocks are ahead of from_city's on a given day (negative when behind).
 
     Args:
-        from_city: Reference city: Paris, London, Berlin, Madrid, Rome, New York, San Francisco, Toronto,
-            Tokyo, Singapore, Dubai, Mumbai or Sydney.
-        to_city: City compared with the reference: Paris, London, Berlin, Madrid, Rome, New York, San
-            Francisco, Toronto, Tokyo, Singapore, Dubai, Mumbai or Sydney.
+        from_city: Reference city.
+        to_city: City compared with the reference.
         date: Date as YYYY-MM-DD (the difference changes with daylight saving time).
 
     Returns:

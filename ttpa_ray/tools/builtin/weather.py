@@ -6,7 +6,7 @@ import datetime as dt
 from functools import cache
 from typing import Any, Literal
 
-from ttpa_ray.tools.builtin._data import find_city, load_csv, parse_date
+from ttpa_ray.tools.builtin._data import City, find_city, load_csv, parse_date
 
 _MAX_SUMMARY_DAYS = 62
 
@@ -36,13 +36,12 @@ def _record(city: str, day: dt.date) -> dict[str, str]:
     return row
 
 
-def get_weather(city: str, date: str, unit: Literal["celsius", "fahrenheit"] = "celsius") -> dict[str, Any]:
+def get_weather(city: City, date: str, unit: Literal["celsius", "fahrenheit"] = "celsius") -> dict[str, Any]:
     """
     Get the recorded weather of a city on one day: conditions, temperatures, rain, humidity and wind.
 
     Args:
-        city: City name: Paris, London, Berlin, Madrid, Rome, New York, San Francisco, Toronto, Tokyo,
-            Singapore, Dubai, Mumbai or Sydney.
+        city: City name.
         date: Date in 2026 as YYYY-MM-DD (records cover 2026).
         unit: Temperature unit of the answer.
 
@@ -66,14 +65,13 @@ def get_weather(city: str, date: str, unit: Literal["celsius", "fahrenheit"] = "
 
 
 def get_weather_summary(
-    city: str, start_date: str, end_date: str, unit: Literal["celsius", "fahrenheit"] = "celsius"
+    city: City, start_date: str, end_date: str, unit: Literal["celsius", "fahrenheit"] = "celsius"
 ) -> dict[str, Any]:
     """
     Summarise the weather of a city over a period: temperature extremes and averages, rainy days, total rain.
 
     Args:
-        city: City name: Paris, London, Berlin, Madrid, Rome, New York, San Francisco, Toronto, Tokyo,
-            Singapore, Dubai, Mumbai or Sydney.
+        city: City name.
         start_date: First day in 2026 as YYYY-MM-DD (records cover 2026).
         end_date: Last day as YYYY-MM-DD (inclusive, at most 62 days after start_date).
         unit: Temperature unit of the answer.
