@@ -123,6 +123,9 @@ def test_repetitive_scenario_is_rejected_and_a_fluent_one_passes() -> None:
     verdict = GATES.scenario(looping)
     assert verdict is not None and verdict.reason == "repetitive_scenario"
     assert GATES.scenario(KNOWN[-1]) is None
+    digits = "The city has 1000000000000000000000000000000000000000000000000000000000000000000000000000"
+    verdict = GATES.scenario(digits)  # seen on validation seeds
+    assert verdict is not None and verdict.reason == "unreadable_scenario"
 
 
 def test_repetitive_argument_is_rejected() -> None:

@@ -26,7 +26,7 @@ from typing import Any
 # Rejection reasons of the text gates (a subset of the reverse stage's reasons), and the reasons
 # counted as "degenerate" in the data-quality summary.
 REPETITIVE = ("repetitive_scenario", "repetitive_question", "repetitive_answer", "repetitive_argument")
-UNREADABLE = ("unreadable_question", "unreadable_answer")
+UNREADABLE = ("unreadable_scenario", "unreadable_question", "unreadable_answer")
 DEGENERATE = (
     *REPETITIVE,
     *UNREADABLE,
@@ -193,7 +193,12 @@ class Gates:
     def scenario(self, scenario: str) -> Verdict | None:
         """The scene's statement, checked before any call is made (a looping scene makes no dialogue)."""
         why = self._repetitive(scenario)
-        return Verdict("repetitive_scenario", f"{why}: {scenario[:160]!r}") if why else None
+        if why:
+            return Verdict("repetitive_scenario", f"{why}: {scenario[:160]!r}")
+        word = unreadable_word(scenario)
+        return (
+            Verdict("unreadable_scenario", f"{word[:60]!r} is no word: {scenario[:160]!r}") if word else None
+        )
 
     def arguments(self, calls: Iterable[Any]) -> Verdict | None:
         """Every string argument of the calls: no repetition, no prompt text."""

@@ -21,7 +21,8 @@ value any call returned), ``parse_failure`` (teacher output unparseable beyond t
 ``no_tools`` (the seed's window has no usable tool), ``prompt_too_long`` (a step's prompt leaves no
 room under ``vllm.max_model_len``; it is never sent). Text gates (:mod:`ttpa_ray.quality`,
 thresholds in ``reverse.quality``): ``repetitive_scenario``, ``repetitive_question``,
-``repetitive_answer``, ``repetitive_argument``, ``question_length``, ``answer_length``,
+``repetitive_answer``, ``repetitive_argument``, ``unreadable_*`` (identifier or digit runs, no
+prose), ``question_length``, ``answer_length``,
 ``question_copies_text``, ``prompt_leak`` (the builder's own prompts or nudges in the text),
 ``answer_ungrounded`` also when a number or quoted value of the answer comes from no call, result or
 the scenario; ``judge_rejected`` (the optional teacher verdict, ``reverse.judge``); and across the
