@@ -284,3 +284,32 @@ def test_the_report_has_a_data_quality_section() -> None:
     assert "| 48 | 9 | 18.8% | 25.0% | 10.0% | 80.0% | 2.50 | 2.00 | 61.5% | - |" in text
     assert "Rejected by reason: repetitive_answer 12, restart 3" in text
     assert render_data_quality(None) == ""
+
+
+def test_a_question_about_something_else_than_the_calls_is_caught_when_asked() -> None:
+    """reverse.quality.call_values_in_question: each call needs one of its values in the question (the
+    first and third questions are what make run's 135M teacher wrote over these calls)."""
+    rate = ToolCall("get_exchange_rate", {"from_currency": "AUD", "to_currency": "SGD"})
+    weather = ToolCall("get_weather_summary", {"city": "Paris", "start_date": "2026-01-01"})
+    money = ToolCall("convert_currency", {"amount": 1.0, "from_currency": "USD", "to_currency": "EUR"})
+    strict = Gates(call_values_in_question=True, leaks=PROMPT_LEAKS)
+    verdict = strict.question(
+        "Can you provide me with the latest weather forecast for Paris?", "", "", [rate, weather]
+    )
+    assert (
+        verdict is not None
+        and verdict.reason == "question_misses_call"
+        and "get_exchange_rate" in verdict.detail
+    )
+    fine = "What is the AUD to SGD rate, and how was the weather in Paris from 2026-01-01?"
+    assert strict.question(fine, "", "", [rate, weather]) is None
+    assert (
+        strict.question(
+            "Can you give me the exchange rate between USD and EUR for 1 dollar?", "", "", [money]
+        )
+        is None
+    )
+    assert (
+        GATES.question("Can you provide me with the latest weather forecast for Paris?", "", "", [rate])
+        is None
+    )

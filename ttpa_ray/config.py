@@ -180,6 +180,9 @@ class QualityConfig(_Section):
     max_copy_similarity: float = Field(default=0.8, gt=0, le=1)
     # Every number and quoted value of the answer must come from a call, its result or the scenario.
     strict_grounding: bool = True
+    # The question must show a value (a string argument or a number) of every call: a question about
+    # something else than the calls made is question_misses_call.
+    call_values_in_question: bool = False
     # Later copies of a question (same normalised text) across the whole run: duplicate_question.
     dedup_questions: bool = True
 

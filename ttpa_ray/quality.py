@@ -27,6 +27,7 @@ from typing import Any
 # counted as "degenerate" in the data-quality summary.
 REPETITIVE = ("repetitive_scenario", "repetitive_question", "repetitive_answer", "repetitive_argument")
 UNREADABLE = ("unreadable_scenario", "unreadable_question", "unreadable_answer")
+MISMATCHED = "question_misses_call"
 DEGENERATE = (
     *REPETITIVE,
     *UNREADABLE,
@@ -176,6 +177,7 @@ class Gates:
     answer_chars: tuple[int, int] = (8, 1000)
     max_copy_similarity: float = 0.8
     strict_grounding: bool = True
+    call_values_in_question: bool = False
     leaks: PromptLeaks | None = None
 
     def _repetitive(self, text: str) -> str | None:
@@ -235,8 +237,11 @@ class Gates:
                 )
         return None
 
-    def question(self, question: str, answer: str, scenario: str) -> Verdict | None:
-        """The user's question: length, repetition, prompt text, not a copy of the answer or scenario."""
+    def question(
+        self, question: str, answer: str, scenario: str, calls: Sequence[Any] = ()
+    ) -> Verdict | None:
+        """The user's question: length, repetition, prompt text, not a copy of the answer or scenario,
+        and (``call_values_in_question``) a value of every call."""
         why = self._repetitive(question)
         if why:
             return Verdict("repetitive_question", f"{why}: {question[:160]!r}")
@@ -255,7 +260,42 @@ class Gates:
                 return Verdict(
                     "question_copies_text", f"the question is {similarity:.0%} the {what}: {question[:120]!r}"
                 )
+        missed = missed_call(question, calls) if self.call_values_in_question else None
+        if missed is not None:
+            shown = json.dumps(missed.arguments, ensure_ascii=False)[:120]
+            return Verdict(
+                MISMATCHED, f"the question names no value of {missed.name}({shown}): {question[:120]!r}"
+            )
         return None
+
+
+def _scalars(value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _scalars(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _scalars(item)
+    elif isinstance(value, str) and len(value.strip()) >= 2:
+        yield value.strip()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        yield f"{value:g}"
+
+
+def missed_call(question: str, calls: Iterable[Any]) -> Any:
+    """The first call none of whose argument values (strings of two characters or more, numbers) the
+    question shows, or None. DESIGN: the question holds every value the calls needed; this asks one per
+    call, so a question about something else entirely ("the top 5 hotels" over an exchange-rate call)
+    is caught and a paraphrased date is not held against it."""
+    lowered = question.lower()
+    known = _number_values(question)
+    for call in calls:
+        values = list(_scalars(call.arguments))
+        if not values:
+            continue
+        if not any(v.lower() in lowered or (_NUMBER.fullmatch(v) and float(v) in known) for v in values):
+            return call
+    return None
 
 
 def _strings(value: Any, path: str = "") -> Iterator[tuple[str, str]]:

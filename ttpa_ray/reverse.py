@@ -24,6 +24,7 @@ thresholds in ``reverse.quality``): ``repetitive_scenario``, ``repetitive_questi
 ``repetitive_answer``, ``repetitive_argument``, ``unreadable_*`` (identifier or digit runs, no
 prose), ``question_length``, ``answer_length``,
 ``question_copies_text``, ``prompt_leak`` (the builder's own prompts or nudges in the text),
+``question_misses_call`` (optional: the question shows no argument value of one of the calls),
 ``answer_ungrounded`` also when a number or quoted value of the answer comes from no call, result or
 the scenario; ``judge_rejected`` (the optional teacher verdict, ``reverse.judge``); and across the
 whole run ``duplicate_question`` (a later seed's copy of a question, found by grouping on a
@@ -347,6 +348,7 @@ class ReverseBuilder:
             answer_chars=quality.answer_chars,
             max_copy_similarity=quality.max_copy_similarity,
             strict_grounding=quality.strict_grounding,
+            call_values_in_question=quality.call_values_in_question,
             leaks=PROMPT_LEAKS,
         )
         self.stats: Counter[str] = Counter()
@@ -776,7 +778,8 @@ class ReverseBuilder:
         if named is not None:
             self._reject(state, "question_names_tool", f"the question names the tool {named!r}")
             return
-        verdict = self.gates.question(state.question, state.answer, state.scenario)
+        calls = [call for call, _ in state.trajectory]
+        verdict = self.gates.question(state.question, state.answer, state.scenario, calls)
         if verdict is not None:
             self._reject(state, verdict.reason, verdict.detail)
             return
