@@ -53,6 +53,7 @@ def test_dpo_zero3_precomputed_reference_learns_on_held_out_pairs(
         report_to=["tensorboard"],
         dpo={
             "reference": "replicas",  # the default: the vLLM replicas score the pairs before training
+            "shared_prefix": True,  # the default: the policy's forward computes each pair's shared part once
             "learning_rate": 1e-3,
             "num_epochs": 2,
             "per_device_batch_size": 8,

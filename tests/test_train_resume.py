@@ -36,6 +36,7 @@ def _run(tmp: Path, pairs_file: Path, policy: Path, crash: CrashOnce | None) -> 
         max_failures=2,
         dpo={
             "reference": "live",
+            "shared_prefix": True,  # the default; both forwards (policy, sharded reference) pack each pair
             "learning_rate": 1e-3,
             "max_steps": MAX_STEPS,
             "per_device_batch_size": 2,

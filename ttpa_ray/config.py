@@ -339,6 +339,10 @@ class DPOStageConfig(StageConfig):
     # (ttpa_ray/reference.py); "precomputed": computed once by TRL's own pass on the driver; either way
     # training holds no reference model. "live": TRL's reference model runs beside the policy.
     reference: Literal["replicas", "precomputed", "live"] = "replicas"
+    # Compute each pair's shared prompt and completion prefix once per forward (policy and live reference)
+    # instead of once per completion; loss and gradients equal TRL's standard forward's
+    # (ttpa_ray/train/shared_prefix.py).
+    shared_prefix: bool = True
     # Start DPO from the exported SFT policy when one exists in the run directory.
     init_from_sft: bool = True
 

@@ -9,6 +9,10 @@ Reference model, two ways (``train.dpo.reference``):
   ``precompute_ref_log_probs=True`` and holds no reference model: no second DeepSpeed engine, which is
   what failed under ZeRO-3 in the probe, and no second forward per step.
 - ``live``: TRL's reference model runs beside the policy (under ZeRO-3 it is sharded like the policy).
+
+With ``train.dpo.shared_prefix`` (the default) the policy's and the live reference's forward compute each
+pair's shared part (prompt and common completion prefix) once instead of once per completion
+(:mod:`ttpa_ray.train.shared_prefix`); loss and gradients are TRL's standard forward's.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +32,56 @@ from ttpa_ray.config import DPOStageConfig
 from ttpa_ray.train.arguments import RunSettings, common_arguments
 from ttpa_ray.train.data import REF_COLUMNS, to_hf_dataset
 from ttpa_ray.train.metrics import SampleTracingMixin
+from ttpa_ray.train.shared_prefix import PackCache, SharedPrefixForward
+
+
+@dataclass
+class TracedDPOConfig(DPOConfig):
+    """TRL's DPOConfig and the settings TracedDPOTrainer adds to it."""
+
+    shared_prefix: bool = field(
+        default=False,
+        metadata={"help": "Compute each pair's shared prompt and completion prefix once per forward."},
+    )
 
 
 class TracedDPOTrainer(SampleTracingMixin, DPOTrainer):
-    """TRL's DPOTrainer that records which samples each step trained on and takes reference log-probs
-    from the dataset when it already has them."""
+    """TRL's DPOTrainer that records which samples each step trained on, takes reference log-probs from the
+    dataset when it already has them and, with ``args.shared_prefix``, runs each pair's shared part once."""
+
+    def _compute_loss(self, model: Any, inputs: Any, return_outputs: bool) -> Any:
+        if not getattr(self.args, "shared_prefix", False):
+            return super()._compute_loss(model, inputs, return_outputs)
+        # TRL's loss, unchanged, over a forward that packs each pair; the live reference (which TRL reads
+        # from self.ref_model) packs the same way, with the packing made once for both
+        cache = PackCache()
+        policy = SharedPrefixForward(model, cache)
+        ref_model = self.ref_model
+        stand_in: Any = None if ref_model is None else SharedPrefixForward(ref_model, cache)
+        self.ref_model = stand_in  # TRL only calls it
+        try:
+            out = super()._compute_loss(policy, inputs, return_outputs)
+        finally:
+            self.ref_model = ref_model
+        self._log_token_share(inputs, policy)
+        return out
+
+    def _log_token_share(self, inputs: Any, policy: SharedPrefixForward) -> None:
+        """Log ``shared_prefix/token_share``: the tokens the forward ran over those of TRL's standard rows
+        (1.0 for a batch it could not pack), summed over ranks; every rank joins the gather."""
+        import torch
+
+        standard = int(inputs["attention_mask"].sum())
+        ran = policy.last.packed_tokens if policy.last is not None else standard
+        counts = torch.tensor([ran, standard], dtype=torch.float64, device=self.accelerator.device)
+        ran_all, standard_all = self.accelerator.gather_for_metrics(counts).view(-1, 2).sum(dim=0).tolist()
+        mode = "train" if self.model is not None and self.model.training else "eval"
+        self._metrics[mode]["shared_prefix/token_share"].append(ran_all / max(standard_all, 1.0))
+
+    def compute_ref_log_probs(self, model: Any, inputs: Any) -> Any:
+        if getattr(self.args, "shared_prefix", False):
+            model = SharedPrefixForward(model)
+        return super().compute_ref_log_probs(model, inputs)
 
     def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
         # TRL recomputes (and duplicates) the columns even when present; ours come from a pass made once
@@ -43,13 +93,14 @@ class TracedDPOTrainer(SampleTracingMixin, DPOTrainer):
 
 def dpo_args(
     stage: DPOStageConfig, output_dir: Path, run: RunSettings, *, precomputed_reference: bool
-) -> DPOConfig:
+) -> TracedDPOConfig:
     """TRL's DPOConfig for one run."""
-    return DPOConfig(
+    return TracedDPOConfig(
         **common_arguments(stage, output_dir, run),
         beta=stage.beta,
         loss_type=[stage.loss_type],
         precompute_ref_log_probs=precomputed_reference,
+        shared_prefix=stage.shared_prefix,
     )
 
 
