@@ -165,7 +165,13 @@ def test_pipeline_in_a_bucket_killed_and_resumed_elsewhere(
     assert steps == {"dpo": 4, "dpo-sequence": 4}
     report = json.loads((run_dir / "eval" / "report.json").read_text())
     models = ("base", "ttpa", "sequence")  # the table's rows (no SFT: the tiny teacher made no dialogue)
-    assert set(report) == {*models, "comparisons"}
+    assert set(report) == {*models, "comparisons", "data_quality"}
+    # the run's data quality, as reverse construction reported it: 4 seeds, none admitted
+    quality = report["data_quality"]
+    assert quality == by_name["reverse"]["notes"]["quality"]
+    assert (quality["seeds"], quality["dialogues"]) == (4, by_name["reverse"]["records_out"])
+    assert sum(quality["reasons"].values()) == by_name["reverse"]["records_rejected"]
+    assert "## Data quality (reversed construction)" in (run_dir / "eval" / "report.md").read_text()
     assert {(c["row"], c["baseline"]) for c in report["comparisons"]} == {("ttpa", "sequence")}
     for model in models:  # 6 BFCL entries + 4 held-out turns
         assert report[model]["all"]["n"] + report[model]["all"]["infra_errors"] == 10
