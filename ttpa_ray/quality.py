@@ -192,15 +192,23 @@ class Gates:
     def _leak(self, text: str) -> str | None:
         return self.leaks.find(text) if self.leaks is not None else None
 
+    def _not_prose(self, text: str, what: str) -> Verdict | None:
+        """Repetition, a chunk that is no word, the builder's own text: ``repetitive_<what>``,
+        ``unreadable_<what>``, ``prompt_leak``."""
+        why = self._repetitive(text)
+        if why:
+            return Verdict(f"repetitive_{what}", f"{why}: {text[:160]!r}")
+        word = unreadable_word(text)
+        if word:
+            return Verdict(f"unreadable_{what}", f"{word[:60]!r} is no word: {text[:160]!r}")
+        leak = self._leak(text)
+        if leak:
+            return Verdict("prompt_leak", f"the {what} holds {leak!r}: {text[:160]!r}")
+        return None
+
     def scenario(self, scenario: str) -> Verdict | None:
         """The scene's statement, checked before any call is made (a looping scene makes no dialogue)."""
-        why = self._repetitive(scenario)
-        if why:
-            return Verdict("repetitive_scenario", f"{why}: {scenario[:160]!r}")
-        word = unreadable_word(scenario)
-        return (
-            Verdict("unreadable_scenario", f"{word[:60]!r} is no word: {scenario[:160]!r}") if word else None
-        )
+        return self._not_prose(scenario, "scenario")
 
     def arguments(self, calls: Iterable[Any]) -> Verdict | None:
         """Every string argument of the calls: no repetition, no prompt text."""
@@ -219,15 +227,9 @@ class Gates:
         low, high = self.answer_chars
         if not low <= len(answer.strip()) <= high:
             return Verdict("answer_length", f"{len(answer.strip())} characters, not in [{low}, {high}]")
-        why = self._repetitive(answer)
-        if why:
-            return Verdict("repetitive_answer", f"{why}: {answer[:160]!r}")
-        word = unreadable_word(answer)
-        if word:
-            return Verdict("unreadable_answer", f"{word[:60]!r} is no word: {answer[:160]!r}")
-        leak = self._leak(answer)
-        if leak:
-            return Verdict("prompt_leak", f"the answer holds {leak!r}: {answer[:160]!r}")
+        verdict = self._not_prose(answer, "answer")
+        if verdict is not None:
+            return verdict
         if self.strict_grounding:
             missing = ungrounded_values(answer, sources)
             if missing:
@@ -242,15 +244,9 @@ class Gates:
     ) -> Verdict | None:
         """The user's question: length, repetition, prompt text, not a copy of the answer or scenario,
         and (``call_values_in_question``) a value of every call."""
-        why = self._repetitive(question)
-        if why:
-            return Verdict("repetitive_question", f"{why}: {question[:160]!r}")
-        word = unreadable_word(question)
-        if word:
-            return Verdict("unreadable_question", f"{word[:60]!r} is no word: {question[:160]!r}")
-        leak = self._leak(question)
-        if leak:
-            return Verdict("prompt_leak", f"the question holds {leak!r}: {question[:160]!r}")
+        verdict = self._not_prose(question, "question")
+        if verdict is not None:
+            return verdict
         low, high = self.question_chars
         if not low <= len(question.strip()) <= high or len(_words(question)) < 4:
             return Verdict("question_length", f"{len(question.strip())} characters: {question[:120]!r}")
