@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -506,15 +507,28 @@ def test_killed_engine_core_mid_reverse_loses_and_duplicates_nothing(
             "vllm.gpu_memory_utilization=0.1",
         ],
     )
-    killed: list[int] = []
-
-    def on_shard(done: dict, _totals: dict, _n: int) -> None:
-        if not killed:  # the engine of the replica that wrote this shard ("host:pid")
-            killed.append(kill_engine_core_of(int(done["replica"].rsplit(":", 1)[1])))
-
     out_dir = tmp_path / "run" / "reverse"
-    report = run_reverse(config, str(tiny_model_dir), out_dir, on_shard)
-    assert killed
+    killed: list[int | AssertionError] = []
+
+    def kill_at_first_marker() -> None:
+        # Watch the replica's own marker, not the driver's progress callback: by the time the driver
+        # reads a shard's result the replica may have finished all eight and exited (CI, 2026-12-07).
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            for marker in (out_dir / "shards").glob("*.done.json"):
+                done = json.loads(marker.read_text())  # written whole (store.write_text)
+                try:  # the engine of the replica that wrote this shard ("host:pid")
+                    killed.append(kill_engine_core_of(int(done["replica"].rsplit(":", 1)[1])))
+                except AssertionError as error:
+                    killed.append(error)
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=kill_at_first_marker, daemon=True)
+    watcher.start()
+    report = run_reverse(config, str(tiny_model_dir), out_dir)
+    watcher.join(timeout=5)
+    assert killed and isinstance(killed[0], int), killed
     assert report.seeds == 16 == report.dialogues + report.rejected
     assert len(json.loads((out_dir / "manifest.json").read_text())["shards"]) == 8
     ids = reverse_seed_ids(out_dir)
