@@ -210,3 +210,21 @@ def test_dpo_trains_on_as_many_pairs_as_its_steps_take() -> None:
     )
     assert rows_for_steps(table, accumulated, seed=0).num_rows == 39  # 40 wanted: all of them
     assert rows_for_steps(table, TrainConfig(dpo={"max_steps": -1}), seed=0).num_rows == 39  # epochs
+
+
+def test_held_back_pairs_are_whole_dialogues_seeded_and_never_all() -> None:
+    import pyarrow as pa
+
+    from ttpa_ray.train.run import hold_back_pairs
+
+    ids = [f"dlg-{d}/{t}/tps/{p}/x/pair" for d in range(10) for t in range(2) for p in range(3)]
+    table = pa.table({"sample_index": list(range(len(ids))), "pair_id": ids})
+    train, held = hold_back_pairs(table, 0.2, seed=7)
+    dialogues = {i.split("/")[0] for i in held["pair_id"].to_pylist()}
+    assert len(dialogues) == 2 and held.num_rows == 12 and train.num_rows == 48
+    assert not dialogues & {i.split("/")[0] for i in train["pair_id"].to_pylist()}
+    assert hold_back_pairs(table, 0.2, seed=7)[1].equals(held)
+    assert not hold_back_pairs(table, 0.2, seed=8)[1].equals(held)
+    assert hold_back_pairs(table, 0.0, seed=7)[1].num_rows == 0
+    one = table.filter(pa.array([i.startswith("dlg-0/") for i in ids]))
+    assert hold_back_pairs(one, 0.5, seed=7)[0].num_rows == 6  # a single dialogue is never held back

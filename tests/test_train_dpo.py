@@ -1,11 +1,12 @@
 """DPO on Ray Train with DeepSpeed ZeRO-3 and precomputed reference log-probs: checks, learning, export.
 
-The learning measure is DPO's implicit reward accuracy on HELD-OUT pairs: the share of pairs where
+The learning measure is DPO's implicit reward accuracy on HELD-BACK pairs (``train.dpo.validation_fraction``:
+the stage holds them back and evaluates the trained policy on them): the share of pairs where
 ``logp_policy(chosen) - logp_ref(chosen) > logp_policy(rejected) - logp_ref(rejected)`` (ties count 1/2).
-The untrained policy IS its reference, so it scores exactly 0.5; a run that trains nothing (or trains
+The untrained policy IS its reference, so it would score 0.5; a run that trains nothing (or trains
 on noise) stays near 0.5, and the test asks for at least 0.75. The pairs are honest: BFCL questions
 with their tools, chosen = the ground-truth call, rejected = that call with one systematic error
-(wrong value / missing required argument / wrong tool name), train and held-out split by BFCL entry.
+(wrong value / missing required argument / wrong tool name), train and held-back split by BFCL entry.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from ttpa_ray.config import TrainConfig
 from ttpa_ray.records import RejectedRow, read_parquet, write_parquet
-from ttpa_ray.train.data import REF_COLUMNS, bfcl_preference_pairs, chat_token_counter, check_pairs
+from ttpa_ray.train.data import REF_COLUMNS, bfcl_preference_pairs
 from ttpa_ray.train.dpo import precompute_reference_logps, reward_accuracy
 from ttpa_ray.train.export import check_policy_folder
 from ttpa_ray.train.run import run_stage
@@ -39,12 +40,9 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_dpo_zero3_precomputed_reference_learns_on_held_out_pairs(
     ray_cluster: Any, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    from transformers import AutoTokenizer
 
-    pairs = bfcl_preference_pairs("simple_python")
-    train_pairs, held_pairs = pairs[:120], pairs[-48:]
-    assert not {p.pair_id for p in train_pairs} & {p.pair_id for p in held_pairs}
-    write_parquet(train_pairs, tmp_path / "pairs" / "part-0.parquet")
+    pairs = bfcl_preference_pairs("simple_python")[:168]  # a pair per BFCL entry: each its own "dialogue"
+    write_parquet(pairs, tmp_path / "pairs" / "part-0.parquet")
 
     train = TrainConfig(
         num_workers=2,
@@ -59,6 +57,7 @@ def test_dpo_zero3_precomputed_reference_learns_on_held_out_pairs(
             "per_device_batch_size": 8,
             "max_length": MAX_LENGTH,
             "init_from_sft": False,
+            "validation_fraction": 0.3,
         },
     )
     outcome = run_stage("dpo", train, policy=str(tiny_model_dir), run_dir=tmp_path, run_name="learn")
@@ -66,18 +65,23 @@ def test_dpo_zero3_precomputed_reference_learns_on_held_out_pairs(
     # input checks: too-long pairs were set aside with their reason before training, and counted
     rejected = read_parquet(RejectedRow, outcome.out_dir / "rejected.parquet")
     assert outcome.rows_rejected == len(rejected) > 0
-    assert outcome.rows_used + outcome.rows_rejected == len(train_pairs)
+    assert outcome.rows_used + outcome.rows_rejected == len(pairs)
     assert {r.reason for r in rejected} == {"too_long"}
 
-    # the reference log-probs came from the replicas, one per pair, and travelled with the pairs
+    # a seeded 30% of the entries held back, none of them trained on; the reference log-probs of both
+    # parts came from the replicas, one per pair, and travelled with the pairs
     trained_on = pq.read_table(outcome.out_dir / "train_table.parquet")
-    assert trained_on.num_rows == outcome.rows_used
-    assert all(v < 0 for c in REF_COLUMNS for v in trained_on.column(c).to_pylist())
+    held = pq.read_table(outcome.out_dir / "heldback_table.parquet")
+    trained_ids, held_ids = trained_on["pair_id"].to_pylist(), held["pair_id"].to_pylist()
+    assert not set(trained_ids) & set(held_ids)
+    assert len(set(trained_ids + held_ids)) == trained_on.num_rows + held.num_rows == outcome.rows_used
+    assert abs(held.num_rows / outcome.rows_used - 0.3) < 0.1
+    assert all(v < 0 for t in (trained_on, held) for c in REF_COLUMNS for v in t.column(c).to_pylist())
 
     # per-step metrics with DPO's rewards, and TensorBoard event files
     history = outcome.result.history
     steps = int(outcome.result.metrics["step"])
-    assert steps == 2 * -(-outcome.rows_used // 16)  # 2 epochs of ceil(rows / (2 workers x 8))
+    assert steps == 2 * -(-trained_on.num_rows // 16)  # 2 epochs of ceil(rows / (2 workers x 8))
     assert [int(h["step"]) for h in history] == list(range(1, steps + 1))
     assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(
         history[-1]
@@ -95,14 +99,16 @@ def test_dpo_zero3_precomputed_reference_learns_on_held_out_pairs(
     assert all(torch.isfinite(t).all() for t in after.values())
     assert any(not torch.equal(before[n], after[n]) for n in before)
 
-    # learning, on held-out entries
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
-    held = check_pairs([p.to_row() for p in held_pairs], chat_token_counter(tokenizer), MAX_LENGTH).table
+    # learning, on the held-back entries: by hand from the exported policy, and as the stage reported it
     assert held.num_rows >= 30
-    reference = precompute_reference_logps(tiny_model_dir, held, max_length=MAX_LENGTH)
-    untrained = reward_accuracy(reference, reference)
+    reference = held.select(["sample_index", *REF_COLUMNS])
     trained = reward_accuracy(precompute_reference_logps(policy, held, max_length=MAX_LENGTH), reference)
-    print(f"held-out implicit reward accuracy: untrained {untrained} trained {trained}")
-    assert untrained["accuracy"] == 0.5
+    final = outcome.result.metrics
+    print(f"held-back implicit reward accuracy: trained {trained}; stage {final}")
     assert trained["accuracy"] >= HELD_OUT_THRESHOLD
     assert trained["mean_margin"] > 0
+    assert final["heldback_pairs"] == held.num_rows
+    assert final["heldback_reward_accuracy"] >= HELD_OUT_THRESHOLD
+    # TRL averages per evaluation batch and counts ties as losses: close to the hand count, not equal
+    assert abs(final["heldback_reward_accuracy"] - trained["accuracy"]) <= 0.1
+    assert final["heldback_loss"] < 0.6931  # below log 2, where DPO starts

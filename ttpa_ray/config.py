@@ -343,8 +343,25 @@ class DPOStageConfig(StageConfig):
     # instead of once per completion; loss and gradients equal TRL's standard forward's
     # (ttpa_ray/train/shared_prefix.py).
     shared_prefix: bool = True
+    # Share of the pairs' dialogues held back from training (seeded, whole dialogues: no turn of a
+    # held-back dialogue is trained on). After training, TRL's evaluation over their pairs gives the loss
+    # and the implicit reward accuracy of the trained policy on pairs it never saw: the numbers to choose
+    # learning_rate and beta on (bench/alignment.py). 0: every pair is trained on.
+    validation_fraction: float = Field(default=0.0, ge=0, lt=1)
     # Start DPO from the exported SFT policy when one exists in the run directory.
     init_from_sft: bool = True
+
+
+class LoraSettings(_Section):
+    """LoRA adapters (PEFT, through TRL) instead of full fine-tuning, for SFT and DPO. The reference of a
+    live-reference DPO is the model with its adapters disabled; the exported policy is the base model
+    with the adapters merged in, a plain Hugging Face folder that vLLM loads."""
+
+    rank: int = Field(default=16, ge=1)
+    alpha: int = Field(default=32, ge=1)
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    # "all-linear" (every linear layer but the output head) or module names, e.g. [q_proj, v_proj]
+    target_modules: str | list[str] = "all-linear"
 
 
 class TrainConfig(_Section):
@@ -368,6 +385,7 @@ class TrainConfig(_Section):
     logging_steps: int = Field(default=1, ge=1)
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
     gradient_checkpointing: bool = False
+    lora: LoraSettings | None = None  # None: full fine-tuning
     sft: StageConfig = StageConfig()
     dpo: DPOStageConfig = DPOStageConfig()
 

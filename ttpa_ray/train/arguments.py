@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ttpa_ray.config import StageConfig
+from ttpa_ray.config import LoraSettings, StageConfig
 
 
 @dataclass(frozen=True)
@@ -50,3 +50,19 @@ def common_arguments(stage: StageConfig, output_dir: Path, run: RunSettings) -> 
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
     }
+
+
+def lora_config(settings: dict[str, Any] | LoraSettings | None) -> Any:
+    """PEFT's LoraConfig for ``train.lora`` (None: full fine-tuning)."""
+    if settings is None:
+        return None
+    from peft import LoraConfig
+
+    lora = settings if isinstance(settings, LoraSettings) else LoraSettings(**settings)
+    return LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )

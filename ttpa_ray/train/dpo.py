@@ -105,21 +105,37 @@ def dpo_args(
 
 
 def build_dpo_trainer(
-    model: Any, tokenizer: Any, train_table: pa.Table, args: DPOConfig, callbacks: Sequence[Any] = ()
+    model: Any,
+    tokenizer: Any,
+    train_table: pa.Table,
+    args: DPOConfig,
+    callbacks: Sequence[Any] = (),
+    eval_table: pa.Table | None = None,
+    peft_config: Any = None,
 ) -> TracedDPOTrainer:
-    """A DPO trainer over a checked pairs table (with reference columns when ``args`` says precomputed)."""
-    if args.precompute_ref_log_probs and not all(c in train_table.column_names for c in REF_COLUMNS):
-        raise ValueError(
-            "precomputed reference: the pairs table has no ref_chosen_logps/ref_rejected_logps; "
-            "run precompute_reference_logps first"
-        )
+    """A DPO trainer over a checked pairs table (with reference columns when ``args`` says precomputed);
+    ``eval_table``: held-back pairs for ``trainer.evaluate()`` (the loss only: no logits are kept);
+    ``peft_config``: train LoRA adapters only (a live reference is then the adapter-disabled model)."""
+    for table in (train_table, eval_table):
+        if table is None or not args.precompute_ref_log_probs:
+            continue
+        if not all(c in table.column_names for c in REF_COLUMNS):
+            raise ValueError(
+                "precomputed reference: the pairs table has no ref_chosen_logps/ref_rejected_logps; "
+                "run precompute_reference_logps first"
+            )
+    if eval_table is not None:
+        args.prediction_loss_only = True
+        args.per_device_eval_batch_size = args.per_device_train_batch_size
     trainer = TracedDPOTrainer(
         model=model,
         ref_model=None,
         args=args,
         train_dataset=to_hf_dataset(train_table),
+        eval_dataset=None if eval_table is None else to_hf_dataset(eval_table),
         processing_class=tokenizer,
         callbacks=list(callbacks),
+        peft_config=peft_config,
     )
     trainer.enable_sample_tracing()
     # ConsoleMetrics prints a compact line per step; HF's printer would repeat the raw dict

@@ -75,6 +75,8 @@ class TrainJob:
     run_name: str = ""  # run_torch_trainer)
     progress_file: str | None = None  # rank 0 appends a JSON line per logging step (the driver's bar)
     dtype: str = "float32"  # model.dtype; "auto" resolves on the worker (bf16 where it computes it natively)
+    eval_path: str | None = None  # DPO: Parquet of the held-back pairs, evaluated after training
+    lora: dict[str, Any] | None = None  # train.lora (LoraSettings as a dict); None: full fine-tuning
 
 
 def _init_distributed(use_gpu: bool) -> None:
@@ -206,7 +208,7 @@ def train_loop(job_fields: dict[str, Any]) -> None:
 
     from ttpa_ray.config import DPOStageConfig, StageConfig
     from ttpa_ray.store import local_copy
-    from ttpa_ray.train.arguments import RunSettings
+    from ttpa_ray.train.arguments import RunSettings, lora_config
     from ttpa_ray.train.metrics import ModelStateMeter, SampleLog, model_state_mib
 
     context = ray.train.get_context()
@@ -268,10 +270,12 @@ def train_loop(job_fields: dict[str, Any]) -> None:
         args = sft_args(StageConfig(**job.stage_config), work_dir, settings)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     callbacks = _callbacks(job, rank, local_rank)
+    held_back = pq.read_table(local_copy(job.eval_path)) if job.eval_path else None
+    peft_config = lora_config(job.lora)
     if job.stage == "dpo":
-        trainer: Any = build_dpo_trainer(model, tokenizer, table, args, callbacks)
+        trainer: Any = build_dpo_trainer(model, tokenizer, table, args, callbacks, held_back, peft_config)
     else:
-        trainer = build_sft_trainer(model, tokenizer, table, args, callbacks)
+        trainer = build_sft_trainer(model, tokenizer, table, args, callbacks, peft_config)
     if job.sample_log_dir:
         trainer.add_callback(SampleLog(Path(job.sample_log_dir), rank, trainer))
 
@@ -283,6 +287,7 @@ def train_loop(job_fields: dict[str, Any]) -> None:
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     elapsed = time.perf_counter() - started
+    held = _evaluate_held_back(trainer, held_back, rank)
     # before the export: under ZeRO-3 saving gathers the whole model on rank 0 once, after training
     peak_steps = _peak_rss_mib()
     states = max(meter.peak_mib, model_state_mib(trainer))
@@ -302,10 +307,11 @@ def train_loop(job_fields: dict[str, Any]) -> None:
         "rss_anon_mib": _rss_anon_mib(),
         "model_state_mib": states,
         "num_tokens": float(trainer._total_train_tokens),
+        **held,
     }
     with tempfile.TemporaryDirectory() as tmp:
         # every rank joins: under ZeRO-3 the weights are gathered from all shards
-        save_policy(trainer, tokenizer, Path(tmp) / POLICY)
+        save_policy(trainer, tokenizer, Path(tmp) / POLICY, base_model=model_path if job.lora else None)
         if rank == 0:
             (Path(tmp) / "metrics.json").write_text(
                 json.dumps({"final": final, "history": console.history}, indent=1), encoding="utf-8"
@@ -321,6 +327,32 @@ def train_loop(job_fields: dict[str, Any]) -> None:
     shutil.rmtree(work_dir, ignore_errors=True)
     with contextlib.suppress(OSError):  # the run's scratch root, once no rank's attempt is left in it
         work_dir.parent.rmdir()
+
+
+HELD_BACK_KEYS = {  # TRL's evaluation metrics -> metrics.json keys
+    "eval_loss": "heldback_loss",
+    "eval_rewards/accuracies": "heldback_reward_accuracy",
+    "eval_rewards/margins": "heldback_reward_margin",
+}
+
+
+def _evaluate_held_back(trainer: Any, held_back: Any, rank: int) -> dict[str, float]:
+    """TRL's evaluation of the trained policy on the held-back pairs (every rank joins); their loss,
+    implicit reward accuracy and margin, printed on rank 0."""
+    if held_back is None:
+        return {}
+    metrics = trainer.evaluate()
+    held = {ours: float(metrics[theirs]) for theirs, ours in HELD_BACK_KEYS.items() if theirs in metrics}
+    held["heldback_pairs"] = float(held_back.num_rows)
+    if rank == 0:
+        print(
+            f"[dpo] held-back pairs ({held_back.num_rows}, never trained on): loss "
+            f"{held.get('heldback_loss', float('nan')):.4f}, implicit reward accuracy "
+            f"{held.get('heldback_reward_accuracy', float('nan')):.3f}, margin "
+            f"{held.get('heldback_reward_margin', float('nan')):.4f}",
+            flush=True,
+        )
+    return held
 
 
 @dataclass

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ttpa_ray import store
@@ -158,6 +159,21 @@ def rows_for_steps(table: pa.Table, train: TrainConfig, seed: int) -> pa.Table:
     return table.take(chosen)
 
 
+def dialogue_of(pair_id: str) -> str:
+    """The dialogue a pair comes from: pair ids start with their turn id, ``<dialogue_id>/<turn>/...``."""
+    return pair_id.split("/", 1)[0]
+
+
+def hold_back_pairs(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
+    """(train, held back): the pairs of a seeded ``fraction`` of their dialogues are held back (at least
+    one dialogue when there are two or more and the fraction is not 0; never all of them)."""
+    dialogues = sorted({dialogue_of(p) for p in table.column("pair_id").to_pylist()})
+    count = min(max(1, round(fraction * len(dialogues))), len(dialogues) - 1) if fraction > 0 else 0
+    held = set(random.Random(seed).sample(dialogues, count))
+    mask = pa.array([dialogue_of(p) in held for p in table.column("pair_id").to_pylist()], pa.bool_())
+    return table.filter(pc.invert(mask)), table.filter(mask)
+
+
 def run_stage(
     stage: Stage,
     train: TrainConfig,
@@ -203,10 +219,22 @@ def run_stage(
             f"{stage}: no usable rows in {source} ({checked.summary()}); see {out / 'rejected.parquet'}"
         )
     table = checked.table
+    held_back = table.slice(0, 0)
     if stage == "dpo":
+        table, held_back = hold_back_pairs(table, train.dpo.validation_fraction, seed)
+        if held_back.num_rows:
+            dialogues = len(set(map(dialogue_of, held_back["pair_id"].to_pylist())))
+            print(
+                f"[dpo] {held_back.num_rows} pairs of {dialogues} dialogues held back from training "
+                f"(train.dpo.validation_fraction "
+                f"{train.dpo.validation_fraction}): the trained policy is evaluated on them",
+                flush=True,
+            )
         table = rows_for_steps(table, train, seed)
     precomputed = stage == "dpo" and train.dpo.reference != "live"
     if precomputed and "ref_chosen_logps" not in table.column_names:
+        trained = table.num_rows
+        table = pa.concat_tables([table, held_back])  # one reference pass over both parts
         start = time.perf_counter()
         if train.dpo.reference == "replicas":
             from ttpa_ray.reference import replica_reference_logps
@@ -230,8 +258,13 @@ def run_stage(
             f"{time.perf_counter() - start:.1f} s",
             flush=True,
         )
+        table, held_back = table.slice(0, trained), table.slice(trained)
     data_path = out / "train_table.parquet"
     pq.write_table(table, data_path)
+    eval_path = out / "heldback_table.parquet"
+    eval_path.unlink(missing_ok=True)
+    if held_back.num_rows:
+        pq.write_table(held_back, eval_path)
 
     # In a run dir in an object store, the checkpoints and the table go there, and the workers fetch
     # the model from there (store.shared); otherwise all three are local paths.
@@ -242,6 +275,7 @@ def run_stage(
         stage=stage,
         model_path=store.shared(model_path),
         data_path=store.shared(data_path.resolve()),
+        eval_path=store.shared(eval_path.resolve()) if held_back.num_rows else None,
         work_dir=str(Path(tempfile.gettempdir()) / f"ttpa-train-{os.getpid()}-{run_name}-{out.name}"),
         stage_config=stage_cfg.model_dump(mode="json"),
         deepspeed=load_deepspeed(train.deepspeed, model_path),
@@ -253,6 +287,7 @@ def run_stage(
         tensorboard_dir=str((out / "tensorboard").resolve()) if "tensorboard" in train.report_to else None,
         precomputed_reference=precomputed,
         gradient_checkpointing=train.gradient_checkpointing,
+        lora=train.lora.model_dump(mode="json") if train.lora is not None else None,
         sample_log_dir=str((out / "samples").resolve()) if sample_log else None,
         crash=crash,
         dtype=dtype,

@@ -38,9 +38,15 @@ def sft_args(stage: StageConfig, output_dir: Path, run: RunSettings) -> SFTConfi
 
 
 def build_sft_trainer(
-    model: Any, tokenizer: Any, train_table: pa.Table, args: SFTConfig, callbacks: Sequence[Any] = ()
+    model: Any,
+    tokenizer: Any,
+    train_table: pa.Table,
+    args: SFTConfig,
+    callbacks: Sequence[Any] = (),
+    peft_config: Any = None,
 ) -> TracedSFTTrainer:
-    """An SFT trainer over a checked dialogues table (``messages`` + ``tools`` + ``sample_index``)."""
+    """An SFT trainer over a checked dialogues table (``messages`` + ``tools`` + ``sample_index``);
+    ``peft_config`` (:func:`~ttpa_ray.train.arguments.lora_config`): train LoRA adapters only."""
 
     def tokenize(row: dict[str, Any]) -> dict[str, Any]:
         input_ids, mask = assistant_token_mask(tokenizer, row["messages"], row["tools"])
@@ -54,6 +60,7 @@ def build_sft_trainer(
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=list(callbacks),
+        peft_config=peft_config,
     )
     trainer.enable_sample_tracing()
     # ConsoleMetrics prints a compact line per step; HF's printer would repeat the raw dict
