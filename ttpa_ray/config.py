@@ -196,7 +196,7 @@ class QualityConfig(_Section):
 
 
 class ReverseConfig(_Section):
-    """Reversed dataset construction (DESIGN.md stage 1)."""
+    """Reversed dataset construction (docs/design.md section 1)."""
 
     catalogue: Annotated[str, AfterValidator(_check_catalogue)] = (
         "builtin"  # builtin, bfcl, bfcl:Class,..., a folder of tool modules, a JSON file; a+b merges
@@ -263,7 +263,7 @@ class ReverseConfig(_Section):
 
 
 class ESMWeights(_Section):
-    """Weights of the five ESM components (DESIGN.md section 3: 3/3/1/2/2)."""
+    """Weights of the five ESM components (docs/design.md section 4: 3/3/1/2/2)."""
 
     name: float = Field(default=3.0, ge=0)
     required: float = Field(default=3.0, ge=0)
@@ -289,7 +289,7 @@ class ESMConfig(_Section):
 
 
 class TPSConfig(_Section):
-    """Token-level preference sampling (DESIGN.md section 2)."""
+    """Token-level preference sampling (docs/design.md section 3)."""
 
     sampler: Literal["tps", "sequence"] = "tps"
     top_k: int = Field(default=5, ge=1, le=20)  # alternatives read per position (prompt_logprobs)
@@ -428,7 +428,7 @@ BfclCategory = Literal[
 
 
 class EvalConfig(_Section):
-    """Evaluation on BFCL v4's AST categories (DESIGN.md stage 5)."""
+    """Evaluation on BFCL v4's AST categories (docs/design.md section 7)."""
 
     categories: list[BfclCategory] = Field(default_factory=lambda: list(typing.get_args(BfclCategory)))
     limit_per_category: int | None = Field(default=None, ge=1)  # None: every entry

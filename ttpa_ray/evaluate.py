@@ -1,4 +1,4 @@
-"""Fine-grained evaluation (DESIGN.md stage 5), as BFCL evaluates: free generation, parsed afterwards.
+"""Fine-grained evaluation (docs/design.md section 7), as BFCL evaluates: free generation, parsed afterwards.
 
 Each model answers each item through vLLM replicas in Ray Data: greedy, in the model's own tool-call
 format (its chat template renders the tools), no grammar, its own stop tokens. What comes back is

@@ -1,4 +1,4 @@
-"""ESM-labelled preference pairs (DESIGN.md section 2, step 5): scored candidates -> TRL pairs.
+"""ESM-labelled preference pairs (docs/design.md section 5): scored candidates -> TRL pairs.
 
 Pure core, per turn:
 

@@ -505,7 +505,7 @@ def stage_evaluate(ctx: RunContext) -> StageReport:
     )
 
 
-# The method's stages in order (DESIGN.md).
+# The method's stages in order (docs/design.md, "Stages").
 STAGES: list[tuple[str, str, StageFn]] = [
     (
         "prepare-models",

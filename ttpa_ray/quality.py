@@ -280,9 +280,9 @@ def _scalars(value: Any) -> Iterator[str]:
 
 def missed_call(question: str, calls: Iterable[Any]) -> Any:
     """The first call none of whose argument values (strings of two characters or more, numbers) the
-    question shows, or None. DESIGN: the question holds every value the calls needed; this asks one per
-    call, so a question about something else entirely ("the top 5 hotels" over an exchange-rate call)
-    is caught and a paraphrased date is not held against it."""
+    question shows, or None. docs/design.md section 1: the question holds every value the calls
+    needed; this asks one per call, so a question about something else entirely ("the top 5 hotels"
+    over an exchange-rate call) is caught and a paraphrased date is not held against it."""
     lowered = question.lower()
     known = _number_values(question)
     for call in calls:

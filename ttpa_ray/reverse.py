@@ -1,4 +1,4 @@
-"""Reversed dataset construction (DESIGN.md stage 1): tools -> executed calls -> answer -> question.
+"""Reversed dataset construction (docs/design.md section 1): tools -> executed calls -> answer -> question.
 
 The pure core is :class:`ReverseBuilder`: given a teacher :class:`~ttpa_ray.engine.Engine` and a
 :class:`~ttpa_ray.tools.registry.ToolRegistry`, it turns seeds into :class:`Dialogue` records or

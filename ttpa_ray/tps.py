@@ -1,4 +1,4 @@
-"""Token-level preference sampling (TPS, DESIGN.md section 2): dialogues -> turns -> candidates.
+"""Token-level preference sampling (TPS, docs/design.md section 3): dialogues -> turns -> candidates.
 
 The pure core runs over an :class:`~ttpa_ray.engine.Engine` (tests drive it without Ray):
 

@@ -1,4 +1,4 @@
-"""ESM, the error-oriented scoring mechanism (DESIGN.md section 3): pure scorer and Ray stage.
+"""ESM, the error-oriented scoring mechanism (docs/design.md section 4): pure scorer and Ray stage.
 
 The pure core is :mod:`ttpa_ray.esm.scorer` (re-exported here); :mod:`ttpa_ray.esm.stage` is the
 stateless Ray Data shell and the row and file forms behind ``ttpa score``.

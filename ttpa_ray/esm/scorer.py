@@ -1,4 +1,4 @@
-"""ESM, the error-oriented scoring mechanism (DESIGN.md section 3): a pure scorer of tool calls.
+"""ESM, the error-oriented scoring mechanism (docs/design.md section 4): a pure scorer of tool calls.
 
 One candidate call ``c`` against one reference call ``r``, with ``s`` the schema of the tool ``c`` names:
 
@@ -135,7 +135,7 @@ class SchemaError(ValueError):
         self.parameter = parameter
 
 
-# JSON type names, and BFCL's Python-flavoured ones (DESIGN.md section 3), to the Python types of
+# JSON type names, and BFCL's Python-flavoured ones (docs/design.md section 4, Types), to the Python types of
 # their values; None is BFCL's 'any'.
 _PY_TYPES: Final[dict[str, frozenset[type] | None]] = {
     "string": frozenset({str}),

@@ -1,4 +1,4 @@
-"""Alignment training (DESIGN.md section 4): SFT and DPO with TRL on Ray Train + DeepSpeed ZeRO.
+"""Alignment training (docs/design.md section 6): SFT and DPO with TRL on Ray Train + DeepSpeed ZeRO.
 
 - config.py: the ``train`` config section. data.py: input checks (rejected rows with reasons) and the
   TRL-format tables. sft.py / dpo.py: TRL trainers and the reference log-prob precompute.
