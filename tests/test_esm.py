@@ -1,4 +1,4 @@
-"""ESM pure scorer: hand-computed cases for every component and edge case (DESIGN.md section 3).
+"""ESM pure scorer: hand-computed cases for every component and edge case (docs/design.md section 4).
 
 Default weights: score = (3*name + 3*required + 1*key + 2*value_type + 2*value) / 11.
 Every expected number is worked out by hand in the comment beside it.

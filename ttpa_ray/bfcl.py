@@ -1,4 +1,4 @@
-"""BFCL v4 data from the installed ``bfcl-eval`` package (installed with --no-deps, ENVIRONMENT.md).
+"""BFCL v4 data from the installed ``bfcl-eval`` package (installed with --no-deps by scripts/setup.sh).
 
 - :func:`load_entries`: the entries of one category joined by id with their possible answers.
 - :func:`to_openai_tool`: a BFCL function doc as an OpenAI tool spec, BFCL's type names mapped
@@ -56,7 +56,7 @@ def data_dir() -> Path:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The records of one of bfcl-eval's JSON-lines data files."""
     if not path.is_file():
-        raise BfclDataError(f"{path} not found: is this the bfcl-eval version ENVIRONMENT.md names?")
+        raise BfclDataError(f"{path} not found: is this the bfcl-eval version scripts/setup.sh installs?")
     with path.open(encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
 

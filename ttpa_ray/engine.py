@@ -210,7 +210,7 @@ class SegmentEncoder:
     The first ``verify`` prompts are also encoded whole; one difference (a tokenizer whose special
     tokens strip neighbouring spaces, say) turns the cache off for good and every prompt is encoded whole.
     Worth its lines where the engine outpaces the driver (a fast replica; the tiny model here), not on
-    SmolLM2 on this CPU: ``bench/reverse.py --without-engine-caches`` measures both caches (README).
+    SmolLM2 on this CPU: ``bench/reverse.py --without-engine-caches`` measures both caches (docs/results.md).
     """
 
     def __init__(self, tokenizer: Any, *, max_entries: int = 4096, verify: int = 16) -> None:

@@ -97,7 +97,7 @@ NUDGE_SOON = "{left} call(s) left: finish with `answer` soon."
 SCENE_SYSTEM = "You imagine realistic situations in which a person needs tools."
 QUESTION_SYSTEM = "You write the question a user asked, given how it was answered."
 # The question written by the teacher cast as the user (reverse.question_stem): a 135M teacher asked for
-# "the user's question" mostly describes the request instead of making it (ENVIRONMENT.md, measured).
+# "the user's question" mostly describes the request instead of making it (measured).
 USER_SYSTEM = "You are a user talking to an assistant that can use tools."
 USER_INSTRUCTION = (
     "Your situation: {scenario}\nThe assistant will answer you by calling {calls}, and will tell you: "

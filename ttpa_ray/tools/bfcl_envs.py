@@ -1,6 +1,6 @@
 """BFCL's executable multi-turn environments as a tool source.
 
-Eight environments of ``bfcl-eval`` (installed with --no-deps; see ENVIRONMENT.md) run as tools: file
+Eight environments of ``bfcl-eval`` (installed with --no-deps by scripts/setup.sh) run as tools: file
 system, math, messaging, posting, tickets, trading, travel booking and vehicle control. The memory and
 web-search environments need packages that are not installed and are left out.
 
@@ -107,7 +107,7 @@ def load_bfcl_tools(classes: Sequence[str] | None = None) -> tuple[list[BfclTool
         module_name, doc_file = BFCL_CLASSES[class_name]
         path = folder / doc_file
         if not path.is_file():
-            raise BfclDataError(f"{path} not found: is this the bfcl-eval version ENVIRONMENT.md names?")
+            raise BfclDataError(f"{path} not found: is this the bfcl-eval version scripts/setup.sh installs?")
         try:
             cls = getattr(importlib.import_module(f"{BACKEND_PACKAGE}.{module_name}"), class_name)
         except Exception as exc:
