@@ -364,6 +364,13 @@ def train_policy(
         f"({outcome.rows_rejected} rejected: {outcome.reject_counts}), "
         f"{final.get('step', '?')} steps, train loss {final.get('train_loss', float('nan')):.4f}"
     )
+    held = {k: v for k, v in final.items() if k.startswith("heldback_")}
+    if held:
+        ctx.console.print(
+            f"   {held['heldback_pairs']:.0f} held-back pairs (never trained on): loss "
+            f"{held.get('heldback_loss', float('nan')):.4f}, implicit reward accuracy "
+            f"{held.get('heldback_reward_accuracy', float('nan')):.2f}"
+        )
     ctx.models[label] = str(outcome.result.policy_dir)
     return StageReport(
         stage,
@@ -371,7 +378,7 @@ def train_policy(
         records_out=outcome.rows_used,
         records_rejected=outcome.rows_rejected,
         outputs={"policy": str(outcome.result.policy_dir)},
-        notes={"rejected_by_reason": outcome.reject_counts},
+        notes={"rejected_by_reason": outcome.reject_counts, "train_loss": final.get("train_loss"), **held},
     )
 
 
