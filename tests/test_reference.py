@@ -35,10 +35,17 @@ def test_replica_reference_logps_match_trls(ray_cluster: Any, tiny_model_dir: Pa
     ours = replica_reference_logps(
         vllm, str(tiny_model_dir), checked.table, max_length=max_length, dtype="float32"
     )
-    trl = precompute_reference_logps(tiny_model_dir, checked.table, max_length=max_length, dtype="float32")
+    # TRL's own pass (its standard forward), and ours, which computes each pair's shared part once
+    trl, shared = (
+        precompute_reference_logps(
+            tiny_model_dir, checked.table, max_length=max_length, dtype="float32", shared_prefix=packed
+        )
+        for packed in (False, True)
+    )
     assert ours.column("sample_index").to_pylist() == checked.table.column("sample_index").to_pylist()
     for column in REF_COLUMNS:
         mine, theirs = ours.column(column).to_pylist(), trl.column(column).to_pylist()
         assert all(v < 0 for v in mine)
         assert mine == pytest.approx(theirs, rel=1e-4, abs=1e-2), column
+        assert shared.column(column).to_pylist() == pytest.approx(theirs, rel=1e-5), column
     assert ours.column(REF_COLUMNS[0]).to_pylist() != ours.column(REF_COLUMNS[1]).to_pylist()

@@ -150,13 +150,15 @@ def precompute_reference_logps(
     max_length: int,
     batch_size: int = 8,
     dtype: str = "float32",
+    shared_prefix: bool = True,
 ) -> pa.Table:
     """The pairs table with ``ref_chosen_logps``/``ref_rejected_logps`` of the model at ``model_path``.
 
     Runs TRL's tokenisation, collator and ``compute_ref_log_probs`` on one process, without DeepSpeed, so
     the numbers are exactly the ones DPOTrainer would compute for a live reference model (same prompt
     split, same truncation, sum of completion-token log-probs), in the precision training uses (``dtype``
-    auto: bf16 autocast over fp32 weights where the device computes bf16 natively).
+    auto: bf16 autocast over fp32 weights where the device computes bf16 natively), each pair's shared
+    part computed once with ``shared_prefix`` (as training computes it).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -166,7 +168,7 @@ def precompute_reference_logps(
     table = train_table.drop_columns([c for c in REF_COLUMNS if c in train_table.column_names])
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
-    args = DPOConfig(
+    args = TracedDPOConfig(
         output_dir=str(Path(tempfile.gettempdir()) / "ttpa-ref-precompute"),
         max_length=max_length,
         use_cpu=not torch.cuda.is_available(),
@@ -175,6 +177,7 @@ def precompute_reference_logps(
         precompute_ref_batch_size=batch_size,
         bf16=resolve_dtype(dtype) == "bfloat16",
         disable_tqdm=True,
+        shared_prefix=shared_prefix,
     )
     # TRL's own precompute on one process without DeepSpeed; the trainer is built for it and never trains.
     # The pass runs inside __init__, outside the Trainer's own autocast: bf16 is asked for here.
@@ -182,7 +185,7 @@ def precompute_reference_logps(
         torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 and not torch.cuda.is_available() else None
     )
     with autocast or contextlib.nullcontext():
-        trainer = DPOTrainer(
+        trainer = TracedDPOTrainer(
             model=model, args=args, train_dataset=to_hf_dataset(table), processing_class=tokenizer
         )
     done: Any = trainer.train_dataset

@@ -251,7 +251,11 @@ def run_stage(
             from ttpa_ray.train.dpo import precompute_reference_logps
 
             table = precompute_reference_logps(
-                model_path, table, max_length=stage_cfg.max_length, dtype=dtype
+                model_path,
+                table,
+                max_length=stage_cfg.max_length,
+                dtype=dtype,
+                shared_prefix=train.dpo.shared_prefix,
             )
         print(
             f"[{stage}] reference log-probs of {table.num_rows} pairs ({train.dpo.reference}) in "
