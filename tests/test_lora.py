@@ -74,7 +74,9 @@ def test_lora_sft_trains_adapters_and_exports_them_merged(tiny_model_dir: Path, 
 def test_lora_dpo_on_ray_with_live_reference(ray_cluster: Any, tiny_model_dir: Path, tmp_path: Path) -> None:
     from ttpa_ray.train.run import run_stage
 
-    write_parquet(bfcl_preference_pairs("simple_python")[:24], tmp_path / "pairs" / "part-0.parquet")
+    # 25 pairs: 23 fit max_length, 6 are held back, 17 trained on, so the epoch's last batch of 2 x 2 is
+    # one pair and a padding copy (the metrics gathered across ranks must survive that step)
+    write_parquet(bfcl_preference_pairs("simple_python")[:25], tmp_path / "pairs" / "part-0.parquet")
     train = TrainConfig(
         num_workers=2,
         deepspeed="zero2",
@@ -83,7 +85,7 @@ def test_lora_dpo_on_ray_with_live_reference(ray_cluster: Any, tiny_model_dir: P
         dpo={
             "reference": "live",  # the adapter-disabled policy: no second model is loaded
             "learning_rate": 5e-3,
-            "max_steps": 3,
+            "num_epochs": 1,
             "per_device_batch_size": 2,
             "max_length": 384,
             "init_from_sft": False,
@@ -93,7 +95,7 @@ def test_lora_dpo_on_ray_with_live_reference(ray_cluster: Any, tiny_model_dir: P
     outcome = run_stage("dpo", train, policy=str(tiny_model_dir), run_dir=tmp_path, run_name="lora")
 
     history = outcome.result.history
-    assert [int(h["step"]) for h in history] == [1, 2, 3]
+    assert outcome.rows_used == 23 and [int(h["step"]) for h in history] == [1, 2, 3, 4, 5]
     # step 1's batch is scored before any update: policy == adapter-disabled reference
     assert abs(history[0]["rewards/chosen"]) < 1e-4 and abs(history[0]["rewards/rejected"]) < 1e-4
     assert any(abs(h["rewards/margins"]) > 1e-3 for h in history[1:])  # and then the adapters moved it

@@ -74,7 +74,9 @@ class TracedDPOTrainer(SampleTracingMixin, DPOTrainer):
         standard = int(inputs["attention_mask"].sum())
         ran = policy.last.packed_tokens if policy.last is not None else standard
         counts = torch.tensor([ran, standard], dtype=torch.float64, device=self.accelerator.device)
-        ran_all, standard_all = self.accelerator.gather_for_metrics(counts).view(-1, 2).sum(dim=0).tolist()
+        # gather, not gather_for_metrics: at an epoch's last, uneven batch the latter cuts the gathered
+        # tensor to the dataset's remainder (one element for an odd number of pairs on two ranks)
+        ran_all, standard_all = self.accelerator.gather(counts).view(-1, 2).sum(dim=0).tolist()
         mode = "train" if self.model is not None and self.model.training else "eval"
         self._metrics[mode]["shared_prefix/token_share"].append(ran_all / max(standard_all, 1.0))
 
