@@ -270,7 +270,7 @@ def train_loop(job_fields: dict[str, Any]) -> None:
         args = sft_args(StageConfig(**job.stage_config), work_dir, settings)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     callbacks = _callbacks(job, rank, local_rank)
-    held_back = pq.read_table(local_copy(job.eval_path)) if job.eval_path else None
+    held_back = pq.read_table(job.eval_path) if job.eval_path else None  # a path or URI, as data_path
     peft_config = lora_config(job.lora)
     if job.stage == "dpo":
         trainer: Any = build_dpo_trainer(model, tokenizer, table, args, callbacks, held_back, peft_config)
