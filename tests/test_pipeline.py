@@ -155,6 +155,9 @@ def test_pipeline_in_a_bucket_killed_and_resumed_elsewhere(
     assert by_name["tps"]["records_in"] == 6 + by_name["reverse"]["records_out"]
     assert by_name["pairs"]["records_in"] == by_name["tps"]["records_in"]
     assert by_name["dpo"]["records_out"] > 0  # pairs were trained on
+    # configs/local.yaml holds back 20% of the pairs' dialogues (here BFCL entries) and evaluates on them
+    assert 0 < by_name["dpo"]["notes"]["heldback_pairs"] < by_name["dpo"]["records_out"]
+    assert 0.0 <= by_name["dpo"]["notes"]["heldback_reward_accuracy"] <= 1.0
     sequence = by_name["sequence"]["notes"]  # the baseline: as many pairs as TTPA, the same steps
     assert 0 < sequence["pairs_for_dpo"] <= sequence["ttpa_pairs"] == by_name["pairs"]["notes"]["pairs"]
     assert (run_dir / "train" / "dpo-sequence" / "policy" / "config.json").exists()

@@ -215,14 +215,21 @@ def test_dpo_trains_on_as_many_pairs_as_its_steps_take() -> None:
 def test_held_back_pairs_are_whole_dialogues_seeded_and_never_all() -> None:
     import pyarrow as pa
 
-    from ttpa_ray.train.run import hold_back_pairs
+    from ttpa_ray.train.run import dialogue_of, hold_back_pairs
 
-    ids = [f"dlg-{d}/{t}/tps/{p}/x/pair" for d in range(10) for t in range(2) for p in range(3)]
+    # as the pairs stage names them: reversed dialogues' turns and BFCL turns (dialogue "bfcl/<entry>")
+    assert dialogue_of("dlg-seed-0-000014/1/tps/28/5529/pair") == "dlg-seed-0-000014"
+    assert dialogue_of("bfcl/simple_python_200/0/sequence/2/pair") == "bfcl/simple_python_200"
+    assert dialogue_of("bfcl-simple_python_3") == "bfcl-simple_python_3"
+    ids = [f"dlg-{d}/{t}/tps/{p}/7/pair" for d in range(5) for t in range(2) for p in range(3)]
+    ids += [
+        f"bfcl/simple_python_{d}/{t}/sequence/{p}/pair" for d in range(5) for t in range(2) for p in range(3)
+    ]
     table = pa.table({"sample_index": list(range(len(ids))), "pair_id": ids})
     train, held = hold_back_pairs(table, 0.2, seed=7)
-    dialogues = {i.split("/")[0] for i in held["pair_id"].to_pylist()}
+    dialogues = {dialogue_of(i) for i in held["pair_id"].to_pylist()}
     assert len(dialogues) == 2 and held.num_rows == 12 and train.num_rows == 48
-    assert not dialogues & {i.split("/")[0] for i in train["pair_id"].to_pylist()}
+    assert not dialogues & {dialogue_of(i) for i in train["pair_id"].to_pylist()}
     assert hold_back_pairs(table, 0.2, seed=7)[1].equals(held)
     assert not hold_back_pairs(table, 0.2, seed=8)[1].equals(held)
     assert hold_back_pairs(table, 0.0, seed=7)[1].num_rows == 0

@@ -160,7 +160,12 @@ def rows_for_steps(table: pa.Table, train: TrainConfig, seed: int) -> pa.Table:
 
 
 def dialogue_of(pair_id: str) -> str:
-    """The dialogue a pair comes from: pair ids start with their turn id, ``<dialogue_id>/<turn>/...``."""
+    """The dialogue a pair comes from. The pairs stage names a pair ``<turn_id>/tps/...`` or
+    ``<turn_id>/sequence/...`` with ``turn_id`` = ``<dialogue_id>/<turn>`` (a BFCL turn's dialogue id is
+    ``bfcl/<entry>``); another id counts up to its first ``/``."""
+    for sampler in ("/tps/", "/sequence/"):
+        if sampler in pair_id:
+            return pair_id.split(sampler, 1)[0].rsplit("/", 1)[0]
     return pair_id.split("/", 1)[0]
 
 
