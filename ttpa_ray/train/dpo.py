@@ -103,6 +103,9 @@ def dpo_args(
         loss_type=[stage.loss_type],
         precompute_ref_log_probs=precomputed_reference,
         shared_prefix=stage.shared_prefix,
+        # the held-back pairs' evaluation: the loss and rewards only (no logits kept), batches as in training
+        prediction_loss_only=True,
+        per_device_eval_batch_size=stage.per_device_batch_size,
     )
 
 
@@ -126,9 +129,6 @@ def build_dpo_trainer(
                 "precomputed reference: the pairs table has no ref_chosen_logps/ref_rejected_logps; "
                 "run precompute_reference_logps first"
             )
-    if eval_table is not None:
-        args.prediction_loss_only = True
-        args.per_device_eval_batch_size = args.per_device_train_batch_size
     trainer = TracedDPOTrainer(
         model=model,
         ref_model=None,

@@ -287,7 +287,7 @@ def train_loop(job_fields: dict[str, Any]) -> None:
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     elapsed = time.perf_counter() - started
-    held = _evaluate_held_back(trainer, held_back, rank)
+    held = _evaluate_held_back(trainer, held_back)
     # before the export: under ZeRO-3 saving gathers the whole model on rank 0 once, after training
     peak_steps = _peak_rss_mib()
     states = max(meter.peak_mib, model_state_mib(trainer))
@@ -336,22 +336,14 @@ HELD_BACK_KEYS = {  # TRL's evaluation metrics -> metrics.json keys
 }
 
 
-def _evaluate_held_back(trainer: Any, held_back: Any, rank: int) -> dict[str, float]:
-    """TRL's evaluation of the trained policy on the held-back pairs (every rank joins); their loss,
-    implicit reward accuracy and margin, printed on rank 0."""
+def _evaluate_held_back(trainer: Any, held_back: Any) -> dict[str, float]:
+    """TRL's evaluation of the trained policy on the held-back pairs (every rank joins): their loss,
+    implicit reward accuracy and margin (the driver prints them from the final metrics)."""
     if held_back is None:
         return {}
     metrics = trainer.evaluate()
     held = {ours: float(metrics[theirs]) for theirs, ours in HELD_BACK_KEYS.items() if theirs in metrics}
     held["heldback_pairs"] = float(held_back.num_rows)
-    if rank == 0:
-        print(
-            f"[dpo] held-back pairs ({held_back.num_rows}, never trained on): loss "
-            f"{held.get('heldback_loss', float('nan')):.4f}, implicit reward accuracy "
-            f"{held.get('heldback_reward_accuracy', float('nan')):.3f}, margin "
-            f"{held.get('heldback_reward_margin', float('nan')):.4f}",
-            flush=True,
-        )
     return held
 
 

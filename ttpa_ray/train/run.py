@@ -172,10 +172,11 @@ def dialogue_of(pair_id: str) -> str:
 def hold_back_pairs(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
     """(train, held back): the pairs of a seeded ``fraction`` of their dialogues are held back (at least
     one dialogue when there are two or more and the fraction is not 0; never all of them)."""
-    dialogues = sorted({dialogue_of(p) for p in table.column("pair_id").to_pylist()})
+    owners = [dialogue_of(p) for p in table.column("pair_id").to_pylist()]
+    dialogues = sorted(set(owners))
     count = min(max(1, round(fraction * len(dialogues))), len(dialogues) - 1) if fraction > 0 else 0
     held = set(random.Random(seed).sample(dialogues, count))
-    mask = pa.array([dialogue_of(p) in held for p in table.column("pair_id").to_pylist()], pa.bool_())
+    mask = pa.array([owner in held for owner in owners], pa.bool_())
     return table.filter(pc.invert(mask)), table.filter(mask)
 
 
