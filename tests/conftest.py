@@ -103,17 +103,40 @@ def engine_cores() -> set[tuple[int, float]]:
     return vllm_processes("VLLM::EngineCore")
 
 
-def kill_new_engine_core(before: set[tuple[int, float]], timeout_s: float = 120) -> int:
-    """SIGKILL the first engine core that was not running ``before``; its pid."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        new = engine_cores() - before
-        if new:
-            pid = sorted(new)[0][0]
-            os.kill(pid, 9)
-            return pid
-        time.sleep(0.2)
-    raise AssertionError(f"no new vLLM engine core appeared within {timeout_s} s")
+class ServingEngineCoreKiller:
+    """SIGKILLs, from a thread, the first engine core not running ``before`` once its replica is
+    running a Ray Data batch (the replica actor's process title ends in ``.submit`` while it does).
+
+    Watching the replica, not the driver's stream, is what makes this a kill mid-stage: on a loaded
+    machine the driver read its first batch after the replica had done them all and Ray Data had
+    already let it go (CI, 2026-12-07). ``pid()`` is the killed core's pid, after the stage."""
+
+    def __init__(self, before: set[tuple[int, float]], timeout_s: float = 300) -> None:
+        import threading
+
+        self.before, self.deadline = before, time.time() + timeout_s
+        self.killed: int | None = None
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while time.time() < self.deadline:
+            for pid, _ in sorted(engine_cores() - self.before):
+                try:
+                    replica = psutil.Process(pid).parent()
+                    serving = replica is not None and " ".join(replica.cmdline()).rstrip().endswith(".submit")
+                except psutil.Error:
+                    continue
+                if serving:
+                    os.kill(pid, 9)
+                    self.killed = pid
+                    return
+            time.sleep(0.05)
+
+    def pid(self) -> int:
+        self.thread.join(timeout=5)
+        assert self.killed is not None, "no replica's engine core was killed while it served a batch"
+        return self.killed
 
 
 def kill_engine_core_of(replica_pid: int, timeout_s: float = 60) -> int:

@@ -144,7 +144,7 @@ def test_killed_engine_core_mid_stage_loses_and_duplicates_nothing(ray_cluster, 
     """SIGKILL to a replica's engine core while the evaluation's generation runs (issue 17): the replica
     ends, Ray restarts it and retries its batch; every row comes back once, none as an error."""
     import ray
-    from conftest import engine_cores, kill_new_engine_core
+    from conftest import ServingEngineCoreKiller, engine_cores
 
     config = load_config(
         None,
@@ -155,17 +155,11 @@ def test_killed_engine_core_mid_stage_loses_and_duplicates_nothing(ray_cluster, 
             "model.dtype=float32",
         ],
     )
-    # Enough work that the replica is still generating when the driver gets its first row: with 16 rows
-    # a slow machine sometimes had the whole stream done (and the engine gone) by then.
     rows = _question_rows(64, max_tokens=48)
-    before = engine_cores()
+    killer = ServingEngineCoreKiller(engine_cores())
     ds = generate_dataset(ray.data.from_items(rows, override_num_blocks=32), str(tiny_model_dir), config)
-    out, killed = [], None
-    for row in ds.iter_rows():
-        out.append(row)
-        if killed is None:  # the replica is serving: kill its engine core under it
-            killed = kill_new_engine_core(before)
-    assert killed is not None
+    out = list(ds.iter_rows())
+    killer.pid()
     ids = [r["row_id"] for r in out]
     assert sorted(ids) == sorted(r["row_id"] for r in rows)  # every row, each exactly once
     assert not [r for r in out if r["finish_reason"].startswith("error")]

@@ -234,7 +234,7 @@ def test_killed_engine_core_mid_tps_loses_and_duplicates_nothing(
     """SIGKILL to a replica's engine core in the middle of TPS (issue 17): every turn ends once, as
     candidates or a rejected row, and no turn is lost to the dead engine."""
     import pyarrow.parquet as pq
-    from conftest import engine_cores, kill_new_engine_core
+    from conftest import ServingEngineCoreKiller, engine_cores
 
     from ttpa_ray.config import load_config
     from ttpa_ray.records import RejectedRow, read_parquet
@@ -253,14 +253,9 @@ def test_killed_engine_core_mid_tps_loses_and_duplicates_nothing(
             "tps.max_tokens=32",
         ],
     )
-    before, killed = engine_cores(), []
-
-    def progress(report: Any) -> None:
-        if not killed and report.turns_sampled < report.turns:
-            killed.append(kill_new_engine_core(before))
-
-    report = run_sample_stage(config, str(tiny_model_dir), dialogues, tmp_path / "tps", progress)
-    assert killed, "the engine was never killed mid-stage"
+    killer = ServingEngineCoreKiller(engine_cores())
+    report = run_sample_stage(config, str(tiny_model_dir), dialogues, tmp_path / "tps")
+    killer.pid()
     turns = pq.read_table(tmp_path / "tps" / "turns.parquet").column("turn_id").to_pylist()
     sampled = pq.read_table(tmp_path / "tps" / "candidates.parquet").column("turn_id").to_pylist()
     rejected = [r.input_id for r in read_parquet(RejectedRow, tmp_path / "tps" / "rejected.parquet")]
