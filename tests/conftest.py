@@ -104,38 +104,46 @@ def engine_cores() -> set[tuple[int, float]]:
 
 
 class ServingEngineCoreKiller:
-    """SIGKILLs, from a thread, the first engine core not running ``before`` once its replica is
-    running a Ray Data batch (the replica actor's process title ends in ``.submit`` while it does).
+    """SIGKILLs, from a thread, the first engine core not running ``before`` once its replica serves:
+    its actor's process title says it is past ``__init__`` (``ray::MapWorker(...)``, ``.submit`` while
+    it runs a batch), or the test calls :meth:`output_seen` when the driver gets its first output.
 
-    Watching the replica, not the driver's stream, is what makes this a kill mid-stage: on a loaded
-    machine the driver read its first batch after the replica had done them all and Ray Data had
-    already let it go (CI, 2026-12-07). ``pid()`` is the killed core's pid, after the stage."""
+    Watching the replica, not only the driver's stream, is what makes this a kill mid-stage: on a
+    loaded machine the driver read its first batch after the replica had done them all and Ray Data
+    had already let it go (CI, 2026-12-07). ``pid()`` is the killed core's pid, after the stage."""
 
     def __init__(self, before: set[tuple[int, float]], timeout_s: float = 300) -> None:
         import threading
 
         self.before, self.deadline = before, time.time() + timeout_s
         self.killed: int | None = None
+        self.seen: dict[int, str] = {}  # new engine cores -> their parent's title when last looked at
+        self.output = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()
 
+    def output_seen(self) -> None:
+        self.output.set()
+
     def _watch(self) -> None:
-        while time.time() < self.deadline:
+        while time.time() < self.deadline and self.killed is None:
             for pid, _ in sorted(engine_cores() - self.before):
                 try:
                     replica = psutil.Process(pid).parent()
-                    serving = replica is not None and " ".join(replica.cmdline()).rstrip().endswith(".submit")
+                    title = " ".join(replica.cmdline()).rstrip() if replica is not None else ""
                 except psutil.Error:
                     continue
-                if serving:
+                self.seen[pid] = title[:200]
+                ready = title.startswith("ray::MapWorker") and not title.endswith("__init__")
+                if ready or self.output.is_set():
                     os.kill(pid, 9)
                     self.killed = pid
-                    return
+                    break
             time.sleep(0.05)
 
     def pid(self) -> int:
         self.thread.join(timeout=5)
-        assert self.killed is not None, "no replica's engine core was killed while it served a batch"
+        assert self.killed is not None, f"no replica's engine core was killed while it served: {self.seen}"
         return self.killed
 
 

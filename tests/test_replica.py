@@ -158,7 +158,10 @@ def test_killed_engine_core_mid_stage_loses_and_duplicates_nothing(ray_cluster, 
     rows = _question_rows(64, max_tokens=48)
     killer = ServingEngineCoreKiller(engine_cores())
     ds = generate_dataset(ray.data.from_items(rows, override_num_blocks=32), str(tiny_model_dir), config)
-    out = list(ds.iter_rows())
+    out = []
+    for row in ds.iter_rows():
+        out.append(row)
+        killer.output_seen()
     killer.pid()
     ids = [r["row_id"] for r in out]
     assert sorted(ids) == sorted(r["row_id"] for r in rows)  # every row, each exactly once

@@ -254,7 +254,9 @@ def test_killed_engine_core_mid_tps_loses_and_duplicates_nothing(
         ],
     )
     killer = ServingEngineCoreKiller(engine_cores())
-    report = run_sample_stage(config, str(tiny_model_dir), dialogues, tmp_path / "tps")
+    report = run_sample_stage(
+        config, str(tiny_model_dir), dialogues, tmp_path / "tps", lambda _: killer.output_seen()
+    )
     killer.pid()
     turns = pq.read_table(tmp_path / "tps" / "turns.parquet").column("turn_id").to_pylist()
     sampled = pq.read_table(tmp_path / "tps" / "candidates.parquet").column("turn_id").to_pylist()
