@@ -63,6 +63,14 @@ def dry_run(cfg: TTPAConfig, stages: list[str] | None, cluster: Path | None) -> 
     from ttpa_ray.plan import check_against_cluster, describe, node_types, plan_run
 
     plans = [p for p in plan_run(cfg) if stages is None or p.stage in stages]
+    if cfg.model.teacher_is_endpoint and (stages is None or "reverse" in stages):
+        from ttpa_ray.endpoint import TeacherEndpointError, api_key, check_endpoint
+
+        try:  # the endpoint answers, takes the key and serves the model
+            served = check_endpoint(cfg.teacher_endpoint, api_key(cfg.teacher_endpoint))
+        except TeacherEndpointError as err:
+            fail(str(err))
+        console.print(f"teacher endpoint {cfg.teacher_endpoint.base_url} serves {served.name}", markup=False)
     if cfg.run.remote is not None:
         console.print(
             f"run dir {cfg.run.remote}: the driver works in {cfg.run.work_dir}, synced after every stage",
@@ -89,6 +97,7 @@ def dry_run(cfg: TTPAConfig, stages: list[str] | None, cluster: Path | None) -> 
 def _stage(cfg: TTPAConfig, run: Callable[[RunContext], StageReport], *, models: bool = True) -> StageReport:
     """Run one stage as the pipeline does, in the config's run dir (mirrored to run.remote); the
     models are resolved first unless ``models`` is false. Bad input: one red line, exit 2."""
+    from ttpa_ray.endpoint import TeacherEndpointError
     from ttpa_ray.models import ModelNotFoundError
     from ttpa_ray.pipeline import RunContext, stage_prepare_models
     from ttpa_ray.store import mirrored
@@ -100,7 +109,8 @@ def _stage(cfg: TTPAConfig, run: Callable[[RunContext], StageReport], *, models:
             if models:
                 stage_prepare_models(ctx)
             return run(ctx)
-    except (ModelNotFoundError, FileNotFoundError, ValueError) as err:  # TrainInputError is a ValueError
+    # TrainInputError is a ValueError
+    except (ModelNotFoundError, FileNotFoundError, ValueError, TeacherEndpointError) as err:
         fail(str(err))
 
 
@@ -119,6 +129,7 @@ def run_command(
     """Run the whole pipeline in one job: progress on the terminal, logs in <run_dir>/logs/run.log."""
     import traceback
 
+    from ttpa_ray.endpoint import TeacherEndpointError
     from ttpa_ray.models import ModelNotFoundError
     from ttpa_ray.pipeline import ClusterUnreachable, run_pipeline
     from ttpa_ray.progress import console_and_log
@@ -138,7 +149,7 @@ def run_command(
 
             ray.shutdown()  # while output still goes to the log: replicas print teardown noise as they end
             remove_unused_shm()  # shared memory its engines and trainers left in /dev/shm
-        except (ModelNotFoundError, ClusterUnreachable, StoreError) as err:
+        except (ModelNotFoundError, ClusterUnreachable, StoreError, TeacherEndpointError) as err:
             terminal.print(f"[red]{err}[/red]")
             raise typer.Exit(2) from None
         except Exception as err:
@@ -529,11 +540,18 @@ def prepare_model_command(
 @app.command("doctor")
 def doctor_command(
     ray: Annotated[bool, typer.Option("--ray/--no-ray", help="also start a throw-away local Ray")] = True,
+    config: ConfigOption = None,
+    overrides: OverridesArg = None,
 ) -> None:
-    """Versions, CPU/GPU, and whether Ray and vLLM are usable (and why not)."""
-    from ttpa_ray.doctor import run_checks
+    """Versions, CPU/GPU, and whether Ray and vLLM are usable (and why not); with a config whose
+    teacher is served, whether its endpoint answers and serves the model."""
+    from ttpa_ray.doctor import check_teacher_endpoint, run_checks
 
     checks = run_checks(ray=ray)
+    if config is not None or overrides:
+        cfg = load_or_exit(config, overrides)
+        if cfg.model.teacher_is_endpoint:
+            checks.append(check_teacher_endpoint(cfg.teacher_endpoint))
     table = Table(title="ttpa doctor")
     for column in ("check", "ok", "detail"):
         table.add_column(column)

@@ -82,7 +82,8 @@ class ModelConfig(_Section):
 
     # An embedded model by name (smollm2-135m-instruct, tiny), a folder of weights, or a hub id (org/name).
     policy: str = "smollm2-135m-instruct"
-    teacher: str | None = None  # None: the policy is its own teacher
+    # None: the policy is its own teacher. openai:<base_url>#<model>: a served model (teacher_endpoint)
+    teacher: str | None = None
     # auto: bfloat16 where the device running the model computes it natively (AMX/AVX-512 BF16, GPUs)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
@@ -91,13 +92,43 @@ class ModelConfig(_Section):
         from ttpa_ray.models import check_model
 
         check_model(self.policy, "model.policy")
-        if self.teacher is not None:
+        if self.teacher is not None and not self.teacher_is_endpoint:
             check_model(self.teacher, "model.teacher")
         return self
 
     @property
     def teacher_or_policy(self) -> str:
         return self.teacher or self.policy
+
+    @property
+    def teacher_is_endpoint(self) -> bool:
+        return (self.teacher or "").startswith(ENDPOINT_PREFIX)
+
+
+ENDPOINT_PREFIX = "openai:"
+
+
+class TeacherEndpointConfig(_Section):
+    """The teacher behind an OpenAI-compatible server (docs/design.md, "The teacher behind a server").
+
+    ``model.teacher=openai:<base_url>#<model>`` fills base_url and model. The server must take token-id
+    prompts on ``/v1/completions`` with structured outputs (vLLM's and SGLang's servers do): the
+    stage renders each prompt with the teacher's own chat template and continues it token for token,
+    as it does on its own replicas. The API key is read from the environment variable ``api_key_env``
+    names, in the driver, and handed to the actors in memory; it is never written anywhere."""
+
+    base_url: str | None = None  # e.g. http://vllm.internal:8000/v1
+    model: str | None = None  # the name the server serves it under
+    # a folder, embedded model or hub id with the teacher's tokenizer and chat template (default: model)
+    tokenizer: str | None = None
+    api_key_env: str | None = None  # the environment variable that holds the API key
+    headers: dict[str, str] = Field(default_factory=dict)
+    actors: int = Field(default=1, ge=1)  # Ray actors sending requests (CPU only, no engine)
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    max_concurrency: int = Field(default=32, ge=1)  # requests in flight per actor
+    max_retries: int = Field(default=4, ge=0)  # per request, with exponential backoff (429, 5xx, resets)
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_model_len: int | None = Field(default=None, ge=256)  # default: what the server reports, else 4096
 
 
 def _existing(path: Path | None) -> Path | None:
@@ -452,12 +483,32 @@ class TTPAConfig(_Section):
     run: RunConfig = RunConfig()
     ray: RayConfig = RayConfig()
     model: ModelConfig = ModelConfig()
+    teacher_endpoint: TeacherEndpointConfig = TeacherEndpointConfig()
     vllm: VLLMConfig = VLLMConfig()
     reverse: ReverseConfig = ReverseConfig()
     esm: ESMConfig = ESMConfig()
     tps: TPSConfig = TPSConfig()
     eval: EvalConfig = EvalConfig()
     train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _teacher_endpoint(self) -> TTPAConfig:
+        """``model.teacher=openai:<base_url>#<model>`` names the endpoint's base_url and model."""
+        if not self.model.teacher_is_endpoint:
+            return self
+        assert self.model.teacher is not None
+        base_url, _, model = self.model.teacher.removeprefix(ENDPOINT_PREFIX).partition("#")
+        endpoint = self.teacher_endpoint
+        endpoint.base_url = base_url or endpoint.base_url
+        endpoint.model = model or endpoint.model
+        if not endpoint.base_url or not endpoint.base_url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"model.teacher {self.model.teacher!r}: write openai:<http(s) base url>#<model>, "
+                "e.g. openai:http://127.0.0.1:8000/v1#Qwen/Qwen3-8B"
+            )
+        if not endpoint.model:
+            raise ValueError(f"model.teacher {self.model.teacher!r} names no model: add #<model>")
+        return self
 
     @model_validator(mode="after")
     def _training_turns_not_evaluated(self) -> TTPAConfig:

@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 PACKAGES = ["torch", "vllm", "ray", "trl", "transformers", "deepspeed", "pyarrow", "pydantic", "bfcl-eval"]
 
@@ -109,6 +110,18 @@ def check_sandbox() -> Check:
     if not missing:
         return Check("tool sandbox", True, "isolated: no network, read-only but scratch, process cap")
     return Check("tool sandbox", False, "not enforced here: " + "; ".join(missing))
+
+
+def check_teacher_endpoint(endpoint: Any) -> Check:
+    """Whether a served teacher's endpoint answers, takes the key and serves the model."""
+    from ttpa_ray.endpoint import TeacherEndpointError, api_key, check_endpoint
+
+    try:
+        served = check_endpoint(endpoint, api_key(endpoint))
+    except TeacherEndpointError as err:
+        return Check("teacher endpoint", False, str(err))
+    length = f", {served.max_model_len} tokens" if served.max_model_len else ""
+    return Check("teacher endpoint", True, f"{endpoint.base_url} serves {served.name}{length}")
 
 
 def run_checks(*, ray: bool = True) -> list[Check]:

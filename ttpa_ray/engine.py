@@ -347,7 +347,56 @@ def _in_ray_actor() -> bool:
         return False
 
 
-class Engine:
+class PromptRenderer:
+    """Prompts as token ids through the teacher's own chat template, for an engine here or a server.
+
+    ``max_num_seqs`` is how many requests the engine runs at once; ``max_model_len`` the prompt and
+    completion tokens a request may hold."""
+
+    def __init__(self, tokenizer: Any, *, max_model_len: int, max_num_seqs: int) -> None:
+        self.tokenizer = tokenizer
+        self.encoder = SegmentEncoder(tokenizer)
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+
+    def prompt_too_long(self, prompt: Sequence[int]) -> str | None:
+        """Why a prompt cannot be generated from (no room left under ``vllm.max_model_len``), else None."""
+        if len(prompt) < self.max_model_len:
+            return None
+        return f"{len(prompt)} prompt tokens, vllm.max_model_len {self.max_model_len}"
+
+    def render_text(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+    ) -> str:
+        """Prompt text through the tokenizer's own chat template, tools included.
+
+        Rendered here rather than by ray.data.llm, whose template stage passes no ``tools``.
+        """
+        text = self.tokenizer.apply_chat_template(
+            list(messages),
+            tools=list(tools) if tools else None,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+        )
+        return str(text)
+
+    def render(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
+        """Prompt token ids of :meth:`render_text` (the template carries the special tokens)."""
+        text = self.render_text(messages, tools, add_generation_prompt=add_generation_prompt)
+        return self.encoder.encode(text)
+
+
+class Engine(PromptRenderer):
     """A vLLM ``LLM`` with the project's prompt rendering; construct once per process (it starts slowly)."""
 
     def __init__(self, model: str, vllm: VLLMConfig, *, dtype: str = "auto", seed: int = 0) -> None:
@@ -361,14 +410,13 @@ class Engine:
 
         model = local_copy(model)  # a model folder of a run dir in an object store: fetched once
         self.model = model
-        self.max_num_seqs = vllm.max_num_seqs  # requests the engine runs at once
         self.llm = LLM(**engine_kwargs(model, vllm, dtype=dtype, seed=seed))
-        self.tokenizer = self.llm.get_tokenizer()
-        # prompt + completion tokens a request may hold (vllm.max_model_len, as the engine resolved it)
-        self.max_model_len = int(
-            getattr(self.llm.llm_engine.model_config, "max_model_len", vllm.max_model_len)
+        super().__init__(
+            self.llm.get_tokenizer(),
+            # vllm.max_model_len, as the engine resolved it
+            max_model_len=int(getattr(self.llm.llm_engine.model_config, "max_model_len", vllm.max_model_len)),
+            max_num_seqs=vllm.max_num_seqs,
         )
-        self.encoder = SegmentEncoder(self.tokenizer)
         remember_schema_checks()
         self.in_actor = _in_ray_actor()
         self._closing = False
@@ -421,42 +469,6 @@ class Engine:
                 raise
             log.error("vLLM engine core died: ending this replica so that Ray restarts it")
             os._exit(ENGINE_DEAD_EXIT_CODE)
-
-    def prompt_too_long(self, prompt: Sequence[int]) -> str | None:
-        """Why a prompt cannot be generated from (no room left under ``vllm.max_model_len``), else None."""
-        if len(prompt) < self.max_model_len:
-            return None
-        return f"{len(prompt)} prompt tokens, vllm.max_model_len {self.max_model_len}"
-
-    def render_text(
-        self,
-        messages: Sequence[dict[str, Any]],
-        tools: Sequence[dict[str, Any]] | None = None,
-        *,
-        add_generation_prompt: bool = True,
-    ) -> str:
-        """Prompt text through the tokenizer's own chat template, tools included.
-
-        Rendered here rather than by ray.data.llm, whose template stage passes no ``tools``.
-        """
-        text = self.tokenizer.apply_chat_template(
-            list(messages),
-            tools=list(tools) if tools else None,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=False,
-        )
-        return str(text)
-
-    def render(
-        self,
-        messages: Sequence[dict[str, Any]],
-        tools: Sequence[dict[str, Any]] | None = None,
-        *,
-        add_generation_prompt: bool = True,
-    ) -> list[int]:
-        """Prompt token ids of :meth:`render_text` (the template carries the special tokens)."""
-        text = self.render_text(messages, tools, add_generation_prompt=add_generation_prompt)
-        return self.encoder.encode(text)
 
     def sampling_params(
         self,

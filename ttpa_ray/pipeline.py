@@ -60,8 +60,18 @@ def stage_prepare_models(ctx: RunContext) -> StageReport:
     from ttpa_ray.models import resolve_dtype, resolve_model
 
     wanted = {"policy": ctx.config.model.policy, "teacher": ctx.config.model.teacher_or_policy}
+    endpoint = ctx.config.teacher_endpoint
+    if ctx.config.model.teacher_is_endpoint:  # the teacher is served: its tokenizer renders the prompts
+        from ttpa_ray.endpoint import api_key, check_endpoint
+
+        served = check_endpoint(endpoint, api_key(endpoint))
+        length = f", {served.max_model_len} tokens" if served.max_model_len else ""
+        ctx.console.print(f"   teacher endpoint: {endpoint.base_url} serves {served.name}{length}")
+        wanted["teacher"] = endpoint.tokenizer or str(endpoint.model)
     for role, model in wanted.items():
-        ctx.models[role] = resolve_model(model, key=f"model.{role}", log=ctx.console.print)
+        served_teacher = role == "teacher" and ctx.config.model.teacher_is_endpoint
+        key = "teacher_endpoint.tokenizer" if served_teacher else f"model.{role}"
+        ctx.models[role] = resolve_model(model, key=key, log=ctx.console.print)
         ctx.console.print(f"   {role}: {model} -> {ctx.models[role]}")
     dtype = ctx.config.model.dtype
     if ctx.config.ray.address is None:  # local: the replicas and workers run on this machine
@@ -162,6 +172,17 @@ def show_dialogue(console: Console, dialogue: Dialogue) -> None:
         )
 
 
+def print_endpoint_figures(console: Console, base_url: Any, figures: dict[str, Any]) -> None:
+    """The served teacher's line: requests, retries, failures, tokens, mean latency."""
+    answered = figures.get("answered", 0)
+    console.print(
+        f"   teacher endpoint {base_url}: {figures.get('requests', 0)} requests, "
+        f"{figures.get('retries', 0)} retries, {figures.get('failures', 0)} failed after their retries, "
+        f"{figures.get('prompt_tokens', 0)} prompt + {figures.get('completion_tokens', 0)} completion "
+        f"tokens, {figures.get('latency_s', 0.0) / max(answered, 1):.2f} s a request"
+    )
+
+
 def stage_reverse(ctx: RunContext) -> StageReport:
     """Reversed construction: seeds -> dialogues + rejected rows (Parquet shards + manifest)."""
     from ttpa_ray.reverse import SIMULATED_KEYS, read_dialogues, run_reverse
@@ -193,6 +214,8 @@ def stage_reverse(ctx: RunContext) -> StageReport:
             f"({sim.get('cached', 0) / max(calls, 1):.0%}), {sim.get('written', 0)} written by the teacher, "
             f"{sim.get('invalid', 0)} written invalid (tool errors); {sim['cache_size']} responses cached"
         )
+    if report.endpoint:
+        print_endpoint_figures(ctx.console, ctx.config.teacher_endpoint.base_url, report.endpoint)
     ev = ctx.config.eval
     split = write_split(
         ctx.run_dir, read_dialogues(out_dir), ev.heldout_fraction, ctx.config.run.seed, ev.validation_fraction

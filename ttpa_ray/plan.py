@@ -88,14 +88,21 @@ def plan_run(config: TTPAConfig) -> list[StagePlan]:
     heldout = str(config.eval.heldout_dialogues or at(SPLIT_DIR, "heldout.parquet"))
     replicas, workers = replica_ask(config), worker_ask(config)
     scorer = Ask("ESM scorer", config.esm.scorers, {"CPU": 1.0})
+    endpoint = config.teacher_endpoint
+    teacher = (  # a served teacher: CPU actors that send it requests, no engine on the cluster
+        Ask("teacher endpoint actor", (endpoint.actors, endpoint.actors), {"CPU": endpoint.cpus_per_actor})
+        if config.model.teacher_is_endpoint
+        else replicas
+    )
+    served = (f"teacher {endpoint.model} at {endpoint.base_url}",) if config.model.teacher_is_endpoint else ()
     evaluated = ["base"] + (["sft"] if config.train.sft.enabled else []) + ["ttpa"]
     evaluated += ["sequence"] if config.eval.sequence_baseline else []
     return [
         StagePlan("prepare-models", (), tuple(models), ("models/ (embedded models only)",)),
         StagePlan(
             "reverse",
-            (replicas,),
-            (f"catalogue {config.reverse.catalogue}",),
+            (teacher,),
+            (f"catalogue {config.reverse.catalogue}", *served),
             (at("reverse", "shards"), at(SPLIT_DIR))
             + ((at("reverse", "simulated"),) if simulated_catalogues(config.reverse.catalogue) else ()),
         ),

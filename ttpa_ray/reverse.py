@@ -53,6 +53,7 @@ from typing import Any
 from ttpa_ray import store
 from ttpa_ray.codec import ToolCall, parse_any
 from ttpa_ray.config import ReverseConfig, TTPAConfig, simulated_catalogues
+from ttpa_ray.endpoint import EndpointTeacher, api_key
 from ttpa_ray.engine import (
     Completion,
     Engine,
@@ -68,6 +69,7 @@ from ttpa_ray.records import Dialogue, Message, RejectedRow, ToolSpec, reject, t
 from ttpa_ray.tools.simulated import SimulatedCache, response_request
 
 STAGE = "reverse"
+TEACHER_UNAVAILABLE = "teacher_unavailable"  # a served teacher's request failed after its retries
 SYSTEM_PROMPT = "You are a helpful assistant that can use tools. Call tools when needed, then answer."
 ANSWER_TOOL = ToolSpec(
     name="answer",
@@ -333,7 +335,9 @@ class DialogueState:
 class ReverseBuilder:
     """Seeds -> dialogues and rejected rows with one teacher engine and one tool registry."""
 
-    def __init__(self, engine: Engine, registry: Any, config: ReverseConfig, *, teacher: str = "") -> None:
+    def __init__(
+        self, engine: Engine | EndpointTeacher, registry: Any, config: ReverseConfig, *, teacher: str = ""
+    ) -> None:
         self.engine = engine
         self.registry = registry
         self.config = config
@@ -880,7 +884,12 @@ class ReverseBuilder:
     def _step_done(self, state: DialogueState, session: Any, completion: Completion) -> bool:
         """Apply a finished step; True when the dialogue is over (its result recorded, session closed)."""
         self.generated_tokens += len(completion.token_ids)
-        self.advance(state, completion, session)
+        if (completion.finish_reason or "").startswith("error"):  # a served teacher that gave up
+            self._reject(
+                state, TEACHER_UNAVAILABLE, f"step {state.step} ({state.phase}): {completion.finish_reason}"
+            )
+        else:
+            self.advance(state, completion, session)
         if state.phase != "done":
             return False
         session.close()
@@ -948,18 +957,25 @@ SIMULATED_KEYS = ("cached", "written", "invalid")  # calls of simulated tools, b
 class ReverseReplica:
     """Ray Data actor: one teacher engine + tool registry; each input row is one shard of seeds."""
 
-    def __init__(self, model: str, config: dict[str, Any], out_dir: str, cache: Any = None) -> None:
+    def __init__(
+        self, model: str, config: dict[str, Any], out_dir: str, cache: Any = None, api_key: str = ""
+    ) -> None:
         from ttpa_ray.tools.registry import ToolRegistry, load_catalogue
         from ttpa_ray.tools.simulated import cache_of
 
         self.config = TTPAConfig.model_validate(config)
         self.out_dir = out_dir
-        self.engine = Engine(
-            model, self.config.vllm, dtype=self.config.model.dtype, seed=self.config.run.seed
-        )
+        self.engine: Engine | EndpointTeacher
+        if self.config.model.teacher_is_endpoint:  # model: the served teacher's tokenizer folder
+            self.engine = EndpointTeacher(self.config.teacher_endpoint, model, api_key)
+            self.teacher = str(self.config.model.teacher)
+        else:
+            self.engine = Engine(
+                model, self.config.vllm, dtype=self.config.model.dtype, seed=self.config.run.seed
+            )
+            self.teacher = model
         # cache: the run's simulated-response cache actor (shared by every replica), if it has one
         self.registry = ToolRegistry(load_catalogue(self.config.reverse.catalogue), cache=cache_of(cache))
-        self.teacher = model
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Build the batch's shards as one stream of dialogues; a row per shard, in batch order.
@@ -994,6 +1010,7 @@ class ReverseReplica:
         start = time.perf_counter()
         marks: dict[str, Any] = {"tokens": 0, "requests": 0, "busy": 0.0, "time": start}
         marks["simulated"] = Counter()  # totals at the last shard written
+        marks["endpoint"] = Counter()
 
         def on_done(seed: Seed, result: Dialogue | RejectedRow) -> None:
             shard_id = shard_of[seed.seed_id]
@@ -1009,6 +1026,10 @@ class ReverseReplica:
                 "seconds": now - marks["time"],
                 "simulated": {k: builder.simulated_calls[k] - marks["simulated"][k] for k in SIMULATED_KEYS},
             }
+            if isinstance(self.engine, EndpointTeacher):  # requests, retries, failures, latency
+                figures = Counter(self.engine.summary())
+                usage["endpoint"] = dict(figures - marks["endpoint"])
+                marks["endpoint"] = figures
             marks.update(
                 tokens=builder.generated_tokens,
                 requests=builder.requests,
@@ -1067,6 +1088,8 @@ class ReverseReport:
     # calls of simulated tools by how they were answered (SIMULATED_KEYS), and the cache's size
     simulated: dict[str, int] = field(default_factory=dict)
     quality: dict[str, Any] = field(default_factory=dict)  # quality_summary
+    # a served teacher's requests, retries, failures, tokens and summed latency (EndpointTeacher.summary)
+    endpoint: dict[str, Any] = field(default_factory=dict)
 
 
 def _shards(seeds: Sequence[Seed], size: int) -> list[tuple[str, list[Seed]]]:
@@ -1082,14 +1105,32 @@ def dialogues_in_flight(reverse: ReverseConfig, max_num_seqs: int) -> int:
     return reverse.max_concurrent_dialogues or 4 * max_num_seqs
 
 
+def endpoint_pool(config: TTPAConfig) -> dict[str, Any]:
+    """``map_batches`` arguments of the actors that send a served teacher its requests: CPUs only,
+    ``teacher_endpoint.actors`` of them, restarted (their batch retried) as replicas are."""
+    import ray.data
+
+    endpoint = config.teacher_endpoint
+    return {
+        "compute": ray.data.ActorPoolStrategy(size=endpoint.actors, max_tasks_in_flight_per_actor=1),
+        "max_restarts": config.vllm.max_restarts,
+        "max_task_retries": config.vllm.max_restarts,
+        "num_cpus": endpoint.cpus_per_actor,
+    }
+
+
 def shards_per_call(config: TTPAConfig, shards: int) -> int:
     """Shards a replica builds as one stream: enough seeds to keep the dialogues in flight
     (:func:`dialogues_in_flight`) four times over (the stream's tail, when its last dialogues run
     alone, is then a small share), but never so many that a replica of ``replicas_max`` is left
     without a batch."""
     reverse = config.reverse
-    wanted = -(-4 * dialogues_in_flight(reverse, config.vllm.max_num_seqs) // reverse.shard_size)
-    fair = -(-shards // config.vllm.replicas_max)
+    if config.model.teacher_is_endpoint:
+        slots, replicas = config.teacher_endpoint.max_concurrency, config.teacher_endpoint.actors
+    else:
+        slots, replicas = config.vllm.max_num_seqs, config.vllm.replicas_max
+    wanted = -(-4 * dialogues_in_flight(reverse, slots) // reverse.shard_size)
+    fair = -(-shards // replicas)
     return max(1, min(wanted, fair))
 
 
@@ -1124,6 +1165,7 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
         vllm = config.vllm
         rows = [{"shard_id": sid, "seeds": json.dumps([x.to_json() for x in s])} for sid, s in todo]
         per_call = shards_per_call(config, len(todo))
+        served = config.model.teacher_is_endpoint
         ds = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // per_call)).map_batches(
             ReverseReplica,
             fn_constructor_kwargs={
@@ -1131,10 +1173,13 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
                 "config": config.model_dump(mode="json"),
                 "out_dir": shards_at,
                 "cache": cache,
+                # in the actors' memory only, never in the config (docs/design.md)
+                "api_key": api_key(config.teacher_endpoint) if served else "",
             },
             batch_size=per_call,
             batch_format="numpy",
-            **replica_pool(vllm, one_batch_each=True),  # a batch is several shards: minutes on a GPU
+            # a batch is several shards: minutes on a GPU
+            **(endpoint_pool(config) if served else replica_pool(vllm, one_batch_each=True)),
         )
         watcher = _ShardWatcher(shards_at, [sid for sid, _ in todo], progress)
         watcher.start()
@@ -1220,6 +1265,7 @@ def write_manifest(
     shards_at = shards_at or str(out_dir)
     reasons: Counter[str] = Counter()
     simulated: Counter[str] = Counter()
+    endpoint: Counter[str] = Counter()
     seen: Counter[str] = Counter()
     dialogues = rejected = tokens = 0
     busy = total = 0.0
@@ -1232,6 +1278,7 @@ def write_manifest(
         total += done["seconds"]
         reasons.update(done["reasons"])
         simulated.update(done.get("simulated", {}))
+        endpoint.update(done.get("endpoint", {}))
         seen.update(done["seed_ids"])
     duplicated = [s for s, n in seen.items() if n > 1]
     missing = [s.seed_id for s in seeds if s.seed_id not in seen]
@@ -1258,6 +1305,7 @@ def write_manifest(
         busy_fraction=busy / total if total else 0.0,
         out_dir=str(out_dir),
         simulated={**simulated, "cache_size": SimulatedCache(cache_at).size()} if cache_at else {},
+        endpoint=dict(endpoint),
     )
     kept = (
         store.files(folders["unique"])
