@@ -1,6 +1,6 @@
 """The teacher behind an OpenAI-compatible server (issue 34): vLLM's own server (`vllm serve` of the
 tiny model) on 127.0.0.1 as reverse construction's teacher, directly and through a small proxy that
-answers 429 and 500 some of the time, goes away mid-stage, or wants another key."""
+answers 429 and 500 some of the time, goes away mid-stage, wants another key or serves chat only."""
 
 from __future__ import annotations
 
@@ -104,9 +104,11 @@ class FaultyProxy:
         every_500: int = 0,
         gone_after: int | None = None,
         key: str | None = None,
+        chat_only: bool = False,
     ) -> None:
         self.target, self.key = target.rstrip("/"), key
         self.every_429, self.every_500, self.gone_after = every_429, every_500, gone_after
+        self.chat_only = chat_only  # /completions answers 404, as a hosted chat model's API does
         self.answered: Counter[str] = Counter()
         self.authorizations: set[str] = set()
         self.port = free_port()
@@ -127,6 +129,9 @@ class FaultyProxy:
             if self.key is not None and request.headers.get("Authorization") != f"Bearer {self.key}":
                 self.answered["401"] += 1
                 return web.json_response({"error": {"message": "invalid key"}}, status=401)
+            if request.path.endswith("/completions") and self.chat_only and "/chat/" not in request.path:
+                message = "This is a chat model and not supported in the v1/completions endpoint."
+                return web.json_response({"error": {"message": message}}, status=404)
             if request.path.endswith("/completions"):
                 completions += 1
                 if self.gone_after is not None and completions > self.gone_after:
@@ -366,3 +371,35 @@ def test_endpoint_teacher_names_are_checked_when_the_config_is_read() -> None:
     ):
         with pytest.raises(ValueError, match=why):
             load_config(None, [f"model.teacher={bad}"])
+
+
+def test_the_dry_run_and_doctor_check_the_endpoint(teacher_server: str, tiny_model_dir: Path) -> None:
+    """`ttpa reverse --dry-run` and `ttpa doctor -c` ask the endpoint: it answers and serves the
+    model (or one line says why not); the plan asks Ray for CPU actors, not vLLM replicas."""
+    from typer.testing import CliRunner
+
+    from ttpa_ray.cli import app
+    from ttpa_ray.doctor import check_teacher_endpoint
+
+    served = [f"model.policy={tiny_model_dir}", f"model.teacher=openai:{teacher_server}#{SERVED}"]
+    result = CliRunner().invoke(app, ["reverse", "--dry-run", *served])
+    assert result.exit_code == 0, result.output
+    assert f"teacher endpoint {teacher_server} serves {SERVED}" in result.output
+    assert "teacher endpoint actor" in result.output and "vLLM replica" not in result.output
+    check = check_teacher_endpoint(load_config(None, served).teacher_endpoint)
+    assert check.ok and SERVED in check.detail and "4096 tokens" in check.detail
+
+    wrong = [f"model.policy={tiny_model_dir}", f"model.teacher=openai:{teacher_server}#another-model"]
+    result = CliRunner().invoke(app, ["reverse", "--dry-run", *wrong])
+    assert result.exit_code == 2 and f"serves ['{SERVED}'], not 'another-model'" in result.output
+    check = check_teacher_endpoint(load_config(None, wrong).teacher_endpoint)
+    assert not check.ok and "another-model" in check.detail
+
+    proxy = FaultyProxy(teacher_server, chat_only=True)  # a chat-only API cannot be the teacher
+    try:
+        check = check_teacher_endpoint(
+            load_config(None, [f"model.teacher=openai:{proxy.url}#{SERVED}"]).teacher_endpoint
+        )
+    finally:
+        proxy.close()
+    assert not check.ok and "does not complete token-id prompts" in check.detail and "404" in check.detail

@@ -115,7 +115,8 @@ class TeacherEndpointConfig(_Section):
     prompts on ``/v1/completions`` with structured outputs (vLLM's and SGLang's servers do): the
     stage renders each prompt with the teacher's own chat template and continues it token for token,
     as it does on its own replicas. The API key is read from the environment variable ``api_key_env``
-    names, in the driver, and handed to the actors in memory; it is never written anywhere."""
+    names, in the driver, and handed to the actors as a constructor argument (Ray's object store); it
+    is never written to a file the run makes."""
 
     base_url: str | None = None  # e.g. http://vllm.internal:8000/v1
     model: str | None = None  # the name the server serves it under
@@ -127,7 +128,7 @@ class TeacherEndpointConfig(_Section):
     cpus_per_actor: float = Field(default=1.0, gt=0)
     max_concurrency: int = Field(default=32, ge=1)  # requests in flight per actor
     max_retries: int = Field(default=4, ge=0)  # per request, with exponential backoff (429, 5xx, resets)
-    timeout_s: float = Field(default=120.0, gt=0)
+    timeout_s: float = Field(default=600.0, gt=0)  # a request's; a loaded CPU server takes minutes
     max_model_len: int | None = Field(default=None, ge=256)  # default: what the server reports, else 4096
 
 

@@ -10,7 +10,8 @@ still fails comes back as a completion whose ``finish_reason`` starts with ``err
 dialogue as a rejected row (``teacher_unavailable``), never a crash of the stage.
 
 The API key is read from the environment variable the config names, on the driver, and reaches the
-actors as a constructor argument (memory only): it is never in a config, a log or a record.
+actors as a constructor argument (through Ray's object store): it is never in a config, a log
+or a record.
 """
 
 from __future__ import annotations
@@ -173,7 +174,6 @@ class EndpointTeacher(PromptRenderer):
     def submit(self, request_id: str, prompt: list[int], params: dict[str, Any]) -> None:
         """Send one step; it comes back from :meth:`poll` when the server answered (or gave up)."""
         self._outstanding += 1
-        self.stats["requests"] += 1
         asyncio.run_coroutine_threadsafe(self._complete(request_id, list(prompt), params), self._loop)
 
     async def _complete(self, request_id: str, prompt: list[int], params: dict[str, Any]) -> None:
@@ -186,6 +186,7 @@ class EndpointTeacher(PromptRenderer):
         from openai import APIError
 
         async with self._slots:
+            self.stats["requests"] += 1  # counted when sent: retries are the attempts beyond these
             start = time.perf_counter()
             try:
                 response = await self._client.completions.create(

@@ -72,7 +72,7 @@ def stage_prepare_models(ctx: RunContext) -> StageReport:
         served_teacher = role == "teacher" and ctx.config.model.teacher_is_endpoint
         key = "teacher_endpoint.tokenizer" if served_teacher else f"model.{role}"
         ctx.models[role] = resolve_model(model, key=key, log=ctx.console.print)
-        ctx.console.print(f"   {role}: {model} -> {ctx.models[role]}")
+        ctx.console.print(f"   {role}{' tokenizer' if served_teacher else ''}: {model} -> {ctx.models[role]}")
     dtype = ctx.config.model.dtype
     if ctx.config.ray.address is None:  # local: the replicas and workers run on this machine
         ctx.console.print(f"   dtype: {dtype} -> {resolve_dtype(dtype)} on this machine")
