@@ -89,18 +89,25 @@ def reverse_seed_ids(out_dir: Path) -> list[str]:
     return ids
 
 
-def vllm_processes(prefix: str = "VLLM") -> set[tuple[int, float]]:
-    """(pid, start time) of the vLLM processes on this machine (engine cores and their workers)."""
+def vllm_processes(prefix: str = "VLLM", since: float = 0.0) -> set[tuple[int, float]]:
+    """(pid, start time) of the vLLM processes on this machine (engine cores and their workers),
+    those started at ``since`` (a time.time()) or later; only their command lines are read."""
     found = set()
-    for process in psutil.process_iter(["cmdline", "create_time"]):
-        if " ".join(process.info["cmdline"] or []).startswith(prefix):
-            found.add((process.pid, process.info["create_time"]))
+    for process in psutil.process_iter(["create_time"]):
+        started = process.info["create_time"] or 0.0
+        if started < since:
+            continue
+        try:
+            if " ".join(process.cmdline()).startswith(prefix):
+                found.add((process.pid, started))
+        except psutil.Error:
+            continue
     return found
 
 
-def engine_cores() -> set[tuple[int, float]]:
-    """(pid, start time) of every vLLM engine-core process on this machine."""
-    return vllm_processes("VLLM::EngineCore")
+def engine_cores(since: float = 0.0) -> set[tuple[int, float]]:
+    """(pid, start time) of every vLLM engine-core process on this machine (started since ``since``)."""
+    return vllm_processes("VLLM::EngineCore", since)
 
 
 class ServingEngineCoreKiller:
@@ -110,15 +117,17 @@ class ServingEngineCoreKiller:
 
     Watching the replica, not only the driver's stream, is what makes this a kill mid-stage: on a
     loaded machine the driver read its first batch after the replica had done them all and Ray Data
-    had already let it go (CI, 2026-12-07). ``pid()`` is the killed core's pid, after the stage."""
+    had already let it go (CI, 2026-12-07). ``pid()`` is the killed core's pid, after the stage; it
+    also stops the watch, so that no later test's engine is killed."""
 
     def __init__(self, before: set[tuple[int, float]], timeout_s: float = 300) -> None:
         import threading
 
-        self.before, self.deadline = before, time.time() + timeout_s
+        self.before, self.since = before, time.time() - 1.0
+        self.deadline = time.time() + timeout_s
         self.killed: int | None = None
         self.seen: dict[int, str] = {}  # new engine cores -> their parent's title when last looked at
-        self.output = threading.Event()
+        self.output, self.stop = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()
 
@@ -126,23 +135,25 @@ class ServingEngineCoreKiller:
         self.output.set()
 
     def _watch(self) -> None:
-        while time.time() < self.deadline and self.killed is None:
-            for pid, _ in sorted(engine_cores() - self.before):
+        while time.time() < self.deadline and self.killed is None and not self.stop.is_set():
+            for pid, _ in sorted(engine_cores(self.since) - self.before):
                 try:
                     replica = psutil.Process(pid).parent()
                     title = " ".join(replica.cmdline()).rstrip() if replica is not None else ""
-                except psutil.Error:
-                    continue
+                except psutil.Error as error:
+                    title = f"<{type(error).__name__}>"
                 self.seen[pid] = title[:200]
                 ready = title.startswith("ray::MapWorker") and not title.endswith("__init__")
                 if ready or self.output.is_set():
-                    os.kill(pid, 9)
-                    self.killed = pid
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, 9)
+                        self.killed = pid
                     break
-            time.sleep(0.05)
+            time.sleep(0.02)
 
     def pid(self) -> int:
-        self.thread.join(timeout=5)
+        self.stop.set()
+        self.thread.join(timeout=10)
         assert self.killed is not None, f"no replica's engine core was killed while it served: {self.seen}"
         return self.killed
 

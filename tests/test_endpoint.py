@@ -110,6 +110,7 @@ class FaultyProxy:
         self.every_429, self.every_500, self.gone_after = every_429, every_500, gone_after
         self.chat_only = chat_only  # /completions answers 404, as a hosted chat model's API does
         self.answered: Counter[str] = Counter()
+        self.arrivals: list[float] = []  # when each completion request came in (time.monotonic)
         self.authorizations: set[str] = set()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
@@ -134,6 +135,7 @@ class FaultyProxy:
                 return web.json_response({"error": {"message": message}}, status=404)
             if request.path.endswith("/completions"):
                 completions += 1
+                self.arrivals.append(time.monotonic())
                 if self.gone_after is not None and completions > self.gone_after:
                     self.answered["dropped"] += 1
                     assert request.transport is not None
@@ -403,3 +405,28 @@ def test_the_dry_run_and_doctor_check_the_endpoint(teacher_server: str, tiny_mod
     finally:
         proxy.close()
     assert not check.ok and "does not complete token-id prompts" in check.detail and "404" in check.detail
+
+
+def test_requests_are_sent_no_faster_than_qps(teacher_server: str, tiny_model_dir: Path) -> None:
+    """teacher_endpoint.qps spaces an actor's requests evenly, however many are in flight: 8 steps
+    submitted at once reach the server at least 1/qps apart, and all come back."""
+    from ttpa_ray.endpoint import EndpointTeacher
+
+    proxy = FaultyProxy(teacher_server)
+    try:
+        config = load_config(None, [f"model.teacher=openai:{proxy.url}#{SERVED}", "teacher_endpoint.qps=5"])
+        teacher = EndpointTeacher(config.teacher_endpoint, str(tiny_model_dir), "EMPTY")
+        prompt = teacher.render([{"role": "user", "content": "Say something."}])
+        for i in range(8):
+            teacher.submit(f"r{i}", prompt, teacher.sampling_params(max_tokens=4, seed=i))
+        done: list[str] = []
+        while len(done) < 8:
+            done += [request_id for request_id, _ in teacher.poll()]
+        teacher.close()
+    finally:
+        proxy.close()
+    assert sorted(done) == [f"r{i}" for i in range(8)]
+    gaps = [b - a for a, b in zip(proxy.arrivals, proxy.arrivals[1:], strict=False)]
+    # sent 1/qps apart; they arrive with the loop's and the network's jitter on each gap
+    span = proxy.arrivals[-1] - proxy.arrivals[0]
+    assert len(proxy.arrivals) == 8 and span >= 0.9 * 7 / 5 and min(gaps) >= 0.5 / 5, gaps

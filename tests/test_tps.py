@@ -250,7 +250,7 @@ def test_killed_engine_core_mid_tps_loses_and_duplicates_nothing(
             "vllm.batch_size=2",
             "tps.top_k=2",
             "tps.max_branches=2",
-            "tps.max_tokens=32",
+            "tps.max_tokens=64",  # a longer stage: a wider window to kill the engine in
         ],
     )
     killer = ServingEngineCoreKiller(engine_cores())

@@ -127,8 +127,9 @@ class TeacherEndpointConfig(_Section):
     actors: int = Field(default=1, ge=1)  # Ray actors sending requests (CPU only, no engine)
     cpus_per_actor: float = Field(default=1.0, gt=0)
     max_concurrency: int = Field(default=32, ge=1)  # requests in flight per actor
+    qps: float | None = Field(default=None, gt=0)  # requests sent per second per actor (None: no cap)
     max_retries: int = Field(default=4, ge=0)  # per request, with exponential backoff (429, 5xx, resets)
-    timeout_s: float = Field(default=600.0, gt=0)  # a request's; a loaded CPU server takes minutes
+    timeout_s: float = Field(default=600.0, gt=0)  # a request's (the OpenAI SDK's default)
     max_model_len: int | None = Field(default=None, ge=256)  # default: what the server reports, else 4096
 
 

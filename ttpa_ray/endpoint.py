@@ -125,6 +125,7 @@ class EndpointTeacher(PromptRenderer):
         self.latency_s = 0.0  # summed over the requests that answered
         self._done: queue.Queue[tuple[str, Completion | BaseException]] = queue.Queue()
         self._outstanding = 0
+        self._next_send = 0.0  # with teacher_endpoint.qps: when the next request may go out
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="teacher-endpoint", daemon=True).start()
 
@@ -186,6 +187,14 @@ class EndpointTeacher(PromptRenderer):
         from openai import APIError
 
         async with self._slots:
+            if self.endpoint.qps:  # evenly spaced sends (the loop is one thread: no lock needed)
+                now = time.monotonic()
+                wait, self._next_send = (
+                    self._next_send - now,
+                    max(now, self._next_send) + 1 / self.endpoint.qps,
+                )
+                if wait > 0:
+                    await asyncio.sleep(wait)
             self.stats["requests"] += 1  # counted when sent: retries are the attempts beyond these
             start = time.perf_counter()
             try:
