@@ -121,6 +121,7 @@ class EndpointTeacher(PromptRenderer):
             max_num_seqs=endpoint.max_concurrency,
         )
         self.endpoint = endpoint
+        self._key = key if key != "EMPTY" else ""  # kept out of the errors a rejected row records
         self.stats: Counter[str] = Counter()  # requests, attempts, failures, tokens
         self.latency_s = 0.0  # summed over the requests that answered
         self._done: queue.Queue[tuple[str, Completion | BaseException]] = queue.Queue()
@@ -204,7 +205,8 @@ class EndpointTeacher(PromptRenderer):
             except APIError as error:  # the SDK's retries are spent: the step fails, not the stage
                 self.stats["failures"] += 1
                 status = getattr(error, "status_code", None)
-                detail = f"{type(error).__name__}{f' {status}' if status else ''}: {str(error)[:200]}"
+                message = str(error).replace(self._key, "***") if self._key else str(error)
+                detail = f"{type(error).__name__}{f' {status}' if status else ''}: {message[:200]}"
                 self._done.put((request_id, Completion("", [], f"error: {detail}")))
                 return
             self.latency_s += time.perf_counter() - start
