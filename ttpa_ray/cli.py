@@ -407,7 +407,8 @@ def score_command(
 CatalogueArg = Annotated[
     str,
     typer.Argument(
-        help="builtin, bfcl[:Class,...], a folder of tool modules, a ToolBench-style JSON file, or a+b"
+        help="builtin, bfcl[:Class,...], mcp:<servers.json>, a folder of tool modules, a ToolBench-style "
+        "JSON file, or a+b"
     ),
 ]
 
@@ -543,15 +544,17 @@ def doctor_command(
     config: ConfigOption = None,
     overrides: OverridesArg = None,
 ) -> None:
-    """Versions, CPU/GPU, and whether Ray and vLLM are usable (and why not); with a config whose
-    teacher is served, whether its endpoint answers and serves the model."""
-    from ttpa_ray.doctor import check_teacher_endpoint, run_checks
+    """Versions, CPU/GPU, and whether Ray and vLLM are usable (and why not); with a config, whether
+    its served teacher answers and serves the model, and whether each MCP server of its catalogue
+    starts and how many tools it lists."""
+    from ttpa_ray.doctor import check_mcp_servers, check_teacher_endpoint, run_checks
 
     checks = run_checks(ray=ray)
     if config is not None or overrides:
         cfg = load_or_exit(config, overrides)
         if cfg.model.teacher_is_endpoint:
             checks.append(check_teacher_endpoint(cfg.teacher_endpoint))
+        checks += check_mcp_servers(cfg.reverse.catalogue)
     table = Table(title="ttpa doctor")
     for column in ("check", "ok", "detail"):
         table.add_column(column)

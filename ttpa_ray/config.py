@@ -141,24 +141,51 @@ def _existing(path: Path | None) -> Path | None:
 
 
 def _check_catalogue(ref: str) -> str:
-    """Each ``+`` part names a catalogue: builtin, bfcl[:Class,...], bfcl-simulated[:Class,...], or an
-    existing folder or JSON file."""
+    """Each ``+`` part names a catalogue: builtin, bfcl[:Class,...], bfcl-simulated[:Class,...],
+    mcp:<servers file>, or an existing folder or JSON file. A servers file's path is made absolute
+    (Ray's workers do not share the driver's working directory); it is not opened here."""
     if Path(ref).exists():
         return ref
+    parts = []
     for part in ref.split("+"):
+        if part.startswith("mcp:"):
+            servers = Path(part.removeprefix("mcp:"))
+            if not servers.is_file():
+                raise ValueError(f"MCP servers file {str(servers)!r} does not exist")
+            part = f"mcp:{servers.resolve()}"
         known = part in ("builtin", "bfcl", "bfcl-simulated") or part.startswith(("bfcl:", "bfcl-simulated:"))
-        if not known and not Path(part).exists():
+        if not known and not part.startswith("mcp:") and not Path(part).exists():
             raise ValueError(
-                f"{part!r} is not builtin, bfcl[:Class,...], bfcl-simulated[:Class,...] or an existing "
-                "folder or JSON file"
+                f"{part!r} is not builtin, bfcl[:Class,...], bfcl-simulated[:Class,...], mcp:<servers.json> "
+                "or an existing folder or JSON file"
             )
-    return ref
+        parts.append(part)
+    return "+".join(parts)
 
 
 def simulated_catalogues(ref: str) -> list[str]:
     """The parts of a catalogue reference whose tools are simulated."""
     parts = [ref] if Path(ref).exists() else ref.split("+")
-    return [p for p in parts if p.startswith("bfcl-simulated") or p.lower().endswith(".json")]
+    return [
+        p
+        for p in parts
+        if p.startswith("bfcl-simulated") or (p.lower().endswith(".json") and not p.startswith("mcp:"))
+    ]
+
+
+def check_mcp_tools_not_evaluated(catalogue: Any, config: TTPAConfig) -> None:
+    """The held-out rule of simulated tools, for MCP tools (checked where the catalogue is loaded,
+    on the driver: listing starts the servers, which config validation must not do)."""
+    mcp = sorted(n for n, b in catalogue.bindings.items() if type(b).__name__ == "McpBinding")
+    if not mcp or not config.eval.categories:
+        return
+    overlap = sorted(set(mcp) & _evaluated_tool_names(tuple(config.eval.categories)))
+    if overlap:
+        raise ValueError(
+            f"reverse.catalogue {config.reverse.catalogue!r} has MCP tool(s) that eval.categories "
+            f"{list(config.eval.categories)} also evaluate ({', '.join(overlap[:8])}): 'deny' them in the "
+            "servers file or drop those categories from eval.categories"
+        )
 
 
 @functools.cache

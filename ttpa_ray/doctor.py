@@ -124,6 +124,35 @@ def check_teacher_endpoint(endpoint: Any) -> Check:
     return Check("teacher endpoint", True, f"{endpoint.base_url} serves {served.name}{length}")
 
 
+def check_mcp_servers(catalogue: str) -> list[Check]:
+    """Per MCP server of the catalogue's ``mcp:<file>`` parts: does it start, how many tools it lists."""
+    from ttpa_ray.tools.mcp import PREFIX, McpConfigError, load_mcp_catalogue, read_servers
+
+    checks: list[Check] = []
+    for part in catalogue.split("+"):
+        if not part.startswith(PREFIX):
+            continue
+        path = part.removeprefix(PREFIX)
+        try:
+            servers = read_servers(path)
+            tools, errors = load_mcp_catalogue(path)
+        except McpConfigError as err:
+            checks.append(Check("MCP servers", False, str(err)))
+            continue
+        for server in servers:
+            failed = [e.message for e in errors if e.function == server.name]
+            if failed:
+                checks.append(Check(f"MCP server {server.name}", False, failed[0]))
+                continue
+            mine = [binding for _spec, binding in tools if binding.server.name == server.name]
+            skipped = sum(1 for e in errors if (e.function or "").startswith(f"{server.name}/"))
+            state = "per dialogue" if mine and mine[0].stateful else "shared"
+            detail = f"starts; {len(mine)} tools ({state})"
+            detail += f", {skipped} skipped (bad schema)" if skipped else ""
+            checks.append(Check(f"MCP server {server.name}", bool(mine), detail))
+    return checks
+
+
 def run_checks(*, ray: bool = True) -> list[Check]:
     """All checks; ``ray=False`` skips starting a cluster (a few seconds)."""
     checks = check_versions() + check_hardware() + [check_transformers(), check_vllm(), check_sandbox()]

@@ -216,6 +216,14 @@ def stage_reverse(ctx: RunContext) -> StageReport:
         )
     if report.endpoint:
         print_endpoint_figures(ctx.console, ctx.config.teacher_endpoint.base_url, report.endpoint)
+    if report.mcp:
+        mcp = report.mcp
+        ctx.console.print(
+            f"   MCP tools: {mcp.get('calls', 0)} calls, {mcp.get('tool_errors', 0)} came back as tool "
+            f"errors, {mcp.get('starts', 0)} server processes started"
+        )
+    for error in report.catalogue_errors[:5]:
+        ctx.console.print(f"   [yellow]not in the catalogue: {error}[/yellow]", highlight=False)
     ev = ctx.config.eval
     split = write_split(
         ctx.run_dir, read_dialogues(out_dir), ev.heldout_fraction, ctx.config.run.seed, ev.validation_fraction

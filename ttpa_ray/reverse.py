@@ -52,7 +52,7 @@ from typing import Any
 
 from ttpa_ray import store
 from ttpa_ray.codec import ToolCall, parse_any
-from ttpa_ray.config import ReverseConfig, TTPAConfig, simulated_catalogues
+from ttpa_ray.config import ReverseConfig, TTPAConfig, check_mcp_tools_not_evaluated, simulated_catalogues
 from ttpa_ray.endpoint import EndpointTeacher, api_key
 from ttpa_ray.engine import (
     Completion,
@@ -181,6 +181,7 @@ def make_seeds(catalogue: Any, config: ReverseConfig, seed: int) -> list[Seed]:
 
     For BFCL's stateful environments a seed takes the tools of the classes one BFCL multi-turn entry
     involves, and that entry's initial state, so calls act on a realistic file system, account...
+    MCP tools are grouped by server: a seed's window is drawn from one server's tools.
     """
     rng = random.Random(seed)
     low, high = config.call_budget
@@ -188,9 +189,17 @@ def make_seeds(catalogue: Any, config: ReverseConfig, seed: int) -> list[Seed]:
     names = sorted(catalogue.names)
     seeds = []
     stateless = [n for n in names if getattr(catalogue.bindings[n], "class_name", None) is None]
+    # MCP tools: a seed's window comes from one server's tools (a dialogue with one git repository,
+    # one database...), the server drawn uniformly, so a one-tool server still gets its dialogues.
+    groups: dict[str, list[str]] = {}
+    for name in stateless:
+        group = getattr(catalogue.bindings[name], "group", None)
+        groups.setdefault(group or "", []).append(name)
     for i in range(config.num_seeds):
         initial: dict[str, Any] = {}
         pool = stateless or names
+        if len(groups) > 1 or (groups and "" not in groups):
+            pool = groups[rng.choice(sorted(groups))]
         # A mixed catalogue alternates: BFCL environments for odd seeds, the other tools for even ones.
         if entries and (not stateless or i % 2 == 1):
             entry = entries[rng.randrange(len(entries))]
@@ -1011,6 +1020,7 @@ class ReverseReplica:
         marks: dict[str, Any] = {"tokens": 0, "requests": 0, "busy": 0.0, "time": start}
         marks["simulated"] = Counter()  # totals at the last shard written
         marks["endpoint"] = Counter()
+        marks["mcp"] = Counter()
 
         def on_done(seed: Seed, result: Dialogue | RejectedRow) -> None:
             shard_id = shard_of[seed.seed_id]
@@ -1030,6 +1040,10 @@ class ReverseReplica:
                 figures = Counter(self.engine.summary())
                 usage["endpoint"] = dict(figures - marks["endpoint"])
                 marks["endpoint"] = figures
+            if self.registry.mcp_figures():  # MCP calls, tool errors, server processes started
+                figures = Counter(self.registry.mcp_figures())
+                usage["mcp"] = dict(figures - marks["mcp"])
+                marks["mcp"] = figures
             marks.update(
                 tokens=builder.generated_tokens,
                 requests=builder.requests,
@@ -1090,6 +1104,8 @@ class ReverseReport:
     quality: dict[str, Any] = field(default_factory=dict)  # quality_summary
     # a served teacher's requests, retries, failures, tokens and summed latency (EndpointTeacher.summary)
     endpoint: dict[str, Any] = field(default_factory=dict)
+    mcp: dict[str, int] = field(default_factory=dict)  # MCP calls, tool errors, server starts
+    catalogue_errors: list[str] = field(default_factory=list)  # tools or servers that did not load
 
 
 def _shards(seeds: Sequence[Seed], size: int) -> list[tuple[str, list[Seed]]]:
@@ -1152,6 +1168,7 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
         raise ValueError(
             f"tool catalogue {config.reverse.catalogue!r} has no usable tool: {catalogue.errors[:3]}"
         )
+    check_mcp_tools_not_evaluated(catalogue, config)
     seeds = make_seeds(catalogue, config.reverse, config.run.seed)
     shards = _shards(seeds, config.reverse.shard_size)
     # Replicas write the shards where every node reaches them: the object store of a run dir there.
@@ -1202,6 +1219,7 @@ def run_reverse(config: TTPAConfig, teacher: str, out_dir: Path, progress: Any =
         cache_at if simulated else None,
         dedup=dedup,
         catalogue_tools=len(catalogue.names),
+        catalogue_errors=[str(e) for e in catalogue.errors],
     )
 
 
@@ -1257,6 +1275,7 @@ def write_manifest(
     *,
     dedup: bool = False,
     catalogue_tools: int = 0,
+    catalogue_errors: Sequence[str] = (),
 ) -> ReverseReport:
     """Check every seed ended as one dialogue or one rejected row, and write manifest.json (in
     ``out_dir``; the shards are in ``shards_at``, by default the same; the simulated-response cache,
@@ -1266,6 +1285,7 @@ def write_manifest(
     reasons: Counter[str] = Counter()
     simulated: Counter[str] = Counter()
     endpoint: Counter[str] = Counter()
+    mcp: Counter[str] = Counter()
     seen: Counter[str] = Counter()
     dialogues = rejected = tokens = 0
     busy = total = 0.0
@@ -1279,6 +1299,7 @@ def write_manifest(
         reasons.update(done["reasons"])
         simulated.update(done.get("simulated", {}))
         endpoint.update(done.get("endpoint", {}))
+        mcp.update(done.get("mcp", {}))
         seen.update(done["seed_ids"])
     duplicated = [s for s, n in seen.items() if n > 1]
     missing = [s.seed_id for s in seeds if s.seed_id not in seen]
@@ -1306,6 +1327,8 @@ def write_manifest(
         out_dir=str(out_dir),
         simulated={**simulated, "cache_size": SimulatedCache(cache_at).size()} if cache_at else {},
         endpoint=dict(endpoint),
+        mcp=dict(mcp),
+        catalogue_errors=list(catalogue_errors),
     )
     kept = (
         store.files(folders["unique"])

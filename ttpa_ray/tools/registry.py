@@ -12,9 +12,10 @@ back as ``ToolResult(ok=False)`` with a message the model can act on, without ru
 Python-module and BFCL tools run in the sandbox pool (:mod:`ttpa_ray.tools.sandbox`); simulated tools
 are answered by their cache or response writer (:mod:`ttpa_ray.tools.simulated`).
 
-A session is one dialogue's view of the tools. Stateful BFCL tools keep their state across the calls
-of a session and never share it with another session. Outside a session a BFCL tool runs on fresh
-objects in BFCL's default state, so ``registry.call`` never carries state from one call to the next.
+A session is one dialogue's view of the tools. Stateful BFCL tools (and stateful MCP servers, each a
+process of the session's own) keep their state across the calls of a session and never share it
+with another session. Outside a session they run on fresh objects (a fresh process), so
+``registry.call`` never carries state from one call to the next.
 Stateless tools answer the same in or out of a session.
 """
 
@@ -31,6 +32,8 @@ from typing import Any
 
 from ttpa_ray.records import ToolSpec
 from ttpa_ray.tools import bfcl_envs
+from ttpa_ray.tools.mcp import PREFIX as MCP_PREFIX
+from ttpa_ray.tools.mcp import McpBinding, McpHub, load_mcp_catalogue
 from ttpa_ray.tools.python_modules import load_module_folder, load_module_package
 from ttpa_ray.tools.sandbox import (
     CallRequest,
@@ -85,7 +88,7 @@ class SimulatedBinding:
         return self.tool.class_name
 
 
-Binding = ModuleBinding | BfclBinding | SimulatedBinding
+Binding = ModuleBinding | BfclBinding | SimulatedBinding | McpBinding
 
 
 @dataclass
@@ -148,7 +151,8 @@ class Catalogue:
 
 def load_catalogue(ref: str | Path, bfcl_classes: Sequence[str] | None = None) -> Catalogue:
     """Load a catalogue: ``"builtin"``, ``"bfcl"`` (or ``"bfcl:GorillaFileSystem,TravelAPI"``), the same
-    environments schema-only (``"bfcl-simulated[:Class,...]"``), a folder of tool modules, or a
+    environments schema-only (``"bfcl-simulated[:Class,...]"``), the tools of MCP servers
+    (``"mcp:<servers.json>"``, :mod:`ttpa_ray.tools.mcp`), a folder of tool modules, or a
     simulated-tool JSON file (ToolBench style); ``"a+b"`` merges catalogues.
 
     Bad tools never stop the load: they are in ``Catalogue.errors`` (each also logged on one line).
@@ -171,6 +175,13 @@ def load_catalogue(ref: str | Path, bfcl_classes: Sequence[str] | None = None) -
         catalogue.errors.extend(errors)
         for sim in simulated:
             catalogue.add(sim.spec, SimulatedBinding(sim), "bfcl-simulated")
+        return catalogue
+    if text.startswith(MCP_PREFIX):
+        catalogue = Catalogue(text)
+        mcp_tools, errors = load_mcp_catalogue(text.removeprefix(MCP_PREFIX))
+        catalogue.errors.extend(errors)
+        for spec, binding in mcp_tools:
+            catalogue.add(spec, binding, text)
         return catalogue
     if text == "bfcl" or text.startswith("bfcl:"):
         classes = _class_names(text, "bfcl:", bfcl_classes)
@@ -197,7 +208,8 @@ def load_catalogue(ref: str | Path, bfcl_classes: Sequence[str] | None = None) -
         return catalogue
     raise ValueError(
         f"no tool catalogue at {text!r}: use 'builtin', 'bfcl' (or 'bfcl:Class,...'), 'bfcl-simulated' (or "
-        "'bfcl-simulated:Class,...'), a folder of tool modules, or a ToolBench-style .json file"
+        "'bfcl-simulated:Class,...'), 'mcp:<servers.json>', a folder of tool modules, or a ToolBench-style "
+        ".json file"
     )
 
 
@@ -241,6 +253,8 @@ class ToolRegistry:
         self.isolated = isolated
         self.simulated = SimulatedExecutor(writer, cache, max_response_chars=self.config.max_response_chars)
         self._executor: Executor | None = None
+        self._mcp: McpHub | None = None
+        self._mcp_calls = {"calls": 0, "tool_errors": 0}
         self._lock = threading.Lock()
         self._closed = False
         # Every executed call, in order: proof that a dialogue's results came from real executions.
@@ -282,6 +296,24 @@ class ToolRegistry:
                     self._executor = InProcessExecutor(self.config)
             return self._executor
 
+    @property
+    def mcp(self) -> McpHub:
+        """Where MCP tools run (server processes start on the calls that need them)."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the tool registry is closed")
+            if self._mcp is None:
+                self._mcp = McpHub(self.config.max_response_chars)
+            return self._mcp
+
+    def mcp_figures(self) -> dict[str, int]:
+        """MCP calls so far, those that came back as tool errors, server processes started (empty
+        when the catalogue has no MCP tool)."""
+        if not any(isinstance(b, McpBinding) for b in self.catalogue.bindings.values()):
+            return {}
+        starts = sum(self._mcp.starts.values()) if self._mcp is not None else 0
+        return {**self._mcp_calls, "starts": starts}
+
     def warm(self) -> None:
         """Start the sandbox pool now rather than on the first call."""
         _ = self.executor
@@ -308,7 +340,7 @@ class ToolRegistry:
         if refused is not None:
             return refused
         binding = self.catalogue.bindings[name]
-        if isinstance(binding, BfclBinding):
+        if isinstance(binding, BfclBinding) or (isinstance(binding, McpBinding) and binding.stateful):
             with self.session(f"call-{uuid.uuid4().hex[:8]}") as session:
                 return session.call(name, arguments)
         return self._logged(None, name, arguments, self._run_stateless(name, binding, arguments))
@@ -317,6 +349,9 @@ class ToolRegistry:
         self, dialogue_id: str | None, name: str, arguments: Mapping[str, Any], result: ToolResult
     ) -> ToolResult:
         self.call_log.append(ExecutedCall(dialogue_id, name, dict(arguments), result))
+        if isinstance(self.catalogue.bindings.get(name), McpBinding):
+            self._mcp_calls["calls"] += 1
+            self._mcp_calls["tool_errors"] += 0 if result.ok else 1
         return result
 
     def _run_stateless(self, name: str, binding: Binding, arguments: Mapping[str, Any]) -> ToolResult:
@@ -324,7 +359,9 @@ class ToolRegistry:
             return self.simulated.call(binding.tool, arguments)
         if isinstance(binding, ModuleBinding):
             return self.executor.run(CallRequest(tool=name, target=binding.target, arguments=dict(arguments)))
-        raise TypeError(f"tool {name!r} needs a session")  # BFCL: callers route through a session
+        if isinstance(binding, McpBinding) and not binding.stateful:
+            return self.mcp.call(binding, arguments)
+        raise TypeError(f"tool {name!r} needs a session")  # BFCL, stateful MCP: routed through a session
 
     def session(self, dialogue_id: str, initial_config: Mapping[str, Any] | None = None) -> ToolSession:
         """A dialogue's view of the tools; BFCL state starts from ``initial_config`` (by class name)."""
@@ -333,8 +370,11 @@ class ToolRegistry:
     def _close_session(self, state: SessionState) -> None:
         with self._lock:
             executor = None if self._closed else self._executor
+            hub = None if self._closed else self._mcp
         if executor is not None:
             executor.close_session(state)
+        if hub is not None:
+            hub.close_session(state.key)
 
     def close(self) -> None:
         """Keep the simulated responses (a cache of this process with a folder) and stop the sandbox pool
@@ -344,8 +384,11 @@ class ToolRegistry:
         with self._lock:
             self._closed = True
             executor, self._executor = self._executor, None
+            hub, self._mcp = self._mcp, None
         if executor is not None:
             executor.close()
+        if hub is not None:
+            hub.close()
 
     def __enter__(self) -> ToolRegistry:
         return self
@@ -382,6 +425,12 @@ class ToolSession:
         if refused is not None:
             return refused
         binding = self.registry.catalogue.bindings[name]
+        if isinstance(binding, McpBinding) and binding.stateful:  # this dialogue's own server process
+            with self._lock:
+                if self._closed:
+                    return ToolResult.failure(f"the tool session of dialogue {self.dialogue_id!r} is closed")
+                result = self.registry.mcp.call(binding, arguments, self._state.key)
+            return self.registry._logged(self.dialogue_id, name, arguments, result)
         if not isinstance(binding, BfclBinding):
             result = self.registry._run_stateless(name, binding, arguments)
             return self.registry._logged(self.dialogue_id, name, arguments, result)
