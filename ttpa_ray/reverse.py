@@ -244,7 +244,16 @@ def returned_values(content: Any) -> Iterator[str]:
             if content.is_integer():
                 yield str(int(content))
     elif isinstance(content, str) and len(content.strip()) >= 2:
-        yield content.strip()
+        text = content.strip()
+        yield text
+        if "\n" in text:  # a text result (git's log, a file): its lines, and the values of "key: value"
+            for line in text.splitlines():
+                line = line.strip(" \t-*+")
+                if len(line) >= 2:
+                    yield line
+                _key, colon, value = line.partition(": ")
+                if colon and len(value.strip()) >= 2:
+                    yield value.strip()
 
 
 def answer_is_grounded(answer: str, results: Sequence[Any]) -> bool:

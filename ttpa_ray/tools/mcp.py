@@ -12,7 +12,9 @@ The file follows the ``mcpServers`` convention other clients read, with a few ke
 
 Per server: ``command``/``args``/``env`` (stdio) or ``url`` (streamable HTTP) with ``headers``;
 ``allow``/``deny`` (tool names); ``fixed`` (arguments the client fills in, e.g. the repository path,
-hidden from the model: a model cannot know a scratch folder's path); ``state``; ``network`` (default
+hidden from the model: a model cannot know a scratch folder's path); ``error_pattern`` (a regular
+expression: a text result it matches is a tool error, for servers that report failures as plain
+text, as mcp-server-sqlite does); ``state``; ``network`` (default
 false); ``template`` (a file or
 folder copied into the server's scratch folder) and ``setup`` (commands run there once, e.g. to make
 a fixture repository or database); ``memory_mb``, ``max_processes``, ``start_timeout_s``,
@@ -38,18 +40,20 @@ owner (:mod:`ttpa_ray.reaper`). Start-up and each call are bounded; a call that 
 server dies is a tool error, and the server is started again for the next call.
 
 Results as the model sees them: ``structuredContent`` when present, else the text blocks joined
-(parsed when they are JSON); ``isError`` is a tool error; image, audio and resource blocks become a
-short note, never base64.
+(parsed when they are a JSON or Python literal object or array); ``isError`` is a tool error;
+image, audio and resource blocks become a short note, never base64.
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import concurrent.futures
 import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -69,6 +73,7 @@ from ttpa_ray.tools.spec import (
     LoadError,
     ToolResult,
     check_parameters_schema,
+    to_json_compatible,
     truncate_content,
 )
 
@@ -82,6 +87,7 @@ _DESCRIPTION_MAX_CHARS = 1024
 _KEYS = {
     "command", "args", "env", "cwd", "url", "headers", "allow", "deny", "state", "network", "template",
     "setup", "memory_mb", "max_processes", "start_timeout_s", "call_timeout_s", "spares", "type", "fixed",
+    "error_pattern",
 }  # fmt: skip
 
 
@@ -112,6 +118,7 @@ class McpServer:
     call_timeout_s: float = 30.0
     spares: int = 2
     fixed: Mapping[str, Any] = field(default_factory=dict)  # argument -> value ({scratch} resolved per call)
+    error_pattern: str | None = None  # a text result that matches (re.match) is a tool error
 
     def describe(self) -> str:
         """The command line (or URL) a user recognises in an error."""
@@ -129,8 +136,9 @@ class McpBinding:
 
     @property
     def group(self) -> str:
-        """Seeds take a dialogue's tools from one server (as BFCL's from one environment)."""
-        return self.server.name
+        """Seeds take a dialogue's tools from one writing server (as BFCL's from one environment), or
+        from the read-only servers together (a one-tool calculator alone makes no multi-tool dialogue)."""
+        return self.server.name if self.stateful else "shared servers"
 
 
 # ------------------------------------------------------------------------------------- the file
@@ -220,8 +228,19 @@ def _server(name: str, entry: Any, source: str, here: str) -> McpServer:
         template=template,
         setup=tuple(tuple(_expand(a, here, f"{where}, setup") for a in command) for command in setup),
         fixed=_fixed(entry.get("fixed", {}), here, where),
+        error_pattern=_pattern(entry.get("error_pattern"), where),
         **numbers,
     )
+
+
+def _pattern(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        re.compile(str(value))
+    except re.error as err:
+        raise McpConfigError(f"{where}: error_pattern {value!r} is not a regular expression: {err}") from None
+    return str(value)
 
 
 def _fixed(value: Any, here: str, where: str) -> dict[str, Any]:
@@ -283,7 +302,8 @@ def load_mcp_catalogue(path: str | Path) -> tuple[list[tuple[ToolSpec, McpBindin
             logger.warning("tool not loaded: %s", error)
             errors.append(error)
             continue
-        annotations = tool.annotations.model_dump(exclude_none=True) if tool.annotations else {}
+        hints = tool.annotations
+        annotations = hints.model_dump(by_alias=True, exclude_none=True) if hints else {}
         description = (tool.description or tool.title or "").strip()
         if len(description) > _DESCRIPTION_MAX_CHARS:
             description = description[: _DESCRIPTION_MAX_CHARS - 3].rstrip() + "..."
@@ -542,21 +562,39 @@ def _remove_cgroup(pid: int) -> None:
 
 
 # ----------------------------------------------------------------------------------- the results
-def to_tool_result(result: Any, max_chars: int, elapsed: float) -> ToolResult:
+def to_tool_result(
+    result: Any, max_chars: int, elapsed: float, error_pattern: str | None = None
+) -> ToolResult:
     """An MCP ``CallToolResult`` as the model sees it (see the module doc)."""
     parts = [_block_text(block) for block in result.content or []]
     text = "\n".join(p for p in parts if p)
-    if result.is_error:
+    said_error = error_pattern is not None and result.structured_content is None
+    said_error = said_error and re.match(str(error_pattern), text) is not None
+    if result.is_error or said_error:
         return ToolResult.failure(text or "the tool reported an error", elapsed)
     content: Any = result.structured_content
     if content is None:
-        content = text
-        with contextlib.suppress(ValueError):
-            parsed = json.loads(text)
-            if isinstance(parsed, dict | list):
-                content = parsed
+        content = _parsed(text)
     content, truncated = truncate_content(content, max_chars)
     return ToolResult(ok=True, content=content, elapsed=elapsed, truncated=truncated)
+
+
+def _parsed(text: str) -> Any:
+    """Text that is a JSON object or array, or a Python literal of one (mcp-server-sqlite prints its
+    rows as ``str(list_of_dicts)``), as that data: the answer checks and the model then see values,
+    not one blob. Anything else stays text."""
+    stripped = text.strip()
+    if not stripped.startswith(("{", "[")):
+        return text
+    with contextlib.suppress(ValueError):
+        parsed = json.loads(stripped)
+        if isinstance(parsed, dict | list):
+            return parsed
+    with contextlib.suppress(ValueError, SyntaxError, MemoryError, RecursionError):
+        parsed = ast.literal_eval(stripped)
+        if isinstance(parsed, dict | list):
+            return to_json_compatible(parsed)
+    return text
 
 
 def _block_text(block: Any) -> str:
@@ -654,15 +692,17 @@ class McpHub:
                     "the next call starts it again",
                     elapsed,
                 )
-        return to_tool_result(result, self.max_response_chars, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        return to_tool_result(result, self.max_response_chars, elapsed, server.error_pattern)
 
     async def _connection(self, server: McpServer, key: str | None) -> _Connection:
         lock = self._starting.setdefault(f"{server.name}/{key}", asyncio.Lock())
         async with lock:
             if key is None:
                 connection = self._shared.get(server.name)
-                if connection is None or not connection.alive:
-                    connection = await self._start(server, self.base / "shared" / server.name)
+                if connection is None or not connection.alive:  # a restart keeps the scratch folder
+                    scratch = self.base / "shared" / server.name
+                    connection = await self._start(server, scratch, fresh=not scratch.exists())
                     self._shared[server.name] = connection
                 return connection
             mine = self._sessions.setdefault(key, {})
