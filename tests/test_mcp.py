@@ -72,7 +72,7 @@ def test_every_server_lists_its_tools_and_answers(catalogue: Catalogue, registry
     assert not catalogue.errors, catalogue.errors
     sources = {spec.source for spec in catalogue.tools()}
     assert sources == {f"mcp:{s}" for s in ("time", "calculator", "git", "sqlite", "filesystem", "memory")}
-    assert len(catalogue) == 40  # 2 + 1 + 12 + 6 + 14 + 9, less the four the file denies
+    assert len(catalogue) == 39  # 2 + 1 + 12 + 6 + 14 + 9, less the five the file denies
     assert "get_current_time" not in catalogue and "read_media_file" not in catalogue  # deny
     # The client fills in the repository path: the model never sees (or guesses) a scratch folder.
     assert "repo_path" not in catalogue.specs["git_log"].parameters["properties"]
