@@ -20,7 +20,9 @@ from typing import Any
 import psutil
 import pytest
 from conftest import free_port
+from typer.testing import CliRunner
 
+from ttpa_ray.cli import tools_app
 from ttpa_ray.codec import ToolCall
 from ttpa_ray.config import check_mcp_tools_not_evaluated, load_config, simulated_catalogues
 from ttpa_ray.doctor import check_mcp_servers
@@ -33,6 +35,7 @@ from ttpa_ray.tools.registry import Catalogue, ToolRegistry, load_catalogue
 REPO = Path(__file__).resolve().parents[1]
 SERVERS = REPO / "configs" / "mcp" / "servers.json"
 PROBE = REPO / "tests" / "mcp" / "probe_server.py"
+runner = CliRunner()
 
 
 def servers_file(tmp_path: Path, servers: dict[str, Any], name: str = "servers.json") -> str:
@@ -224,6 +227,30 @@ def test_sandboxed_server_has_no_network_unless_the_file_says_so(tmp_path: Path)
         listener.close()
 
 
+def test_a_servers_memory_is_capped(tmp_path: Path) -> None:
+    catalogue = load_catalogue(servers_file(tmp_path, {"probe": probe(state="shared", memory_mb=400)}))
+    with ToolRegistry(catalogue) as registry:
+        assert registry.call("allocate", {"megabytes": 50}).ok
+        too_much = registry.call("allocate", {"megabytes": 1000})
+        assert not too_much.ok and "allocate" in str(too_much.error)
+        assert registry.call("echo", {"text": "alive"}).ok
+
+
+def test_cli_lists_and_calls_mcp_tools() -> None:
+    listed = runner.invoke(tools_app, ["list", f"mcp:{SERVERS}"])
+    assert listed.exit_code == 0, listed.output
+    names = [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
+    assert len(names) == 39 and "git_log" in names and "read_query" in names
+    called = runner.invoke(tools_app, ["call", f"mcp:{SERVERS}", "git_log", "--args", '{"max_count": 1}'])
+    assert called.exit_code == 0, called.output
+    assert "Raise the low-stock threshold to 8 units" in json.loads(called.stdout)["content"]
+    drop = '{"query": "DROP TABLE x"}'
+    failed = runner.invoke(tools_app, ["call", f"mcp:{SERVERS}", "read_query", "--args", drop])
+    assert failed.exit_code == 1 and "Only SELECT queries" in json.loads(failed.stdout)["error"]
+    missing = runner.invoke(tools_app, ["list", "mcp:nowhere.json"])
+    assert missing.exit_code == 2 and "MCP servers file 'nowhere.json' does not exist" in missing.stderr
+
+
 def test_media_blocks_become_notes_never_base64(tmp_path: Path) -> None:
     catalogue = load_catalogue(servers_file(tmp_path, {"probe": probe(state="shared")}))
     with ToolRegistry(catalogue) as registry:
@@ -296,6 +323,12 @@ def test_seeds_take_one_servers_tools_and_config_checks(catalogue: Catalogue, tm
     assert all(len(s) == 1 or s == {"mcp:time", "mcp:calculator"} for s in servers), servers
     assert len(set().union(*servers)) == 6
     assert simulated_catalogues(f"mcp:{SERVERS}") == []  # a servers file is not a simulated catalogue
+    merged = load_catalogue(f"builtin+mcp:{SERVERS}")
+    assert len(merged) == 13 + 39 - 1 and {"get_weather", "git_log"} <= set(merged.names)
+    # as in any merge, a name taken already is a load error: builtin has a convert_time of its own
+    assert [(e.function, e.message) for e in merged.errors] == [
+        ("convert_time", "duplicate tool name (already from builtin)")
+    ]
     with pytest.raises(ValueError, match=r"MCP servers file 'nowhere\.json' does not exist"):
         load_config(None, ["reverse.catalogue=mcp:nowhere.json"])
     # held-out hygiene: a tool of an evaluated BFCL category's name is refused, as simulated ones are

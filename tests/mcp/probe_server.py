@@ -1,5 +1,6 @@
 """An MCP server built on the SDK's own MCPServer, for what the third-party servers cannot show:
-a slow call (to kill a server mid-call or time a call out), a network attempt (the sandbox), image
+a slow call (to kill a server mid-call or time a call out), a network attempt and a big allocation
+(the sandbox), image
 and resource blocks, and the streamable-HTTP transport.
 
     python probe_server.py stdio
@@ -37,6 +38,13 @@ def sleep(seconds: float) -> str:
     """Wait, then answer."""
     time.sleep(seconds)
     return f"slept {seconds} s"
+
+
+@server.tool()
+def allocate(megabytes: int) -> str:
+    """Hold that much memory for a moment."""
+    block = bytearray(megabytes * 1024 * 1024)
+    return f"held {len(block) // (1024 * 1024)} MB"
 
 
 @server.tool()
