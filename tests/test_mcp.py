@@ -227,6 +227,34 @@ def test_sandboxed_server_has_no_network_unless_the_file_says_so(tmp_path: Path)
         listener.close()
 
 
+def test_servers_die_with_their_owner(tmp_path: Path) -> None:
+    """A process holding a registry is killed (SIGKILL: no clean-up of its own) while its server is in
+    a long call (so the closed pipe alone does not end it): the reaper ends the server, as it ends a
+    killed replica's vLLM engine."""
+    ref = servers_file(tmp_path, {"probe": probe(state="shared", call_timeout_s=600)})
+    owner = subprocess.Popen(
+        [sys.executable, "-c", f"""
+import time
+from ttpa_ray.tools.registry import ToolRegistry, load_catalogue
+registry = ToolRegistry(load_catalogue({ref!r}))
+print(registry.call("pid", {{}}).content["result"], flush=True)
+registry.call("sleep", {{"seconds": 600}})
+"""],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    assert owner.stdout is not None
+    server_pid = int(owner.stdout.readline())
+    assert psutil.Process(server_pid).is_running()
+    time.sleep(2)  # the sleep call is under way
+    owner.kill()
+    owner.wait(10)
+    deadline = time.time() + 20
+    while psutil.pid_exists(server_pid) and psutil.Process(server_pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.time() < deadline, "the MCP server outlived its owner"
+        time.sleep(0.5)
+
+
 def test_a_servers_memory_is_capped(tmp_path: Path) -> None:
     catalogue = load_catalogue(servers_file(tmp_path, {"probe": probe(state="shared", memory_mb=400)}))
     with ToolRegistry(catalogue) as registry:
