@@ -351,6 +351,14 @@ def test_seeds_take_one_servers_tools_and_config_checks(catalogue: Catalogue, tm
     assert all(len(s) == 1 or s == {"mcp:time", "mcp:calculator"} for s in servers), servers
     assert len(set().union(*servers)) == 6
     assert simulated_catalogues(f"mcp:{SERVERS}") == []  # a servers file is not a simulated catalogue
+    assert ToolRegistry(catalogue).session_limit() == 32  # the default max_sessions of the writers
+    limited = load_catalogue(
+        servers_file(tmp_path, {"probe": probe(max_sessions=3), "ro": probe(state="shared")})
+    )
+    assert (
+        ToolRegistry(limited).session_limit() == 3
+        and ToolRegistry(load_catalogue("builtin")).session_limit() is None
+    )
     merged = load_catalogue(f"builtin+mcp:{SERVERS}")
     assert len(merged) == 13 + 39 - 1 and {"get_weather", "git_log"} <= set(merged.names)
     # as in any merge, a name taken already is a load error: builtin has a convert_time of its own
@@ -442,7 +450,10 @@ def test_builder_on_tiny_model_with_mcp_servers(vllm_engine) -> None:
     catalogue = load_catalogue(config.reverse.catalogue)
     seeds = make_seeds(catalogue, config.reverse, 0)
     with ToolRegistry(catalogue) as registry:
-        dialogues, rejected = ReverseBuilder(vllm_engine, registry, config.reverse).run(seeds)
+        builder = ReverseBuilder(vllm_engine, registry, config.reverse)
+        # no more dialogues in flight than a writing server may have processes (max_sessions, 32)
+        assert builder.in_flight == min(4 * vllm_engine.max_num_seqs, 32)
+        dialogues, rejected = builder.run(seeds)
         log = list(registry.call_log)
         figures = registry.mcp_figures()
         base = registry.mcp.base

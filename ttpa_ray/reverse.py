@@ -386,8 +386,10 @@ class ReverseBuilder:
 
     @property
     def in_flight(self) -> int:
-        """Dialogues sharing the engine at once (config, or four times the engine's slots)."""
-        return dialogues_in_flight(self.config, self.engine.max_num_seqs)
+        """Dialogues sharing the engine at once (config, or four times the engine's slots), no more than
+        a writing MCP server may have processes at once (its ``max_sessions``: each is 50-70 MB)."""
+        wanted = dialogues_in_flight(self.config, self.engine.max_num_seqs)
+        return min(wanted, self.registry.session_limit() or wanted)
 
     # -- prompts -----------------------------------------------------------------------------------
     # Each request: its prompt and its structured-output constraint, {"json": schema} or {"regex": ...}.

@@ -14,12 +14,13 @@ Per server: ``command``/``args``/``env`` (stdio) or ``url`` (streamable HTTP) wi
 ``allow``/``deny`` (tool names); ``fixed`` (arguments the client fills in, e.g. the repository path,
 hidden from the model: a model cannot know a scratch folder's path); ``error_pattern`` (a regular
 expression: a text result it matches is a tool error, for servers that report failures as plain
-text, as mcp-server-sqlite does); ``state``; ``network`` (default
-false); ``template`` (a file or
+text, as mcp-server-sqlite does); ``state``; ``network`` (default false); ``template`` (a file or
 folder copied into the server's scratch folder) and ``setup`` (commands run there once, e.g. to make
 a fixture repository or database); ``memory_mb``, ``max_processes``, ``start_timeout_s``,
-``call_timeout_s``, ``spares``. In strings, ``{here}`` is the file's folder, ``{python}`` this
-Python, ``{scratch}`` the server process's scratch folder, and ``${VAR}`` an environment variable.
+``call_timeout_s``, ``spares``; ``max_sessions`` (a replica keeps no more dialogues in flight than
+the smallest ``max_sessions`` of its per-dialogue servers: each such dialogue holds a process of
+50-70 MB). In strings, ``{here}`` is the file's folder, ``{python}`` this Python, ``{scratch}`` the
+server process's scratch folder, and ``${VAR}`` an environment variable.
 
 Tools: each server is started at load and its tools listed; ``inputSchema`` is the tool's parameters
 (checked like every catalogue's: a broken schema is a load error naming server and tool; pydantic's
@@ -87,7 +88,7 @@ _DESCRIPTION_MAX_CHARS = 1024
 _KEYS = {
     "command", "args", "env", "cwd", "url", "headers", "allow", "deny", "state", "network", "template",
     "setup", "memory_mb", "max_processes", "start_timeout_s", "call_timeout_s", "spares", "type", "fixed",
-    "error_pattern",
+    "error_pattern", "max_sessions",
 }  # fmt: skip
 
 
@@ -117,6 +118,7 @@ class McpServer:
     start_timeout_s: float = 30.0
     call_timeout_s: float = 30.0
     spares: int = 2
+    max_sessions: int = 32  # per replica: the reverse stage keeps no more of its dialogues in flight
     fixed: Mapping[str, Any] = field(default_factory=dict)  # argument -> value ({scratch} resolved per call)
     error_pattern: str | None = None  # a text result that matches (re.match) is a tool error
 
@@ -208,6 +210,7 @@ def _server(name: str, entry: Any, source: str, here: str) -> McpServer:
                 ("start_timeout_s", 30.0),
                 ("call_timeout_s", 30.0),
                 ("spares", 2),
+                ("max_sessions", 32),
             )
             if key in entry
         }
@@ -657,7 +660,14 @@ class McpHub:
         or a reported error is a failed :class:`ToolResult`."""
         server = binding.server
         budget = server.start_timeout_s + server.call_timeout_s + 30
-        return self._submit(self._call(binding, dict(arguments), session_key), budget)
+        call = self._call(binding, dict(arguments), session_key)
+        future = asyncio.run_coroutine_threadsafe(call, self._loop)
+        try:
+            return future.result(budget)
+        except concurrent.futures.TimeoutError:  # a start and a call that both hung past their bounds
+            future.cancel()
+            why = f"MCP server {server.name!r} gave no answer to {binding.tool} in {budget:g} s"
+            return ToolResult.failure(why)
 
     async def _call(self, binding: McpBinding, arguments: dict[str, Any], key: str | None) -> ToolResult:
         from mcp.shared.exceptions import MCPError

@@ -306,6 +306,13 @@ class ToolRegistry:
                 self._mcp = McpHub(self.config.max_response_chars)
             return self._mcp
 
+    def session_limit(self) -> int | None:
+        """The most dialogue sessions that should run at once: the smallest ``max_sessions`` of the
+        catalogue's per-dialogue MCP servers (None: no such server, no limit)."""
+        bindings = self.catalogue.bindings.values()
+        limits = [b.server.max_sessions for b in bindings if isinstance(b, McpBinding) and b.stateful]
+        return min(limits) if limits else None
+
     def mcp_figures(self) -> dict[str, int]:
         """MCP calls so far, those that came back as tool errors, server processes started (empty
         when the catalogue has no MCP tool)."""
