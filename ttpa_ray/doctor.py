@@ -147,7 +147,7 @@ def check_mcp_servers(catalogue: str) -> list[Check]:
             mine = [binding for _spec, binding in tools if binding.server.name == server.name]
             skipped = sum(1 for e in errors if (e.function or "").startswith(f"{server.name}/"))
             state = "per dialogue" if mine and mine[0].stateful else "shared"
-            detail = f"starts; {len(mine)} tools ({state})"
+            detail = f"starts; {len(mine)} tool{'' if len(mine) == 1 else 's'} ({state})"
             detail += f", {skipped} skipped (bad schema)" if skipped else ""
             checks.append(Check(f"MCP server {server.name}", bool(mine), detail))
     return checks

@@ -456,12 +456,17 @@ class _Connection:
         self._errlog = open(self.log, "a", encoding="utf-8")  # noqa: SIM115  (closed in _run)
         return stdio_client(params, errlog=self._errlog)
 
-    def _http(self) -> Any:
+    @contextlib.asynccontextmanager
+    async def _http(self) -> Any:
         import httpx2
         from mcp.client.streamable_http import streamable_http_client
 
-        client = httpx2.AsyncClient(headers=dict(self.server.headers), timeout=self.server.call_timeout_s)
-        return streamable_http_client(str(self.server.url), http_client=client)
+        headers, timeout = dict(self.server.headers), self.server.call_timeout_s
+        async with (
+            httpx2.AsyncClient(headers=headers, timeout=timeout) as client,
+            streamable_http_client(str(self.server.url), http_client=client) as streams,
+        ):
+            yield streams
 
     async def start(self) -> None:
         """Start the server and its session; :class:`McpStartError` if it is not ready in time."""
