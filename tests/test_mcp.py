@@ -28,7 +28,7 @@ from ttpa_ray.config import check_mcp_tools_not_evaluated, load_config, simulate
 from ttpa_ray.doctor import check_mcp_servers
 from ttpa_ray.engine import Completion
 from ttpa_ray.records import Dialogue
-from ttpa_ray.reverse import DialogueState, ReverseBuilder, Seed, make_seeds
+from ttpa_ray.reverse import DialogueState, ReverseBuilder, Seed, make_seeds, returned_values
 from ttpa_ray.tools.mcp import McpBinding, McpConfigError, normalise_schema, read_servers
 from ttpa_ray.tools.registry import Catalogue, ToolRegistry, load_catalogue
 
@@ -128,10 +128,15 @@ def test_errors_of_the_server_are_tool_errors(catalogue: Catalogue, registry: To
     # mcp-server-sqlite says its errors in plain text: the servers file's error_pattern makes them errors
     not_select = registry.call("read_query", {"query": "DELETE FROM customers"})
     assert not not_select.ok and str(not_select.error).startswith("Error: Only SELECT queries")
-    # Arguments that do not fit the schema never reach a server.
+    # Arguments that do not fit the schema never reach a server; nor do empty required values, which
+    # the servers would take as successful calls (a required string or array may not be empty).
     before = len(registry.call_log)
     refused = registry.call("git_log", {"max_count": "ten"})
     assert not refused.ok and "max_count" in str(refused.error) and len(registry.call_log) == before
+    assert catalogue.specs["git_commit"].parameters["properties"]["message"]["minLength"] == 1
+    for tool, empty in (("create_directory", {"path": ""}), ("create_entities", {"entities": []})):
+        result = registry.call(tool, empty)
+        assert not result.ok and len(registry.call_log) == before, (tool, result)
 
 
 def test_concurrent_dialogues_see_only_their_own_writes(registry: ToolRegistry) -> None:
@@ -140,8 +145,9 @@ def test_concurrent_dialogues_see_only_their_own_writes(registry: ToolRegistry) 
 
     def dialogue(name: str) -> dict[str, str]:
         with registry.session(f"writer-{name}") as tools:
+            entity = {"name": name, "entityType": "team", "observations": ["new"]}
             writes = [
-                ("create_entities", {"entities": [{"name": name, "entityType": "team", "observations": []}]}),
+                ("create_entities", {"entities": [entity]}),
                 ("write_query", {"query": f"INSERT INTO customers (name, city) VALUES ('{name}', 'Oslo')"}),
                 ("git_create_branch", {"branch_name": f"team-{name.lower()}"}),
                 ("git_commit", {"message": f"Changelog by {name}"}),
@@ -309,7 +315,7 @@ def test_a_server_that_cannot_start_is_one_line_naming_it(tmp_path: Path) -> Non
     assert all("\n" not in line for line in errors.values())
     checks = {c.name: c for c in check_mcp_servers(ref)}  # what `ttpa doctor -c` prints per server
     assert not checks["MCP server ghost"].ok and checks["MCP server probe"].ok
-    assert "5 tools (shared)" in checks["MCP server probe"].detail
+    assert "6 tools (shared)" in checks["MCP server probe"].detail
     # a bad file is one line naming file and server
     with pytest.raises(McpConfigError, match=r"server 'x': give exactly one of 'command'"):
         read_servers(Path(servers_file(tmp_path, {"x": {"args": []}}, "bad.json").removeprefix("mcp:")))
@@ -371,6 +377,16 @@ def test_seeds_take_one_servers_tools_and_config_checks(catalogue: Catalogue, tm
     undenied = servers_file(tmp_path, {"time": {"command": str(REPO / ".mcp/time/bin/mcp-server-time")}})
     with pytest.raises(ValueError, match=r"get_current_time.*'deny' them"):
         check_mcp_tools_not_evaluated(load_catalogue(undenied), load_config(None))
+
+
+def test_text_results_give_their_lines_and_cells_as_values() -> None:
+    """git's log and a directory listing are one text block each: an answer quoting a commit message
+    or a file name is grounded in them."""
+    log = "Commit history:\nCommit: cb52ad8\nAuthor: Dana Ruiz\nMessage: Raise the low-stock threshold"
+    listing = {"content": "[FILE] todo.txt                  84 B\n[DIR] notes\n\nTotal: 1 files, 1 dirs"}
+    assert {"cb52ad8", "Dana Ruiz", "Raise the low-stock threshold"} <= set(returned_values(log))
+    assert {"[FILE] todo.txt", "84 B", "1 files, 1 dirs"} <= set(returned_values(listing))
+    assert list(returned_values("one line: no split")) == ["one line: no split"]
 
 
 def test_normalise_schema_flattens_optional_arguments() -> None:

@@ -246,14 +246,19 @@ def returned_values(content: Any) -> Iterator[str]:
     elif isinstance(content, str) and len(content.strip()) >= 2:
         text = content.strip()
         yield text
-        if "\n" in text:  # a text result (git's log, a file): its lines, and the values of "key: value"
+        if "\n" in text:  # a text result (git's log, a listing): its lines' cells, and "key: value" values
             for line in text.splitlines():
-                line = line.strip(" \t-*+")
-                if len(line) >= 2:
-                    yield line
-                _key, colon, value = line.partition(": ")
-                if colon and len(value.strip()) >= 2:
-                    yield value.strip()
+                for cell in re.split(r"\s{2,}|\t", line.strip(" \t-*+")):
+                    if len(cell) >= 2:
+                        yield cell
+                    _key, colon, value = cell.partition(": ")
+                    if colon and len(value.strip()) >= 2:
+                        yield value.strip()
+
+
+def _literal(value: str) -> str:
+    """A value as a regex literal for the engine's grammar (xgrammar warns at ``re.escape``'s ``\\ ``)."""
+    return re.escape(value).replace("\\ ", " ")
 
 
 def answer_is_grounded(answer: str, results: Sequence[Any]) -> bool:
@@ -504,7 +509,7 @@ class ReverseBuilder:
         )
         if not values:
             return None
-        alternation = "|".join(re.escape(v) for v in values[:32])
+        alternation = "|".join(_literal(v) for v in values[:32])
         schema = arguments_schema(ANSWER_TOOL.to_openai(), bounded=False)
         answer = dict(schema["properties"]["answer"])  # a pattern and no length bound: xgrammar takes no pair
         answer["pattern"] = f'^[^"\\\\]{{0,80}}({alternation})[^"\\\\]{{0,80}}$'
@@ -524,7 +529,7 @@ class ReverseBuilder:
         values = sorted(
             {v for _, content in state.trajectory for v in returned_values(content) if 2 <= len(v) <= 60}
         )
-        quoted = "|".join(re.escape(v) for v in values[:32] if "\n" not in v)
+        quoted = "|".join(_literal(v) for v in values[:32] if "\n" not in v)
         free = '[^\\n"]'
         if not quoted:
             return prompt, {"regex": f"{free}{{8,160}}\\."}

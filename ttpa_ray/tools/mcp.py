@@ -24,7 +24,8 @@ server process's scratch folder, and ``${VAR}`` an environment variable.
 
 Tools: each server is started at load and its tools listed; ``inputSchema`` is the tool's parameters
 (checked like every catalogue's: a broken schema is a load error naming server and tool; pydantic's
-``anyOf: [T, null]`` becomes ``type: [T, "null"]``), ``outputSchema`` is checked on every result (by
+``anyOf: [T, null]`` becomes ``type: [T, "null"]``; a required string or array may not be empty),
+``outputSchema`` is checked on every result (by
 the SDK), ``annotations`` stay on the binding. A name two servers share gets the server's name as a
 prefix on both. A server that does not start is one load error naming it and its command.
 
@@ -298,7 +299,7 @@ def load_mcp_catalogue(path: str | Path) -> tuple[list[tuple[ToolSpec, McpBindin
     tools: list[tuple[ToolSpec, McpBinding]] = []
     for server, tool in found:
         name = f"{server.name}_{tool.name}" if counts[tool.name] > 1 else tool.name
-        parameters = _without_fixed(normalise_schema(tool.input_schema), server.fixed)
+        parameters = non_empty(_without_fixed(normalise_schema(tool.input_schema), server.fixed))
         problems = check_parameters_schema(parameters)
         if problems:
             error = LoadError(server.source, f"{server.name}/{tool.name}", "; ".join(problems[:3]))
@@ -353,6 +354,32 @@ def normalise_schema(schema: Any) -> Any:
             out.pop("anyOf")
             out.update({k: v for k, v in rest[0].items() if k not in out})
             out["type"] = [rest[0]["type"], "null"]
+    return out
+
+
+def non_empty(schema: Any) -> Any:
+    """Required strings and arrays that declare no lower bound get ``minLength`` / ``minItems`` 1, at
+    every depth: servers accept ``create_entities([])`` or ``create_directory("")`` as successful
+    calls, and a teacher with nothing to say writes exactly those (make run on MCP tools, 2026-12-07:
+    most of the memory server's admitted calls). The decoding grammar and the argument check follow."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if isinstance(out.get("items"), dict):
+        out["items"] = non_empty(out["items"])
+    properties = out.get("properties")
+    if isinstance(properties, dict):
+        required = set(out.get("required") or [])
+        fixed = {}
+        for name, sub in properties.items():
+            sub = non_empty(sub)
+            if name in required and isinstance(sub, dict):
+                if sub.get("type") == "string" and not {"minLength", "enum", "const", "pattern"} & sub.keys():
+                    sub = {**sub, "minLength": 1}
+                elif sub.get("type") == "array" and "minItems" not in sub:
+                    sub = {**sub, "minItems": 1}
+            fixed[name] = sub
+        out["properties"] = fixed
     return out
 
 
@@ -676,6 +703,7 @@ class McpHub:
 
     async def _call(self, binding: McpBinding, arguments: dict[str, Any], key: str | None) -> ToolResult:
         from mcp.shared.exceptions import MCPError
+        from mcp.types import CONNECTION_CLOSED
 
         server, start = binding.server, time.perf_counter()
         try:
@@ -697,7 +725,8 @@ class McpHub:
                 )
             except Exception as err:
                 elapsed = time.perf_counter() - start
-                if connection.alive and isinstance(err, MCPError | RuntimeError):
+                closed = isinstance(err, MCPError) and err.code == CONNECTION_CLOSED  # before /proc says so
+                if connection.alive and not closed and isinstance(err, MCPError | RuntimeError):
                     # An error the server answered (unknown tool) or a result the SDK refused
                     # (structured content that does not fit the tool's output schema).
                     return ToolResult.failure(f"{binding.tool}: {_why(err)}", elapsed)
