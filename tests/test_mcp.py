@@ -26,7 +26,7 @@ from ttpa_ray.cli import tools_app
 from ttpa_ray.codec import ToolCall
 from ttpa_ray.config import check_mcp_tools_not_evaluated, load_config, simulated_catalogues
 from ttpa_ray.doctor import check_mcp_servers
-from ttpa_ray.engine import Completion
+from ttpa_ray.engine import Completion, arguments_schema
 from ttpa_ray.records import Dialogue
 from ttpa_ray.reverse import DialogueState, ReverseBuilder, Seed, make_seeds, returned_values
 from ttpa_ray.tools.mcp import McpBinding, McpConfigError, normalise_schema, read_servers
@@ -104,6 +104,17 @@ def test_every_server_lists_its_tools_and_answers(catalogue: Catalogue, registry
     # a structured result stays structured; text that is not JSON stays text
     assert registry.call("calculate", {"expression": "2 + 2"}).content == {"result": "4"}
     assert isinstance(registry.call("git_branch", {"branch_type": "local"}).content, str)
+
+
+def test_every_tools_arguments_decode_under_xgrammar(catalogue: Catalogue) -> None:
+    """What reverse construction asks vLLM for: each tool's bounded arguments schema, which xgrammar
+    must take (convert_time's described HH:MM pattern beside the non-empty bound did not: the replica
+    failed on its first request)."""
+    from vllm.v1.structured_output.backend_xgrammar import has_xgrammar_unsupported_json_features
+
+    schemas = {n: arguments_schema(catalogue.specs[n].to_openai()) for n in catalogue.names}
+    assert [n for n, schema in schemas.items() if has_xgrammar_unsupported_json_features(schema)] == []
+    assert schemas["convert_time"]["properties"]["time"]["pattern"] == "^[0-9]{2}:[0-9]{2}$"
 
 
 def test_errors_of_the_server_are_tool_errors(catalogue: Catalogue, registry: ToolRegistry) -> None:

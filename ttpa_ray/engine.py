@@ -103,8 +103,10 @@ def bounded_schema(schema: dict[str, Any]) -> dict[str, Any]:
     free = kind == "string" and not {"enum", "const", "pattern", "format"} & out.keys()
     described = str(out.get("description") or "") if free else ""
     pattern = next((p for fmt, p in DESCRIBED_FORMATS if fmt in described), None)
-    if pattern is not None:
+    if pattern is not None:  # a pattern beside a length bound is more than xgrammar takes
         out["pattern"] = pattern
+        out.pop("minLength", None)
+        out.pop("maxLength", None)
     elif free:
         # (xgrammar takes no length bound beside a pattern or format: those strings are left alone)
         low = int(out.pop("minLength", 0))

@@ -374,7 +374,8 @@ def non_empty(schema: Any) -> Any:
         for name, sub in properties.items():
             sub = non_empty(sub)
             if name in required and isinstance(sub, dict):
-                if sub.get("type") == "string" and not {"minLength", "enum", "const", "pattern"} & sub.keys():
+                bounded = {"minLength", "enum", "const", "pattern", "format"} & sub.keys()
+                if sub.get("type") == "string" and not bounded:
                     sub = {**sub, "minLength": 1}
                 elif sub.get("type") == "array" and "minItems" not in sub:
                     sub = {**sub, "minItems": 1}
