@@ -145,7 +145,12 @@ def test_errors_of_the_server_are_tool_errors(catalogue: Catalogue, registry: To
     refused = registry.call("git_log", {"max_count": "ten"})
     assert not refused.ok and "max_count" in str(refused.error) and len(registry.call_log) == before
     assert catalogue.specs["git_commit"].parameters["properties"]["message"]["minLength"] == 1
-    for tool, empty in (("create_directory", {"path": ""}), ("create_entities", {"entities": []})):
+    empties = {
+        "create_directory": {"path": ""},
+        "create_entities": {"entities": []},
+        "read_multiple_files": {"paths": [""]},
+    }
+    for tool, empty in empties.items():
         result = registry.call(tool, empty)
         assert not result.ok and len(registry.call_log) == before, (tool, result)
 

@@ -358,15 +358,17 @@ def normalise_schema(schema: Any) -> Any:
 
 
 def non_empty(schema: Any) -> Any:
-    """Required strings and arrays that declare no lower bound get ``minLength`` / ``minItems`` 1, at
-    every depth: servers accept ``create_entities([])`` or ``create_directory("")`` as successful
-    calls, and a teacher with nothing to say writes exactly those (make run on MCP tools, 2026-12-07:
-    most of the memory server's admitted calls). The decoding grammar and the argument check follow."""
+    """Required strings and arrays, and the strings in arrays, that declare no lower bound get
+    ``minLength`` / ``minItems`` 1, at every depth: servers accept ``create_entities([])`` or
+    ``create_directory("")`` as successful calls, and a teacher with nothing to say writes exactly
+    those (make run on MCP tools, 2026-12-07: most of the memory server's admitted calls). The
+    decoding grammar and the argument check follow."""
     if not isinstance(schema, dict):
         return schema
     out = dict(schema)
-    if isinstance(out.get("items"), dict):
-        out["items"] = non_empty(out["items"])
+    if isinstance(out.get("items"), dict):  # an array's strings too: read_multiple_files(["", ""])
+        items = non_empty(out["items"])
+        out["items"] = {**items, "minLength": 1} if _unbounded_string(items) else items
     properties = out.get("properties")
     if isinstance(properties, dict):
         required = set(out.get("required") or [])
@@ -374,14 +376,18 @@ def non_empty(schema: Any) -> Any:
         for name, sub in properties.items():
             sub = non_empty(sub)
             if name in required and isinstance(sub, dict):
-                bounded = {"minLength", "enum", "const", "pattern", "format"} & sub.keys()
-                if sub.get("type") == "string" and not bounded:
+                if _unbounded_string(sub):
                     sub = {**sub, "minLength": 1}
                 elif sub.get("type") == "array" and "minItems" not in sub:
                     sub = {**sub, "minItems": 1}
             fixed[name] = sub
         out["properties"] = fixed
     return out
+
+
+def _unbounded_string(schema: dict[str, Any]) -> bool:
+    bounded = {"minLength", "enum", "const", "pattern", "format"} & schema.keys()
+    return schema.get("type") == "string" and not bounded
 
 
 async def _list_all(servers: Sequence[McpServer], base: Path) -> list[Any]:
