@@ -181,7 +181,8 @@ def make_seeds(catalogue: Any, config: ReverseConfig, seed: int) -> list[Seed]:
 
     For BFCL's stateful environments a seed takes the tools of the classes one BFCL multi-turn entry
     involves, and that entry's initial state, so calls act on a realistic file system, account...
-    MCP tools are grouped by server: a seed's window is drawn from one server's tools.
+    MCP tools are grouped: a seed's window is drawn from one writing server's tools, or from the
+    read-only servers' tools together.
     """
     rng = random.Random(seed)
     low, high = config.call_budget
@@ -189,8 +190,8 @@ def make_seeds(catalogue: Any, config: ReverseConfig, seed: int) -> list[Seed]:
     names = sorted(catalogue.names)
     seeds = []
     stateless = [n for n in names if getattr(catalogue.bindings[n], "class_name", None) is None]
-    # MCP tools: a seed's window comes from one server's tools (a dialogue with one git repository,
-    # one database...), the server drawn uniformly, so a one-tool server still gets its dialogues.
+    # MCP tools: a seed's window comes from one group (McpBinding.group: one writing server, a dialogue
+    # with one git repository or database; or the read-only servers together), drawn uniformly.
     groups: dict[str, list[str]] = {}
     for name in stateless:
         group = getattr(catalogue.bindings[name], "group", None)
