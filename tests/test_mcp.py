@@ -474,8 +474,10 @@ def test_reverse_builds_a_dialogue_on_a_real_git_repository(catalogue: Catalogue
 
 @pytest.mark.slow
 def test_builder_on_tiny_model_with_mcp_servers(vllm_engine) -> None:
-    """A real (random) teacher against the six servers: every seed ends as a dialogue or a rejected
-    row, every call ran on a server, and no server process outlives the registry."""
+    """A real (random) teacher against the six servers' schemas (every request's grammar is one vLLM
+    takes): every seed ends as a dialogue or a rejected row, every executed call is counted, and no
+    server process outlives the registry. (The random model's calls may all be refused before any
+    server: whether servers start is the other tests' business.)"""
     config = load_config(
         None, ["reverse.num_seeds=8", "reverse.max_tokens=128", f"reverse.catalogue=mcp:{SERVERS}"]
     )
@@ -489,10 +491,8 @@ def test_builder_on_tiny_model_with_mcp_servers(vllm_engine) -> None:
         log = list(registry.call_log)
         figures = registry.mcp_figures()
         base = registry.mcp.base
-        assert server_processes(base)  # the shared servers at least
     assert sorted([d.seed_id for d in dialogues] + [r.input_id for r in rejected]) == sorted(
         s.seed_id for s in seeds
     )
-    assert log and {e.tool for e in log} <= set(catalogue.names)
-    assert figures["calls"] == len(log) and figures["starts"] >= 1
+    assert {e.tool for e in log} <= set(catalogue.names) and figures["calls"] == len(log)
     assert not server_processes(base)
