@@ -1057,10 +1057,10 @@ class ReverseReplica:
                 figures = Counter(self.engine.summary())
                 usage["endpoint"] = dict(figures - marks["endpoint"])
                 marks["endpoint"] = figures
-            if self.registry.mcp_figures():  # MCP calls, tool errors, server processes started
-                figures = Counter(self.registry.mcp_figures())
-                usage["mcp"] = dict(figures - marks["mcp"])
-                marks["mcp"] = figures
+            mcp = Counter(self.registry.mcp_figures())  # MCP calls, tool errors, server starts
+            if mcp:
+                usage["mcp"] = dict(mcp - marks["mcp"])
+                marks["mcp"] = mcp
             marks.update(
                 tokens=builder.generated_tokens,
                 requests=builder.requests,

@@ -294,8 +294,11 @@ def load_mcp_catalogue(path: str | Path) -> tuple[list[tuple[ToolSpec, McpBindin
             if tool.name not in server.deny:
                 found.append((server, tool))
     counts: dict[str, int] = {}
-    for _server, tool in found:
+    read_only: dict[str, bool] = {}  # a server is per dialogue unless told, or all its tools only read
+    for server, tool in found:
         counts[tool.name] = counts.get(tool.name, 0) + 1
+        hint = bool(tool.annotations and tool.annotations.read_only_hint)
+        read_only[server.name] = read_only.get(server.name, True) and hint
     tools: list[tuple[ToolSpec, McpBinding]] = []
     for server, tool in found:
         name = f"{server.name}_{tool.name}" if counts[tool.name] > 1 else tool.name
@@ -312,25 +315,9 @@ def load_mcp_catalogue(path: str | Path) -> tuple[list[tuple[ToolSpec, McpBindin
         if len(description) > _DESCRIPTION_MAX_CHARS:
             description = description[: _DESCRIPTION_MAX_CHARS - 3].rstrip() + "..."
         spec = ToolSpec(name, description, parameters, source=PREFIX + server.name)
-        tools.append((spec, McpBinding(server, tool.name, False, annotations)))
-    # A server is stateful unless told, or unless every tool of it promises to read only.
-    read_only: dict[str, bool] = {}
-    for _spec, binding in tools:
-        ok = bool(binding.annotations.get("readOnlyHint"))
-        read_only[binding.server.name] = read_only.get(binding.server.name, True) and ok
-    return [
-        (
-            spec,
-            McpBinding(
-                binding.server,
-                binding.tool,
-                binding.server.state == PER_DIALOGUE
-                or (binding.server.state is None and not read_only[binding.server.name]),
-                binding.annotations,
-            ),
-        )
-        for spec, binding in tools
-    ], errors
+        stateful = server.state == PER_DIALOGUE or (server.state is None and not read_only[server.name])
+        tools.append((spec, McpBinding(server, tool.name, stateful, annotations)))
+    return tools, errors
 
 
 def normalise_schema(schema: Any) -> Any:
@@ -830,12 +817,9 @@ class McpHub:
     async def _drop(self, connection: _Connection, key: str | None) -> None:
         """Stop a hung or dead server; the next call of its owner starts it again."""
         await connection.close(kill=True)
-        if key is None:
-            if self._shared.get(connection.server.name) is connection:
-                del self._shared[connection.server.name]
-        else:
-            # Left in the session's map, marked dead, so the restart keeps its scratch folder.
-            pass
+        # A session's connection stays in its map, dead, so the restart keeps its scratch folder.
+        if key is None and self._shared.get(connection.server.name) is connection:
+            del self._shared[connection.server.name]
 
     def close_session(self, key: str) -> None:
         """End a dialogue's server processes and remove their scratch (in the background)."""
