@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,7 +12,15 @@ from ttpa_ray.config import load_config
 from ttpa_ray.esm import ESMWeights
 from ttpa_ray.evaluate import HELDOUT_CATEGORY, Answer, heldout_items, score_answers, summarize
 from ttpa_ray.records import Dialogue, Message, read_parquet, write_parquet
-from ttpa_ray.rundir import SplitMissing, check_not_heldout, split_dialogues, write_split
+from ttpa_ray.rundir import (
+    SplitMissing,
+    check_not_heldout,
+    first_dialogue,
+    part_size,
+    read_split,
+    split_dialogues,
+    write_split,
+)
 
 
 def _two_way(dialogues: list[Dialogue], fraction: float, seed: int) -> tuple[list[Dialogue], list[Dialogue]]:
@@ -44,6 +53,36 @@ def test_validation_part_is_disjoint_and_the_heldout_one_does_not_move() -> None
     assert ids[2] == {d.dialogue_id for d in split_dialogues(dialogues, 0.2, 0)["heldout"]}
 
 
+def test_the_split_of_a_dataset_is_the_split_of_the_list_written_by_ray_data(
+    ray_cluster: Any, tmp_path: Path
+) -> None:
+    """write_split on a Ray dataset read from Parquet files (as the reverse stage hands it over) puts
+    every dialogue where split_dialogues puts it, once; the driver gets keys, not dialogues; a rerun
+    writes the split anew; an empty part is an empty folder the readers take."""
+    import ray
+
+    dialogues = [Dialogue(f"dlg-{i}", f"seed-{i}", (Message("user", f"q{i}"),)) for i in range(300)]
+    files = [
+        write_parquet(dialogues[i : i + 50], tmp_path / "in" / f"{i}.parquet", Dialogue)
+        for i in range(0, 300, 50)
+    ]
+    source = ray.data.read_parquet([str(f) for f in files])
+    split = write_split(tmp_path / "run", source, 0.2, 7, validation_fraction=0.1)
+    want = split_dialogues(dialogues, 0.2, 7, validation_fraction=0.1)
+    assert split.counts == {"train": 210, "validation": 30, "heldout": 60}
+    for part, expected in want.items():
+        got = read_split(tmp_path / "run", part)
+        assert sorted(d.dialogue_id for d in got) == sorted(d.dialogue_id for d in expected), part
+        assert part_size(tmp_path / "run", part) == split.counts[part] == len(expected)
+    assert sorted(read_split(tmp_path / "run", "train"), key=lambda d: d.dialogue_id)[0].messages[0].content
+    example = first_dialogue(tmp_path / "run")
+    assert example is not None and example.dialogue_id in {d.dialogue_id for d in want["train"]}
+    again = write_split(tmp_path / "run", source, 0.0, 7)  # no held-out part this time: nothing stale left
+    assert again.counts == {"train": 300, "validation": 0, "heldout": 0}
+    assert read_split(tmp_path / "run", "heldout") == [] and part_size(tmp_path / "run", "validation") == 0
+    assert len(read_split(tmp_path / "run", "train")) == 300
+
+
 def test_heldout_turns_are_scored_against_the_executed_calls(heldout_dialogues_file: Path) -> None:
     items = heldout_items(read_parquet(Dialogue, heldout_dialogues_file))
     assert [i.id for i in items] == ["dlg-0/0", "dlg-0/1", "dlg-1/0", "dlg-1/1"]
@@ -74,7 +113,7 @@ def test_heldout_turns_are_scored_against_the_executed_calls(heldout_dialogues_f
     assert summary[HELDOUT_CATEGORY].n == 4 and summary[HELDOUT_CATEGORY].exact_match == 0.25
 
 
-def test_sft_trains_on_the_train_split_not_the_heldout_one(tmp_path: Path) -> None:
+def test_sft_trains_on_the_train_split_not_the_heldout_one(ray_cluster: Any, tmp_path: Path) -> None:
     from ttpa_ray.train.run import default_source
 
     with pytest.raises(SplitMissing, match=r"dialogues/train\.parquet does not exist"):
@@ -108,7 +147,7 @@ def test_evaluated_bfcl_entries_are_trained_on_only_when_the_config_says_so() ->
 
 
 def test_sample_command_refuses_heldout_dialogues_and_evaluated_bfcl_entries(
-    tmp_path: Path, tiny_model_dir: Path
+    ray_cluster: Any, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     """`ttpa sample` (and jobs.sample) reads the train part; it refuses held-out input before any engine."""
     from typer.testing import CliRunner

@@ -198,9 +198,11 @@ def sample_command(
 ) -> None:
     """Token-level preference sampling (or the sequence baseline, tps.sampler): dialogues -> candidates
     in <run_dir>/tps. Held-out dialogues and evaluated BFCL entries are refused."""
+    from ttpa_ray import store
     from ttpa_ray.models import resolve_model
-    from ttpa_ray.pipeline import sample_turns
-    from ttpa_ray.rundir import check_not_heldout, read_split
+    from ttpa_ray.pipeline import init_ray, sample_turns
+    from ttpa_ray.records import Dialogue
+    from ttpa_ray.rundir import check_not_heldout, part_size, split_path
     from ttpa_ray.tps import bfcl_dialogues, read_dialogues
 
     cfg = load_or_exit(config, overrides)
@@ -214,15 +216,22 @@ def sample_command(
             fail(str(err))
 
     def sample(ctx: RunContext) -> StageReport:
+        import ray
+
         ctx.models["policy"] = resolve_model(cfg.model.policy, key="model.policy", log=console.print)
+        found: ray.data.Dataset | list[Dialogue]
         if bfcl:
             found = bfcl_dialogues(bfcl, limit, start=cfg.tps.bfcl_offset)
         elif dialogues is not None:
             found = read_dialogues(dialogues)[:limit]
             check_not_heldout(ctx.run_dir, found)
-        else:
-            found = read_split(ctx.run_dir, "train")[:limit]
-        console.print(f"sample ({cfg.tps.sampler}): {len(found)} dialogues, policy {ctx.models['policy']}")
+        else:  # the split's train part, read by the cluster
+            count = part_size(ctx.run_dir, "train")
+            count = count if limit is None else min(count, limit)
+            init_ray(cfg)
+            found = store.dataset(split_path(ctx.run_dir, "train")).limit(count)
+        count = len(found) if isinstance(found, list) else count
+        console.print(f"sample ({cfg.tps.sampler}): {count} dialogues, policy {ctx.models['policy']}")
         return sample_turns(ctx, cfg, ctx.run_dir / "tps", "sample", dialogues=found)
 
     report = _stage(cfg, sample, models=False)  # the policy only: sampling needs no teacher

@@ -369,11 +369,11 @@ def heldout_source(config: TTPAConfig) -> Path | None:
     """The held-out dialogues to evaluate: ``eval.heldout_dialogues``, else the run's own split."""
     if config.eval.heldout_dialogues is not None:
         path = Path(config.eval.heldout_dialogues)
-        if not path.is_file():
-            raise FileNotFoundError(f"eval.heldout_dialogues: {path} is not a file")
+        if not path.exists():
+            raise FileNotFoundError(f"eval.heldout_dialogues: {path} does not exist")
         return path
     own = split_path(config.run.work_dir, "heldout")
-    return own if own.is_file() else None
+    return own if own.exists() else None
 
 
 def run_evaluation(

@@ -22,6 +22,8 @@ from ttpa_ray.progress import StageBar
 from ttpa_ray.records import Dialogue
 
 if TYPE_CHECKING:
+    import ray
+
     from ttpa_ray.store import Mirror
 
 
@@ -185,8 +187,8 @@ def print_endpoint_figures(console: Console, base_url: Any, figures: dict[str, A
 
 def stage_reverse(ctx: RunContext) -> StageReport:
     """Reversed construction: seeds -> dialogues + rejected rows (Parquet shards + manifest)."""
-    from ttpa_ray.reverse import SIMULATED_KEYS, read_dialogues, run_reverse
-    from ttpa_ray.rundir import write_split
+    from ttpa_ray.reverse import SIMULATED_KEYS, dialogue_dataset, run_reverse
+    from ttpa_ray.rundir import first_dialogue, write_split
 
     init_ray(ctx.config)
     out_dir = ctx.run_dir / "reverse"
@@ -226,10 +228,15 @@ def stage_reverse(ctx: RunContext) -> StageReport:
         ctx.console.print(f"   [yellow]not in the catalogue: {error}[/yellow]", highlight=False)
     ev = ctx.config.eval
     split = write_split(
-        ctx.run_dir, read_dialogues(out_dir), ev.heldout_fraction, ctx.config.run.seed, ev.validation_fraction
+        ctx.run_dir,
+        dialogue_dataset(out_dir),
+        ev.heldout_fraction,
+        ctx.config.run.seed,
+        ev.validation_fraction,
     )
-    if split.counts["train"]:
-        show_dialogue(ctx.console, training_dialogues(ctx.run_dir)[0])
+    example = first_dialogue(ctx.run_dir)
+    if example is not None:
+        show_dialogue(ctx.console, example)
     ctx.console.print(
         f"   {split.counts['train']} dialogues for TPS and SFT, {split.counts['validation']} for validation,"
         f" {split.counts['heldout']} held out for the evaluation ({split.paths['heldout']})"
@@ -254,50 +261,59 @@ def stage_reverse(ctx: RunContext) -> StageReport:
 
 
 def sample_turns(
-    ctx: RunContext, config: TTPAConfig, out_dir: Path, label: str, dialogues: list[Dialogue] | None = None
+    ctx: RunContext,
+    config: TTPAConfig,
+    out_dir: Path,
+    label: str,
+    dialogues: ray.data.Dataset | list[Dialogue] | None = None,
 ) -> StageReport:
     """Sample candidates of the training turns (or of ``dialogues``, as `ttpa sample` picks them) from
-    the policy being aligned, with ``config.tps``."""
-    from ttpa_ray.tps import bfcl_dialogues, run_sample_stage, turns_from_dialogues
+    the policy being aligned, with ``config.tps``. The split's train part is read by the cluster."""
+    import ray
+
+    from ttpa_ray import store
+    from ttpa_ray.records import to_table
+    from ttpa_ray.rundir import part_size, split_path
+    from ttpa_ray.tps import bfcl_dialogues, run_sample_stage
 
     init_ray(config)
     tps = config.tps
     if dialogues is None:
-        dialogues = training_dialogues(ctx.run_dir)  # the held-out ones never reach TPS
+        part_size(ctx.run_dir, "train")  # the held-out ones never reach TPS; no split is one line
+        dialogues = store.dataset(split_path(ctx.run_dir, "train"))
         if tps.bfcl_limit:
-            dialogues += bfcl_dialogues(tps.bfcl_category, tps.bfcl_limit, start=tps.bfcl_offset)
+            bfcl = bfcl_dialogues(tps.bfcl_category, tps.bfcl_limit, start=tps.bfcl_offset)
+            dialogues = dialogues.union(ray.data.from_arrow(to_table(bfcl, Dialogue)))
     if tps.bfcl_limit and tps.allow_evaluated_bfcl:
         ctx.console.print(
             f"   [yellow]tps.allow_evaluated_bfcl: BFCL {tps.bfcl_category} entries from "
             f"{tps.bfcl_offset} may also be evaluated; their results are not held out[/]"
         )
-    turns, without_turns = turns_from_dialogues(dialogues)
-    ctx.console.print(
-        f"   {len(dialogues)} dialogues -> {len(turns)} tool-call turns ({tps.sampler} sampler)"
-    )
     # TPS samples the policy being aligned: the SFT'd one when SFT ran (DPO starts from it too)
     policy = ctx.models.get("sft", ctx.models["policy"])
-    with StageBar(ctx.console, label, len(turns)) as bar:
+    with StageBar(ctx.console, label, None) as bar:
 
         def progress(r: Any) -> None:
             bar.update(
                 r.turns_sampled,
+                total=r.turns,
                 detail=f"candidates {r.candidates} | {r.generated_tokens / max(r.seconds, 1e-9):,.0f} tok/s",
             )
 
         report = run_sample_stage(config, policy, dialogues, out_dir, progress)
-        bar.update(len(turns), detail=f"candidates {report.candidates}")  # rejected turns are done too
+        bar.update(report.turns, total=report.turns, detail=f"candidates {report.candidates}")
     ctx.console.print(
-        f"   {report.turns_sampled} turns sampled, {report.candidates} candidates; rejected {report.reasons}"
+        f"   {report.dialogues} dialogues -> {report.turns} tool-call turns ({tps.sampler} sampler): "
+        f"{report.turns_sampled} sampled, {report.candidates} candidates; rejected {report.reasons}"
     )
     return StageReport(
         label,
-        records_in=len(turns) + len(without_turns),
+        records_in=report.turns + report.without_turns,
         records_out=report.turns_sampled,
         records_rejected=report.rejected,
         outputs=report.outputs,
         notes={
-            "turns": len(turns),
+            "turns": report.turns,
             "candidates": report.candidates,
             "generated_tokens": report.generated_tokens,
             "reasons": report.reasons,
@@ -308,13 +324,6 @@ def sample_turns(
 def stage_tps(ctx: RunContext) -> StageReport:
     """Token-level preference sampling: dialogues -> turns -> candidates from the policy."""
     return sample_turns(ctx, ctx.config, ctx.run_dir / "tps", "tps")
-
-
-def training_dialogues(run_dir: Path) -> list[Dialogue]:
-    """The reversed dialogues that are neither validation nor held out (the reverse stage's split)."""
-    from ttpa_ray.rundir import read_split
-
-    return read_split(run_dir, "train")
 
 
 def count_sampled_inputs(sample_dir: Path) -> int:
@@ -418,8 +427,10 @@ def stage_sft(ctx: RunContext) -> StageReport:
     if not ctx.config.train.sft.enabled:
         ctx.console.print("   train.sft.enabled is false: skipped")
         return StageReport("sft", 0, 0, 0, notes={"skipped": "disabled"})
+    from ttpa_ray.rundir import part_size
+
     # Unless train.dialogues names other data, SFT reads the split's train part (no held-out dialogue).
-    if ctx.config.train.dialogues is None and not training_dialogues(ctx.run_dir):
+    if ctx.config.train.dialogues is None and not part_size(ctx.run_dir, "train"):
         ctx.console.print("   no reversed dialogue passed the filters: nothing to fine-tune on, skipped")
         return StageReport("sft", 0, 0, 0, notes={"skipped": "no dialogues"})
     return train_policy(ctx, "sft", "sft")

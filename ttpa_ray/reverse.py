@@ -48,7 +48,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ttpa_ray import store
 from ttpa_ray.codec import ToolCall, parse_any
@@ -67,6 +67,9 @@ from ttpa_ray.engine import (
 from ttpa_ray.quality import DEGENERATE, DUPLICATE, Gates, PromptLeaks, question_bigrams, question_key
 from ttpa_ray.records import Dialogue, Message, RejectedRow, ToolSpec, reject, to_table
 from ttpa_ray.tools.simulated import SimulatedCache, response_request
+
+if TYPE_CHECKING:
+    import ray
 
 STAGE = "reverse"
 TEACHER_UNAVAILABLE = "teacher_unavailable"  # a served teacher's request failed after its retries
@@ -1363,21 +1366,31 @@ def write_manifest(
     return report
 
 
-def read_dialogues(out_dir: Path) -> list[Dialogue]:
-    """Every dialogue of a finished reverse run (less the duplicate questions), in seed order."""
-    from ttpa_ray.records import read_parquet
-
+def dialogue_files(out_dir: Path) -> list[str]:
+    """The Parquet files of a finished reverse run's dialogues (less the duplicate questions)."""
     manifest = json.loads((out_dir / "manifest.json").read_text())
     unique = manifest.get("unique")
-    if unique:
-        return sorted(
-            (d for path in store.files(unique) for d in read_parquet(Dialogue, path)),
-            key=lambda d: seed_order(d.seed_id),
-        )
-    out: list[Dialogue] = []
-    for shard in manifest["shards"]:
-        out.extend(read_parquet(Dialogue, shard["dialogues"]))
-    return out
+    return store.files(unique) if unique else [shard["dialogues"] for shard in manifest["shards"]]
+
+
+def dialogue_dataset(out_dir: Path) -> ray.data.Dataset:
+    """A finished reverse run's dialogues as a Ray dataset (read lazily, by the cluster)."""
+    import ray
+
+    files = dialogue_files(out_dir)
+    if not files:
+        return ray.data.from_arrow(to_table([], Dialogue))
+    fs, _ = store.resolve(files[0])
+    return ray.data.read_parquet([store.resolve(f)[1] for f in files], filesystem=fs)
+
+
+def read_dialogues(out_dir: Path) -> list[Dialogue]:
+    """Every dialogue of a finished reverse run (less the duplicate questions), in seed order: for
+    small runs and tests; the pipeline reads :func:`dialogue_dataset`."""
+    from ttpa_ray.records import read_parquet
+
+    found = [d for path in dialogue_files(out_dir) for d in read_parquet(Dialogue, path)]
+    return sorted(found, key=lambda d: seed_order(d.seed_id))
 
 
 # ------------------------------------------------------------------------------- duplicate questions

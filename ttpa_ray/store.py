@@ -21,12 +21,17 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    import ray
 
 SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs")
 CACHE = Path(os.environ.get("TTPA_CACHE", Path.home() / ".cache" / "ttpa"))
@@ -153,14 +158,18 @@ class Mirror:
         info = path.stat()
         return [info.st_size, info.st_mtime_ns]
 
-    def pull(self) -> int:
-        """Download what the store holds and the working copy lacks or may hold in an older version
-        (another size, or a small file such as ``pipeline.json``, which another machine may have
-        rewritten); the number of files. Ray Train's storage (folders named ``ray``: checkpoints)
-        stays in the store: the workers read it from there."""
+    def pull(self, path: str | os.PathLike[str] | None = None) -> int:
+        """Download what the store holds (under ``path`` of the working copy, or all) and the working
+        copy lacks or may hold in an older version (another size, or a small file such as
+        ``pipeline.json``, which another machine may have rewritten); the number of files. Ray
+        Train's storage (folders named ``ray``: checkpoints) stays in the store: the workers read it
+        from there."""
         record = self._record()
         count = 0
-        for relative, info in _files(self.fs, self.root).items():
+        under = "" if path is None else Path(path).absolute().relative_to(self.local).as_posix()
+        listing = _files(self.fs, f"{self.root}/{under}" if under else self.root)
+        for name, info in listing.items():
+            relative = f"{under}/{name}" if under else name
             if RAY_STORAGE in relative.split("/")[:-1] or relative in (SYNC_RECORD, PROBE):
                 continue
             target = self.local / relative
@@ -239,6 +248,39 @@ def shared(path: str | os.PathLike[str]) -> str:
     if Path(path).exists():
         mirror.push(path)
     return mirror.uri(path)
+
+
+def write_folder(ds: ray.data.Dataset, path: str | os.PathLike[str], empty: pa.Table) -> int:
+    """Write a Ray dataset as the Parquet folder ``path`` of the run dir, by the cluster's tasks:
+    anew (emptied first, in the store too), into the store when the run dir is in one (so that
+    every node reaches it; then copied into the working copy); a dataset with no row leaves one
+    file with ``empty``'s schema, so readers see the part. Returns the rows written."""
+    import pyarrow.dataset as pads
+
+    local = Path(path)
+    if local.is_file():  # an earlier version's single file
+        local.unlink()
+    shutil.rmtree(local, ignore_errors=True)
+    target = shared(local)
+    fs, root = resolve(target)
+    fs.delete_dir_contents(root, missing_dir_ok=True)
+    ds.write_parquet(root, filesystem=fs)
+    if not any(name.endswith(".parquet") for name in _files(fs, root)):
+        fs.create_dir(root)
+        write_table(empty, join(target, "empty.parquet"))
+    rows = int(pads.dataset(root, filesystem=fs, format="parquet").count_rows())
+    if _active is not None and is_uri(target):
+        _active.pull(local)
+    return rows
+
+
+def dataset(path: str | os.PathLike[str]) -> ray.data.Dataset:
+    """A Parquet file or folder of the run dir as a Ray dataset that every node can read (from the
+    store when the run dir is in one)."""
+    import ray
+
+    fs, root = resolve(shared(path))
+    return ray.data.read_parquet(root, filesystem=fs)
 
 
 def local_copy(target: str) -> str:

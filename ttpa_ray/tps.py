@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Final
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ttpa_ray import store
 from ttpa_ray.codec import ParseResult, canonical_calls, parse_any, render_with_spans, token_spans
 from ttpa_ray.config import TPSConfig, TTPAConfig, VLLMConfig
 from ttpa_ray.records import (
@@ -692,6 +694,7 @@ class SampleReport:
 
     dialogues: int = 0
     turns: int = 0
+    without_turns: int = 0  # dialogues rejected before they became turns
     turns_sampled: int = 0  # turns with at least one candidate
     candidates: int = 0
     rejected: int = 0  # dialogues without turns + turns without candidates
@@ -716,64 +719,89 @@ def read_dialogues(path: str | Path) -> list[Dialogue]:
     return read_parquet(Dialogue, path)
 
 
+def write_turns(dialogues: ray.data.Dataset, out_dir: Path) -> tuple[int, int]:
+    """The turns of a dataset of dialogues, extracted and written by the cluster (Ray Data):
+    ``turns.parquet`` (Turn rows) and ``rejected.parquet`` (the dialogues without a tool-call turn,
+    :func:`turns_from_dialogues`), both folders. Returns (turns, dialogues rejected)."""
+    from ttpa_ray.records import to_table
+
+    def turns_of(batch: pa.Table) -> pa.Table:
+        return to_table(turns_from_dialogues(Dialogue.from_row(r) for r in rows_from_batch(batch))[0], Turn)
+
+    def without_turns(batch: pa.Table) -> pa.Table:
+        rejected = turns_from_dialogues(Dialogue.from_row(r) for r in rows_from_batch(batch))[1]
+        return to_table(rejected, RejectedRow)
+
+    turns = store.write_folder(
+        dialogues.map_batches(turns_of, batch_format="pyarrow"), out_dir / "turns.parquet", to_table([], Turn)
+    )
+    rejected = store.write_folder(
+        dialogues.map_batches(without_turns, batch_format="pyarrow"),
+        out_dir / "rejected.parquet",
+        to_table([], RejectedRow),
+    )
+    return turns, rejected
+
+
 def run_sample_stage(
     config: TTPAConfig,
     model: str,
-    dialogues: Sequence[Dialogue],
+    dialogues: ray.data.Dataset | Sequence[Dialogue],
     out_dir: str | Path,
     progress: Callable[[SampleReport], None] | None = None,
 ) -> SampleReport:
     """Dialogues -> turns -> candidates with policy replicas (Ray Data); writes Parquet to ``out_dir``.
 
-    Files: ``turns.parquet`` (Turn), ``candidates.parquet`` (Candidate + log-prob columns),
-    ``rejected.parquet`` (RejectedRow: dialogues without a tool-call turn, turns without candidates).
-    ``progress`` is called after every finished batch. Ray must be initialised.
+    ``turns.parquet`` (Turn rows, a folder the cluster writes: the turns are extracted in Ray Data),
+    ``candidates.parquet`` (Candidate + log-prob columns) and ``rejected.parquet`` (RejectedRow: the
+    dialogues without a tool-call turn, a folder, and the turns without candidates, a file in it).
+    The driver writes each sampled batch as it comes and keeps counts only. ``progress`` is called
+    after every sampled batch (``report.turns`` is known by then). Ray must be initialised.
     """
+    import pyarrow.dataset as pads
     import pyarrow.parquet as pq
     import ray
 
-    from ttpa_ray.records import to_table, write_parquet
+    from ttpa_ray.records import to_table
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    turns, rejected_dialogues = turns_from_dialogues(dialogues)
-    report = SampleReport(dialogues=len(dialogues), turns=len(turns))
-    turns_table = to_table(turns, Turn)
-    pq.write_table(turns_table, out / "turns.parquet")
-    candidate_parts: list[pa.Table] = []
-    rejected_parts: list[pa.Table] = [to_table(rejected_dialogues, RejectedRow)]
-    if turns:
-        ds = ray.data.from_arrow(turns_table).repartition(
-            max(1, math.ceil(len(turns) / config.vllm.batch_size))
-        )
-        for batch in sample_dataset(ds, model, config).iter_batches(batch_format="pyarrow", batch_size=None):
-            candidates, rejected = split_sample_table(batch)
-            candidate_parts.append(candidates)
-            rejected_parts.append(rejected)
-            report.candidates += candidates.num_rows
-            report.turns_sampled += len(set(candidates.column("turn_id").to_pylist()))
-            report.generated_tokens += sum(candidates.column("generated_tokens").to_pylist())
-            report.seconds = time.perf_counter() - start
-            if progress is not None:
-                progress(report)
-    schema = pa.schema([*Candidate.SCHEMA, GENERATED_TOKENS], metadata=Candidate.SCHEMA.metadata)
-    candidates_all = (
-        pa.concat_tables([t.select(schema.names).cast(schema) for t in candidate_parts])
-        if candidate_parts
-        else schema.empty_table()
+    if not isinstance(dialogues, ray.data.Dataset):
+        dialogues = ray.data.from_arrow(to_table(list(dialogues), Dialogue))
+    report = SampleReport(dialogues=dialogues.count())
+    report.turns, report.without_turns = write_turns(dialogues, out)
+    report.rejected = report.without_turns
+    rejected_dir = out / "rejected.parquet"
+    reasons: Counter[str] = Counter(
+        pads.dataset(rejected_dir, format="parquet").to_table(columns=["reason"]).column("reason").to_pylist()
     )
-    rejected_all = pa.concat_tables(rejected_parts)
-    pq.write_table(candidates_all, out / "candidates.parquet")
-    write_parquet(from_rejected_table(rejected_all), out / "rejected.parquet", RejectedRow)
-    report.rejected = rejected_all.num_rows
-    for reason in rejected_all.column("reason").to_pylist():
-        report.reasons[reason] = report.reasons.get(reason, 0) + 1
+    schema = pa.schema([*Candidate.SCHEMA, GENERATED_TOKENS], metadata=Candidate.SCHEMA.metadata)
+    with (
+        pq.ParquetWriter(out / "candidates.parquet", schema) as candidates_out,
+        pq.ParquetWriter(
+            rejected_dir / "turns-without-candidates.parquet", RejectedRow.SCHEMA
+        ) as rejected_out,
+    ):
+        if report.turns:
+            turns = store.dataset(out / "turns.parquet").repartition(
+                max(1, math.ceil(report.turns / config.vllm.batch_size))
+            )
+            for batch in sample_dataset(turns, model, config).iter_batches(
+                batch_format="pyarrow", batch_size=None
+            ):
+                candidates, rejected = split_sample_table(batch)
+                candidates_out.write_table(candidates.select(schema.names).cast(schema))
+                rejected_out.write_table(rejected.cast(RejectedRow.SCHEMA))
+                report.candidates += candidates.num_rows
+                report.turns_sampled += len(set(candidates.column("turn_id").to_pylist()))
+                report.generated_tokens += sum(candidates.column("generated_tokens").to_pylist())
+                report.rejected += rejected.num_rows
+                reasons.update(rejected.column("reason").to_pylist())
+                report.seconds = time.perf_counter() - start
+                if progress is not None:
+                    progress(report)
+    report.reasons = dict(reasons)
     report.seconds = time.perf_counter() - start
     report.outputs = {name: str(out / f"{name}.parquet") for name in ("turns", "candidates", "rejected")}
     return report
-
-
-def from_rejected_table(table: pa.Table) -> list[RejectedRow]:
-    """RejectedRow records of a RejectedRow table."""
-    return [RejectedRow.from_row(row) for row in table.to_pylist()]

@@ -125,7 +125,7 @@ def default_source(stage: Stage, run_dir: Path) -> Path:
     if stage == "dpo":
         return run_dir / "pairs"
     path = split_path(run_dir, "train")
-    if not path.is_file():
+    if not path.exists():
         raise SplitMissing(f"{path} does not exist: run the reverse stage first, or name train.dialogues")
     return path
 
