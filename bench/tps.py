@@ -71,6 +71,18 @@ TEMPLATES: tuple[tuple[str, str, Any], ...] = (
 )
 
 
+def template_values(rng: Any) -> dict[str, Any]:
+    """Values for :data:`TEMPLATES`: two cities, two dates of 2026 and a number of days."""
+    city, city2 = rng.sample(CITIES, 2)
+    return {
+        "city": city,
+        "city2": city2,
+        "date": f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
+        "date2": f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
+        "days": rng.randint(1, 90),
+    }
+
+
 def builtin_dialogues(count: int, seed: int) -> list[Any]:
     """Templated single-call dialogues over the built-in tools (values drawn with ``seed``)."""
     import random
@@ -84,14 +96,7 @@ def builtin_dialogues(count: int, seed: int) -> list[Any]:
     dialogues = []
     for i in range(count):
         name, question, build = TEMPLATES[i % len(TEMPLATES)]
-        city, city2 = rng.sample(CITIES, 2)
-        values = {
-            "city": city,
-            "city2": city2,
-            "date": f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
-            "date2": f"2026-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
-            "days": rng.randint(1, 90),
-        }
+        values = template_values(rng)
         dialogues.append(
             Dialogue(
                 dialogue_id=f"builtin/{seed}/{i}",
