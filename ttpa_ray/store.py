@@ -263,6 +263,8 @@ def write_folder(ds: ray.data.Dataset, path: str | os.PathLike[str], empty: pa.T
     shutil.rmtree(local, ignore_errors=True)
     target = shared(local)
     fs, root = resolve(target)
+    if fs.get_file_info(root).type == pafs.FileType.File:  # the same, in the store
+        fs.delete_file(root)
     fs.delete_dir_contents(root, missing_dir_ok=True)
     ds.write_parquet(root, filesystem=fs)
     if not any(name.endswith(".parquet") for name in _files(fs, root)):
