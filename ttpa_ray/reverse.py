@@ -1378,10 +1378,7 @@ def dialogue_dataset(out_dir: Path) -> ray.data.Dataset:
     import ray
 
     files = dialogue_files(out_dir)
-    if not files:
-        return ray.data.from_arrow(to_table([], Dialogue))
-    fs, _ = store.resolve(files[0])
-    return ray.data.read_parquet([store.resolve(f)[1] for f in files], filesystem=fs)
+    return store.dataset(files) if files else ray.data.from_arrow(to_table([], Dialogue))
 
 
 def read_dialogues(out_dir: Path) -> list[Dialogue]:
@@ -1473,7 +1470,6 @@ def quality_summary(
     """The run's data quality (report and ``pipeline.json``): yield, rejected shares by kind, question
     diversity (distinct 2-grams over all 2-grams), calls and tools per dialogue, catalogue coverage and
     the simulated responses written invalid. Aggregated in Ray Data: the driver gets the figures."""
-    import ray
     from ray.data.aggregate import CountDistinct, Sum, Unique
 
     reasons = report.reasons
@@ -1492,10 +1488,7 @@ def quality_summary(
     }
     if not report.dialogues:
         return summary
-    fs, _ = store.resolve(dialogue_files[0])
-    figures = ray.data.read_parquet([store.resolve(f)[1] for f in dialogue_files], filesystem=fs).map_batches(
-        _dialogue_figures, batch_format="pyarrow"
-    )
+    figures = store.dataset(dialogue_files).map_batches(_dialogue_figures, batch_format="pyarrow")
     totals = figures.aggregate(Sum("calls"), Sum("tools"))
     grams = figures.flat_map(lambda row: [{"bigram": g} for g in row["bigrams"]]).materialize()
     distinct = grams.aggregate(CountDistinct("bigram"))["count_distinct(bigram)"] if grams.count() else 0
@@ -1519,18 +1512,16 @@ def drop_duplicate_questions(shards_at: str, shard_ids: Sequence[str]) -> tuple[
     Deterministic for the same shards, so a rerun writes the same folders again. Returns both folders
     and the number of copies.
     """
-    import ray
 
     fs, _ = store.resolve(shards_at)
-    paths = [store.resolve(shard_paths(shards_at, sid)["dialogues"])[1] for sid in shard_ids]
     unique, duplicates = store.join(shards_at, "unique"), store.join(shards_at, "duplicates")
     for folder in (unique, duplicates):
         if store.exists(folder):
             fs.delete_dir(store.resolve(folder)[1])
     marked = (
-        ray.data.read_parquet(paths, filesystem=fs)
+        store.dataset([shard_paths(shards_at, sid)["dialogues"] for sid in shard_ids])
         .map_batches(_with_question_key, batch_format="pyarrow")
-        .groupby("question_key", num_partitions=max(1, min(len(paths), 64)))
+        .groupby("question_key", num_partitions=max(1, min(len(shard_ids), 64)))
         .map_groups(_mark_copies, batch_format="pyarrow")
         .materialize()
     )

@@ -180,8 +180,8 @@ def write_split(
     for part, path in paths.items():
 
         def only(batch: pa.Table, part: str = part) -> pa.Table:
-            keys = _keys(batch.column("dialogue_id").to_pylist(), seed)
-            return batch.filter(pa.array(parts_of(keys, limits) == part))
+            mine = _keys(batch.column("dialogue_id").to_pylist(), seed)
+            return batch.filter(pa.array(parts_of(mine, limits) == part))
 
         store.write_folder(dialogues.map_batches(only, batch_format="pyarrow"), path, to_table([], Dialogue))
     counts = {"train": len(keys) - heldout - validation, "validation": validation, "heldout": heldout}

@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -276,13 +276,14 @@ def write_folder(ds: ray.data.Dataset, path: str | os.PathLike[str], empty: pa.T
     return rows
 
 
-def dataset(path: str | os.PathLike[str]) -> ray.data.Dataset:
-    """A Parquet file or folder of the run dir as a Ray dataset that every node can read (from the
-    store when the run dir is in one)."""
+def dataset(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> ray.data.Dataset:
+    """Parquet files or folders (local paths or URIs of one store) as a Ray dataset that every node
+    can read (a path in the working copy of a run dir in a store is read from the store)."""
     import ray
 
-    fs, root = resolve(shared(path))
-    return ray.data.read_parquet(root, filesystem=fs)
+    many = [paths] if isinstance(paths, str | os.PathLike) else list(paths)
+    resolved = [resolve(shared(path)) for path in many]
+    return ray.data.read_parquet([root for _, root in resolved], filesystem=resolved[0][0])
 
 
 def local_copy(target: str) -> str:
