@@ -17,7 +17,6 @@ from ttpa_ray.pairs import (
     label_turn,
     pairs_for_turn,
     pairs_from_samples,
-    pairs_from_tables,
     score_candidates,
     single_field_share,
 )
@@ -26,6 +25,7 @@ from ttpa_ray.records import (
     Message,
     PreferencePair,
     RejectedRow,
+    ScoredCandidate,
     ToolSpec,
     Turn,
     read_parquet,
@@ -150,16 +150,6 @@ def test_real_tps_pairs_keep_the_invariants(tps_result: Any, tmp_path: Path) -> 
     path = write_parquet(result.pairs, tmp_path / "pairs.parquet")
     assert read_parquet(PreferencePair, path) == result.pairs
 
-    # The same pairs from the files the sample stage writes.
-    candidates, rejected = split_sample_table(sample_table(samples))
-    again = pairs_from_tables(
-        to_table(turns, Turn),
-        candidates,
-        [RejectedRow.from_row(r) for r in rejected.to_pylist()],
-        ESMConfig(),
-    )
-    assert again.pairs == result.pairs and again.balanced
-
 
 @pytest.mark.slow
 def test_trl_computes_a_dpo_loss_on_the_output(tps_result: Any, tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -193,8 +183,12 @@ def test_trl_computes_a_dpo_loss_on_the_output(tps_result: Any, tiny_model_dir: 
 
 
 @pytest.mark.slow
-def test_esm_ray_stage_labels_match_the_pure_scorer(ray_cluster: Any, tps_result: Any) -> None:
-    from ttpa_ray.pairs import label_with_esm_stage
+def test_pairs_stage_on_ray_matches_the_pure_rule(ray_cluster: Any, tps_result: Any, tmp_path: Path) -> None:
+    """The stage (turns and candidates grouped by turn in Ray Data, labelled by the scorer actors)
+    writes the pairs and scored candidates the pure rule makes; a turn with broken tools, a turn
+    the sampler rejected and a dialogue without turns each end as one rejected row."""
+    from ttpa_ray.config import TTPAConfig
+    from ttpa_ray.pairs import run_pairs_stage
 
     turns, samples = tps_result
     bad_tool = ToolSpec(
@@ -206,6 +200,7 @@ def test_esm_ray_stage_labels_match_the_pure_scorer(ray_cluster: Any, tps_result
     bad_candidate = Candidate(
         candidate_id="bad/0/tps/3/7", turn_id="bad/0", raw_text="x", parse_error="no call"
     )
+    unsampled = dataclasses.replace(TURN, turn_id="unsampled/0", dialogue_id="unsampled")
     candidates, rejected = split_sample_table(sample_table(samples))
     candidates = pa.concat_tables(
         [
@@ -215,20 +210,37 @@ def test_esm_ray_stage_labels_match_the_pure_scorer(ray_cluster: Any, tps_result
             ).append_column("generated_tokens", pa.array([1])),
         ]
     )
-    turns_table = to_table([*turns, bad_turn], Turn)
-    labels, failures = label_with_esm_stage(turns_table, candidates, ESMConfig())
-    assert set(failures) == {"bad/0/tps/3/7"} and failures["bad/0/tps/3/7"].reason == "invalid_tools"
-    staged = pairs_from_tables(
-        turns_table,
-        candidates,
-        [RejectedRow.from_row(r) for r in rejected.to_pylist()],
-        ESMConfig(),
-        labels=labels,
-        label_rejections=failures,
-    )
-    pure = pairs_from_samples(samples, ESMConfig())
-    assert staged.pairs == pure.pairs and staged.scored == pure.scored
-    assert [(r.input_id, r.reason) for r in staged.rejected if r.input_id == "bad/0"] == [
-        ("bad/0", "invalid_tools")
+    sample_dir = tmp_path / "tps"
+    (sample_dir / "rejected.parquet").mkdir(parents=True)
+    pq.write_table(to_table([*turns, bad_turn, unsampled], Turn), sample_dir / "turns.parquet")
+    pq.write_table(candidates, sample_dir / "candidates.parquet")
+    sampler_rejected = [
+        *(RejectedRow.from_row(r) for r in rejected.to_pylist()),
+        RejectedRow("unsampled/0", "tps", "no_branch_point", "", "{}"),
     ]
-    assert staged.balanced
+    write_parquet(sampler_rejected, sample_dir / "rejected.parquet" / "turns-without-candidates.parquet")
+    write_parquet(
+        [RejectedRow("talk", "tps", "no_tool_call_turn", "", "{}")],
+        sample_dir / "rejected.parquet" / "dialogues.parquet",
+    )
+
+    report = run_pairs_stage(TTPAConfig(), sample_dir, tmp_path / "pairs")
+
+    pure = pairs_from_samples(samples, ESMConfig())
+    by_id = lambda records, key: sorted(records, key=key)  # noqa: E731
+    staged = read_parquet(PreferencePair, tmp_path / "pairs" / "pairs.parquet")
+    assert by_id(staged, lambda p: p.pair_id) == by_id(pure.pairs, lambda p: p.pair_id)
+    scored = read_parquet(ScoredCandidate, tmp_path / "pairs" / "scored.parquet")
+    key = lambda s: s.candidate.candidate_id  # noqa: E731
+    assert by_id(scored, key) == by_id(pure.scored, key)
+    ended = read_parquet(RejectedRow, tmp_path / "pairs" / "rejected.parquet")
+    reasons = {r.input_id: r.reason for r in ended}
+    assert len(reasons) == len(ended)  # each input once
+    assert reasons["bad/0"] == "invalid_tools" and reasons["unsampled/0"] == "no_branch_point"
+    assert reasons["talk"] == "no_tool_call_turn"
+    assert {p.turn_id for p in staged}.isdisjoint(reasons)
+    assert report.turns == len(turns) + 2 and report.without_turns == 1
+    assert report.turns == report.turns_paired + len(ended) - report.without_turns
+    assert report.pairs == len(pure.pairs) and report.turns_paired == pure.turns_paired
+    assert report.single_field_share == pytest.approx(single_field_share(pure.pairs))
+    assert sum(report.reasons.values()) == report.rejected == len(ended)

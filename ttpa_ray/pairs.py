@@ -17,14 +17,16 @@ lists, tool calls as messages, a per-row ``tools`` column) plus metadata columns
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from ttpa_ray import store
 from ttpa_ray.codec import ToolCall
 from ttpa_ray.config import ESMConfig, TTPAConfig
 from ttpa_ray.esm.scorer import DEFAULT_WEIGHTS, ESMWeights, SchemaError, prepare_tools, score
@@ -36,7 +38,10 @@ from ttpa_ray.records import (
     ScoredCandidate,
     Turn,
     from_table,
+    pack,
     reject,
+    to_table,
+    unpack,
 )
 from ttpa_ray.tps import TurnSample
 
@@ -164,23 +169,10 @@ def label_turn(
     turn: Turn,
     candidates: Sequence[Candidate],
     esm: ESMConfig,
-    *,
-    labels: Mapping[str, ScoredCandidate] | None = None,
 ) -> tuple[list[PreferencePair], list[ScoredCandidate], RejectedRow | None]:
-    """Score one turn's candidates and apply the pair rule; bad tools or reference reject the turn.
-
-    ``labels`` (candidate_id -> ScoredCandidate, e.g. from the ESM Ray stage) replaces scoring here;
-    the reference's own score is still computed here (one call per turn).
-    """
-    weights = ESMWeights.from_config(esm.weights)
+    """Score one turn's candidates and apply the pair rule; bad tools or reference reject the turn."""
     try:
-        if labels is not None:
-            scored = [labels[c.candidate_id] for c in candidates]
-            reference = list(turn.reference_calls)
-            tools = prepare_tools([t.to_openai() for t in turn.tools])
-            reference_score = score(reference, reference, tools, weights).score
-        else:
-            scored, reference_score = score_candidates(turn, candidates, weights)
+        scored, reference_score = score_candidates(turn, candidates, ESMWeights.from_config(esm.weights))
     except SchemaError as exc:
         return [], [], reject(turn.turn_id, STAGE, "invalid_tools", str(exc), turn)
     except ValueError as exc:
@@ -203,112 +195,6 @@ def pairs_from_samples(samples: Iterable[TurnSample], esm: ESMConfig) -> PairsRe
         if rejected is not None:
             result.rejected.append(rejected)
     return result
-
-
-def pairs_from_tables(
-    turns: pa.Table,
-    candidates: pa.Table,
-    sampler_rejected: Sequence[RejectedRow],
-    esm: ESMConfig,
-    *,
-    labels: Mapping[str, ScoredCandidate] | None = None,
-    label_rejections: Mapping[str, RejectedRow] | None = None,
-) -> PairsResult:
-    """Pairs from the sample stage's files: Turn table, candidate table, rejected rows.
-
-    A turn without candidates keeps the sampler's rejection reason when there is one. ``labels`` and
-    ``label_rejections`` (by candidate_id) come from :func:`label_with_esm_stage`; without them the
-    candidates are scored here with the pure scorer.
-    """
-    turn_records = from_table(Turn, turns, source="turns")
-    cands = from_table(Candidate, candidates, source="candidates")
-    by_turn: dict[str, list[Candidate]] = {}
-    for candidate in cands:
-        by_turn.setdefault(candidate.turn_id, []).append(candidate)
-    earlier = {r.input_id: r for r in sampler_rejected}
-    failed = label_rejections or {}
-    result = PairsResult()
-    for turn in turn_records:
-        result.turns_in += 1
-        mine = by_turn.get(turn.turn_id, [])
-        if not mine and turn.turn_id in earlier:
-            result.rejected.append(earlier[turn.turn_id])
-            continue
-        unscorable = [failed[c.candidate_id] for c in mine if c.candidate_id in failed]
-        if unscorable:
-            first = unscorable[0]
-            result.rejected.append(reject(turn.turn_id, STAGE, first.reason, first.detail, turn))
-            continue
-        pairs, scored, rejected = label_turn(turn, mine, esm, labels=labels)
-        result.pairs.extend(pairs)
-        result.scored.extend(scored)
-        if rejected is not None:
-            result.rejected.append(rejected)
-    return result
-
-
-def esm_input_table(turns: pa.Table, candidates: pa.Table) -> pa.Table:
-    """The ESM stage's input: candidate_id, candidate (calls JSON or raw text), reference, tools (JSON)."""
-    by_turn = {t.turn_id: t for t in from_table(Turn, turns, source="turns")}
-    rows = []
-    for candidate in from_table(Candidate, candidates, source="candidates"):
-        turn = by_turn[candidate.turn_id]
-        target = _target(candidate)
-        rows.append(
-            {
-                "candidate_id": candidate.candidate_id,
-                "candidate": target if isinstance(target, str) else _dumps([c.to_dict() for c in target]),
-                "reference": _dumps([c.to_dict() for c in turn.reference_calls]),
-                "tools": _dumps([t.to_openai() for t in turn.tools]),
-            }
-        )
-    schema = pa.schema([(name, pa.string()) for name in ("candidate_id", "candidate", "reference", "tools")])
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
-def label_with_esm_stage(
-    turns: pa.Table, candidates: pa.Table, esm: ESMConfig
-) -> tuple[dict[str, ScoredCandidate], dict[str, RejectedRow]]:
-    """ESM labels from the stateless scorer actors (:func:`ttpa_ray.esm.stage.score_dataset`).
-
-    Returns candidate_id -> ScoredCandidate, and candidate_id -> the ESM stage's rejected row for
-    candidates it could not score (bad tools or reference). Ray must be initialised.
-    """
-    import ray
-
-    from ttpa_ray.esm.stage import score_dataset
-
-    cands = {c.candidate_id: c for c in from_table(Candidate, candidates, source="candidates")}
-    table = esm_input_table(turns, candidates)
-    if table.num_rows == 0:
-        return {}, {}
-    scored, rejected = score_dataset(
-        ray.data.from_arrow(table),
-        id_column="candidate_id",
-        weights=ESMWeights.from_config(esm.weights),
-        scorers=esm.scorers,
-    )
-    labels: dict[str, ScoredCandidate] = {}
-    for row in scored.iter_rows():
-        labels[row["candidate_id"]] = ScoredCandidate(
-            candidate=cands[row["candidate_id"]],
-            esm_score=float(row["esm_score"]),
-            esm_components={str(k): float(v) for k, v in _pairs_of(row["esm_components"])},
-            esm_errors=tuple(row["esm_errors"]),
-        )
-    rejections = {row["input_id"]: RejectedRow.from_row(row) for row in rejected.iter_rows()}
-    return labels, rejections
-
-
-def _pairs_of(value: Any) -> list[tuple[Any, Any]]:
-    # Arrow maps come back as a dict, a list of (key, value) tuples or of {"key", "value"} dicts.
-    if isinstance(value, Mapping):
-        return list(value.items())
-    return [(p["key"], p["value"]) if isinstance(p, Mapping) else (p[0], p[1]) for p in value]
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
 
 
 # ------------------------------------------------------------------------------------ analysis
@@ -353,9 +239,10 @@ def single_field_share(pairs: Sequence[PreferencePair]) -> float:
 
 @dataclass
 class PairsReport:
-    """What the pairs stage did: turns in, turns paired, pairs, rejected turns, where it wrote."""
+    """What the pairs stage did: turns in, turns paired, pairs, rejected rows, where it wrote."""
 
     turns: int = 0
+    without_turns: int = 0  # dialogues the sample stage rejected before they became turns
     turns_paired: int = 0
     pairs: int = 0
     rejected: int = 0  # rows of rejected.parquet: turns without a pair + dialogues without turns
@@ -365,51 +252,139 @@ class PairsReport:
     outputs: dict[str, str] = field(default_factory=dict)
 
 
+def _unpacked(table: pa.Table, kind: str, cls: type) -> list[Any]:
+    return from_table(cls, unpack(table, kind, cls.SCHEMA), source=kind)  # type: ignore[attr-defined]
+
+
+_INPUTS: Final = {"turn": Turn.SCHEMA, "candidate": Candidate.SCHEMA}
+_OUTPUTS: Final = {
+    "pair": PreferencePair.SCHEMA,
+    "scored": ScoredCandidate.SCHEMA,
+    "rejected": RejectedRow.SCHEMA,
+}
+
+
+class LabelTurns:
+    """A stateless ESM scorer actor: one turn's row and its candidates' rows in (a group of the
+    stage's dataset), its pairs, scored candidates or rejected row out (:func:`label_turn`)."""
+
+    def __init__(self, esm: ESMConfig) -> None:
+        self.esm = esm
+
+    def __call__(self, group: pa.Table) -> pa.Table:
+        turns = _unpacked(group, "turn", Turn)
+        candidates = _unpacked(group, "candidate", Candidate)
+        if len(turns) != 1:
+            raise ValueError(
+                f"turn {group.column('turn_id')[0]}: {len(turns)} rows in turns.parquet for "
+                f"{len(candidates)} candidates (one expected)"
+            )
+        pairs: list[PreferencePair] = []
+        scored: list[ScoredCandidate] = []
+        rejected: RejectedRow | None = None
+        if candidates:  # else the sample stage wrote this turn's rejection
+            pairs, scored, rejected = label_turn(turns[0], candidates, self.esm)
+        lost = [rejected] if rejected else []
+        out = pack(
+            {
+                "pair": to_table(pairs, PreferencePair),
+                "scored": to_table(scored, ScoredCandidate),
+                "rejected": to_table(lost, RejectedRow).append_column(
+                    "turn_id", pa.array([turns[0].turn_id] * len(lost), pa.string())
+                ),
+            },
+            _OUTPUTS,
+            key="turn_id",
+        )
+        # Per pair: whether it differs in one field, and whether it is its turn's first (summed later).
+        others = [0] * (out.num_rows - len(pairs))
+        single = [int(single_field_share([p]) == 1.0) for p in pairs]
+        first = [int(i == 0) for i in range(len(pairs))]
+        return out.append_column("single_field", pa.array(single + others, pa.int64())).append_column(
+            "first_pair", pa.array(first + others, pa.int64())
+        )
+
+
 def run_pairs_stage(config: TTPAConfig, sample_dir: str | Path, out_dir: str | Path) -> PairsReport:
-    """Read the sample stage's files, label with the ESM Ray stage, apply the pair rule, write Parquet.
+    """The sample stage's files -> pairs, in Ray Data: turns and candidates are grouped by turn and
+    each group is labelled by :class:`LabelTurns` actors (``esm.scorers``: min, max); the driver
+    gets counts only. Ray must be initialised.
 
-    Ray must be initialised (the scorer actors run there).
-
-    Files: ``pairs.parquet`` (PreferencePair, a TRL conversational preference dataset),
-    ``scored.parquet`` (ScoredCandidate), ``rejected.parquet`` (RejectedRow, every turn without a pair,
-    the sampler's rejections included). Raises FileNotFoundError naming a missing input.
+    Folders: ``pairs.parquet`` (PreferencePair, a TRL conversational preference dataset),
+    ``scored.parquet`` (ScoredCandidate), ``rejected.parquet`` (RejectedRow: every turn without a pair
+    and the sample stage's rejections). Raises FileNotFoundError naming a missing input and
+    ValueError when the turns do not add up (turns = paired + rejected).
     """
-    import time
-
-    import pyarrow.parquet as pq
-
-    from ttpa_ray.records import read_parquet, write_parquet
+    import pyarrow.dataset as pads
+    import ray.data
+    from ray.data.expressions import col
 
     start = time.perf_counter()
-    source = Path(sample_dir)
+    source, out = Path(sample_dir), Path(out_dir)
     for name in ("turns", "candidates", "rejected"):
         if not (source / f"{name}.parquet").exists():
             raise FileNotFoundError(f"{source / f'{name}.parquet'} not found: run `ttpa sample` first")
-    earlier = read_parquet(RejectedRow, source / "rejected.parquet")
-    turns = pq.read_table(source / "turns.parquet")
-    candidates = pq.read_table(source / "candidates.parquet")
-    labels, label_rejections = label_with_esm_stage(turns, candidates, config.esm)
-    result = pairs_from_tables(
-        turns, candidates, earlier, config.esm, labels=labels, label_rejections=label_rejections
+    without_candidates = source / "rejected.parquet" / "turns-without-candidates.parquet"
+    earlier_turns = pq.ParquetFile(without_candidates).metadata.num_rows if without_candidates.exists() else 0
+    report = PairsReport(turns=int(pads.dataset(source / "turns.parquet", format="parquet").count_rows()))
+    earlier = store.dataset(source / "rejected.parquet")
+    report.without_turns = earlier.count() - earlier_turns
+
+    def packing(kind: str) -> Callable[[pa.Table], pa.Table]:
+        return lambda batch: pack({kind: batch}, _INPUTS, key="turn_id")
+
+    turns, candidates = (
+        store.dataset(source / f"{name}.parquet").map_batches(packing(kind), batch_format="pyarrow")
+        for name, kind in (("turns", "turn"), ("candidates", "candidate"))
     )
-    # Dialogues that never became turns stay rejected here too: nothing disappears between stages.
-    turn_ids = set(turns.column("turn_id").to_pylist())
-    rejected = [r for r in earlier if r.input_id not in turn_ids]
-    out = Path(out_dir)
-    paths = {
-        "pairs": write_parquet(result.pairs, out / "pairs.parquet", PreferencePair),
-        "scored": write_parquet(result.scored, out / "scored.parquet", ScoredCandidate),
-        "rejected": write_parquet([*rejected, *result.rejected], out / "rejected.parquet", RejectedRow),
-    }
-    report = PairsReport(
-        turns=result.turns_in,
-        turns_paired=result.turns_paired,
-        pairs=len(result.pairs),
-        rejected=len(rejected) + len(result.rejected),
-        single_field_share=single_field_share(result.pairs),
-        seconds=time.perf_counter() - start,
-        outputs={k: str(v) for k, v in paths.items()},
+    low, high = config.esm.scorers
+    labelled = (
+        turns.union(candidates)
+        .groupby("turn_id")
+        .map_groups(
+            LabelTurns,
+            fn_constructor_kwargs={"esm": config.esm},
+            compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+            batch_format="pyarrow",
+            num_cpus=1,
+        )
+        .materialize()  # labelled once; each output reads it
+        if report.turns
+        else None
     )
-    for row in [*rejected, *result.rejected]:
-        report.reasons[row.reason] = report.reasons.get(row.reason, 0) + 1
+
+    def only(kind: str, cls: type) -> ray.data.Dataset:
+        def records(batch: pa.Table) -> pa.Table:
+            return to_table(_unpacked(batch, kind, cls), cls)
+
+        if labelled is None or not labelled.count():
+            return ray.data.from_arrow(to_table([], cls))
+        return labelled.filter(expr=col(kind).is_not_null()).map_batches(records, batch_format="pyarrow")
+
+    paths = {name: out / f"{name}.parquet" for name in ("pairs", "scored", "rejected")}
+    report.pairs = store.write_folder(
+        only("pair", PreferencePair), paths["pairs"], to_table([], PreferencePair)
+    )
+    store.write_folder(only("scored", ScoredCandidate), paths["scored"], to_table([], ScoredCandidate))
+    stage_rejected = only("rejected", RejectedRow).materialize()
+    rejected_here = stage_rejected.count()
+    report.rejected = store.write_folder(
+        stage_rejected.union(earlier.select_columns(RejectedRow.SCHEMA.names)),
+        paths["rejected"],
+        to_table([], RejectedRow),
+    )
+    if report.pairs and labelled is not None:
+        pair_rows = labelled.filter(expr=col("pair").is_not_null())
+        report.turns_paired = int(pair_rows.sum("first_pair"))
+        report.single_field_share = int(pair_rows.sum("single_field")) / report.pairs
+    if report.turns != report.turns_paired + rejected_here + earlier_turns:
+        raise ValueError(
+            f"{source}: {report.turns} turns, but {report.turns_paired} paired + {rejected_here} "
+            f"rejected here + {earlier_turns} rejected by the sample stage"
+        )
+    if report.rejected:
+        for row in store.dataset(paths["rejected"]).groupby("reason").count().take_all():
+            report.reasons[row["reason"]] = int(row["count()"])
+    report.seconds = time.perf_counter() - start
+    report.outputs = {k: str(v) for k, v in paths.items()}
     return report

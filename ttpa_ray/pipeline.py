@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
+from ttpa_ray import store
 from ttpa_ray.config import TTPAConfig
 from ttpa_ray.progress import StageBar
 from ttpa_ray.records import Dialogue
@@ -271,7 +272,6 @@ def sample_turns(
     the policy being aligned, with ``config.tps``. The split's train part is read by the cluster."""
     import ray
 
-    from ttpa_ray import store
     from ttpa_ray.records import to_table
     from ttpa_ray.rundir import part_size, split_path
     from ttpa_ray.tps import bfcl_dialogues, run_sample_stage
@@ -326,19 +326,6 @@ def stage_tps(ctx: RunContext) -> StageReport:
     return sample_turns(ctx, ctx.config, ctx.run_dir / "tps", "tps")
 
 
-def count_sampled_inputs(sample_dir: Path) -> int:
-    """Turns written by the sample stage plus the dialogues it rejected before they became turns."""
-    import pyarrow.parquet as pq
-
-    turn_ids = set(
-        pq.read_table(sample_dir / "turns.parquet", columns=["turn_id"]).column("turn_id").to_pylist()
-    )
-    rejected = (
-        pq.read_table(sample_dir / "rejected.parquet", columns=["input_id"]).column("input_id").to_pylist()
-    )
-    return len(turn_ids) + sum(1 for input_id in rejected if input_id not in turn_ids)
-
-
 def _pairs(ctx: RunContext, config: TTPAConfig, sample_dir: Path, out_dir: Path, label: str) -> StageReport:
     from ttpa_ray.pairs import run_pairs_stage
 
@@ -349,7 +336,7 @@ def _pairs(ctx: RunContext, config: TTPAConfig, sample_dir: Path, out_dir: Path,
     )
     return StageReport(
         label,
-        records_in=count_sampled_inputs(sample_dir),
+        records_in=report.turns + report.without_turns,
         records_out=report.turns_paired,
         records_rejected=report.rejected,
         outputs=report.outputs,
@@ -438,15 +425,13 @@ def stage_sft(ctx: RunContext) -> StageReport:
 
 def stage_dpo(ctx: RunContext) -> StageReport:
     """DPO on the TPS pairs (Ray Train + DeepSpeed ZeRO); the exported policy is then evaluated."""
-    import pyarrow.parquet as pq
-
     if not ctx.config.train.dpo.enabled:
         ctx.console.print("   train.dpo.enabled is false: skipped")
         return StageReport("dpo", 0, 0, 0, notes={"skipped": "disabled"})
     pairs = Path(ctx.config.train.pairs or ctx.run_dir / "pairs")
-    if pairs.is_dir():
+    if (pairs / "pairs.parquet").exists():
         pairs = pairs / "pairs.parquet"
-    if pq.ParquetFile(pairs).metadata.num_rows == 0:
+    if store.count_rows(pairs) == 0:
         ctx.console.print("   no preference pair: nothing to align on, skipped")
         return StageReport("dpo", 0, 0, 0, notes={"skipped": "no pairs"})
     return train_policy(ctx, "dpo", "ttpa")
@@ -455,13 +440,13 @@ def stage_dpo(ctx: RunContext) -> StageReport:
 def stage_sequence(ctx: RunContext) -> StageReport:
     """The paper's baseline: sequence-level pairs (n whole samples per turn, ESM-labelled), capped at
     the TTPA pair count, and DPO on them with the same steps; its policy is evaluated beside TTPA's."""
-    import pyarrow.parquet as pq
+    from ttpa_ray.records import PreferencePair, to_table
+    from ttpa_ray.rundir import keep_lowest
 
     if not ctx.config.eval.sequence_baseline:
         ctx.console.print("   eval.sequence_baseline is false: skipped")
         return StageReport("sequence", 0, 0, 0, notes={"skipped": "disabled"})
-    ttpa_pairs = ctx.run_dir / "pairs" / "pairs.parquet"
-    wanted = pq.ParquetFile(ttpa_pairs).metadata.num_rows if ttpa_pairs.is_file() else 0
+    wanted = store.count_rows(ctx.run_dir / "pairs" / "pairs.parquet")
     if not ctx.config.train.dpo.enabled or wanted == 0:
         ctx.console.print("   no TTPA pairs to match (or DPO disabled): skipped")
         return StageReport("sequence", 0, 0, 0, notes={"skipped": "no ttpa pairs"})
@@ -469,21 +454,15 @@ def stage_sequence(ctx: RunContext) -> StageReport:
     sampled = sample_turns(ctx, config, ctx.run_dir / "tps-sequence", "sequence sampling")
     report = _pairs(ctx, config, ctx.run_dir / "tps-sequence", ctx.run_dir / "pairs-sequence", "sequence")
     pairs_file = ctx.run_dir / "pairs-sequence" / "pairs.parquet"
-    table = pq.read_table(pairs_file)
-    if table.num_rows > wanted:  # the same number of pairs as TTPA, drawn with the run's seed
-        import numpy as np
-
-        keep = np.sort(
-            np.random.default_rng(ctx.config.run.seed).choice(table.num_rows, wanted, replace=False)
-        )
-        pq.write_table(table, ctx.run_dir / "pairs-sequence" / "pairs-all.parquet")
-        table = table.take(keep)
-        pq.write_table(table, pairs_file)
-    ctx.console.print(f"   {table.num_rows} sequence-level pairs for DPO (TTPA has {wanted})")
-    report.notes.update(
-        pairs_for_dpo=table.num_rows, ttpa_pairs=wanted, candidates=sampled.notes["candidates"]
-    )
-    if table.num_rows == 0:
+    if report.notes["pairs"] > wanted:  # the same number of pairs as TTPA, drawn by the run's seed
+        capped = ctx.run_dir / "pairs-sequence" / "pairs-for-dpo.parquet"
+        empty = to_table([], PreferencePair)
+        keep_lowest(store.dataset(pairs_file), "pair_id", wanted, ctx.config.run.seed, capped, empty)
+        pairs_file = capped
+    count = store.count_rows(pairs_file)
+    ctx.console.print(f"   {count} sequence-level pairs for DPO (TTPA has {wanted})")
+    report.notes.update(pairs_for_dpo=count, ttpa_pairs=wanted, candidates=sampled.notes["candidates"])
+    if count == 0:
         ctx.console.print("   no sequence-level pair: no DPO to run")
         return report
     trained = train_policy(

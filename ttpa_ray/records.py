@@ -981,6 +981,41 @@ def read_parquet(cls: type[R], path: str | os.PathLike[str]) -> list[R]:
 # ----------------------------------------------------------------------------------- Ray batches
 
 
+def _structs(table: pa.Table | None, schema: pa.Schema, n: int) -> pa.Array | pa.ChunkedArray:
+    """A table's rows as one struct column of ``schema``'s storage types (a column the table lacks,
+    as those TRL's tables omit when null, is null), or ``n`` nulls."""
+    storage = storage_schema(schema)
+    if table is None or not n:
+        return pa.nulls(n, pa.struct(list(storage)))
+    names = table.column_names
+    columns = [table.column(f.name).cast(f.type) if f.name in names else pa.nulls(n, f.type) for f in storage]
+    return pa.table(columns, schema=storage).to_struct_array()
+
+
+def pack(
+    tables: Mapping[str, pa.Table], schemas: Mapping[str, pa.Schema], key: str | None = None
+) -> pa.Table:
+    """Rows of several kinds as one table, so that they travel as one Ray dataset: a struct column
+    per kind of ``schemas`` holding that kind's rows (null in the others' rows), and the ``key``
+    column of every table when one is named."""
+    parts = []
+    for kind, table in tables.items():
+        n = table.num_rows
+        columns = {key: table.column(key)} if key else {}
+        columns |= {
+            name: _structs(table if name == kind else None, schema, n) for name, schema in schemas.items()
+        }
+        parts.append(pa.table(columns))
+    return pa.concat_tables(parts)
+
+
+def unpack(table: pa.Table, kind: str, schema: pa.Schema) -> pa.Table:
+    """The rows of one kind of a :func:`pack` table, with ``schema``'s types (extension types again)."""
+    column = table.column(kind)
+    rows = pa.Table.from_struct_array(column.filter(column.is_valid()))
+    return rows.cast(storage_schema(schema)).cast(schema)
+
+
 def _plain(value: Any) -> Any:
     """numpy containers and scalars (as in Ray's numpy/pandas batches) -> plain Python values."""
     if isinstance(value, np.ndarray):

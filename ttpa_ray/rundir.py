@@ -64,10 +64,8 @@ def read_split(run_dir: Path, part: str) -> list[Dialogue]:
 
 def part_size(run_dir: Path, part: str) -> int:
     """How many dialogues a part holds, from the Parquet footers."""
-    import pyarrow.dataset as pads
-
     path = _part(run_dir, part)
-    return pads.dataset(path, format="parquet").count_rows() if path is not None else 0
+    return store.count_rows(path) if path is not None else 0
 
 
 def check_not_heldout(run_dir: Path, dialogues: Sequence[Dialogue]) -> None:
@@ -159,20 +157,7 @@ def write_split(
     if not isinstance(dialogues, ray.data.Dataset):
         dialogues = ray.data.from_arrow(to_table(list(dialogues), Dialogue))
 
-    def with_keys(batch: pa.Table) -> pa.Table:
-        return pa.table({"key": _keys(batch.column("dialogue_id").to_pylist(), seed)})
-
-    keys = np.concatenate(
-        [
-            np.empty(0, dtype=np.uint64),
-            *(
-                batch["key"]
-                for batch in dialogues.select_columns(["dialogue_id"])
-                .map_batches(with_keys, batch_format="pyarrow")
-                .iter_batches(batch_format="numpy", batch_size=None)
-            ),
-        ]
-    ).astype(np.uint64)
+    keys = _key_array(dialogues, "dialogue_id", seed)
     heldout, validation = part_sizes(len(keys), heldout_fraction, validation_fraction)
     limits = bounds(keys, heldout, validation)
 
@@ -186,6 +171,33 @@ def write_split(
         store.write_folder(dialogues.map_batches(only, batch_format="pyarrow"), path, to_table([], Dialogue))
     counts = {"train": len(keys) - heldout - validation, "validation": validation, "heldout": heldout}
     return SplitReport(counts, paths)
+
+
+def _key_array(ds: ray.data.Dataset, column: str, seed: int) -> np.ndarray:
+    """:func:`split_key` of every row's ``column``, computed by the cluster (8 bytes a row reach the
+    driver)."""
+
+    def with_keys(batch: pa.Table) -> pa.Table:
+        return pa.table({"key": _keys(batch.column(column).to_pylist(), seed)})
+
+    batches = ds.select_columns([column]).map_batches(with_keys, batch_format="pyarrow")
+    found = (b["key"] for b in batches.iter_batches(batch_format="numpy", batch_size=None))
+    return np.concatenate([np.empty(0, dtype=np.uint64), *found]).astype(np.uint64)
+
+
+def keep_lowest(ds: ray.data.Dataset, column: str, n: int, seed: int, path: Path, empty: pa.Table) -> int:
+    """Write the ``n`` rows of ``ds`` with the lowest :func:`split_key` of ``column`` (a sample that
+    the seed fixes, whatever the order; all rows when there are no more) as the Parquet folder
+    ``path`` (``empty``: its schema when no row is kept); returns the rows written."""
+    keys = _key_array(ds, column, seed)
+    if n < len(keys):
+        limit = bounds(keys, n, 0)[0]
+
+        def below(batch: pa.Table) -> pa.Table:
+            return batch.filter(pa.array(_keys(batch.column(column).to_pylist(), seed) < limit))
+
+        ds = ds.map_batches(below, batch_format="pyarrow")
+    return store.write_folder(ds, path, empty)
 
 
 def first_dialogue(run_dir: Path, part: str = "train") -> Dialogue | None:

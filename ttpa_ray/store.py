@@ -276,6 +276,13 @@ def write_folder(ds: ray.data.Dataset, path: str | os.PathLike[str], empty: pa.T
     return rows
 
 
+def count_rows(path: str | os.PathLike[str]) -> int:
+    """Rows of a Parquet file or folder of the working copy, from the footers; 0 when absent."""
+    import pyarrow.dataset as pads
+
+    return int(pads.dataset(path, format="parquet").count_rows()) if Path(path).exists() else 0
+
+
 def dataset(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> ray.data.Dataset:
     """Parquet files or folders (local paths or URIs of one store) as a Ray dataset that every node
     can read (a path in the working copy of a run dir in a store is read from the store)."""

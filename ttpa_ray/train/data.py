@@ -233,7 +233,7 @@ def read_rows(path: str | Path, record: type | None = None) -> list[dict[str, An
 
     A stage's folder holds several records (the pairs stage writes pairs, scored candidates and
     rejected turns; reverse shards write dialogues beside rejected seeds): in a directory, a file
-    whose schema names another record type is skipped, and so is any ``rejected`` file. Files
+    whose schema names another record type is skipped, and so is any ``rejected`` file or folder. Files
     without the project's metadata (data from elsewhere) are read as they are.
     """
     path = Path(path)
@@ -246,7 +246,8 @@ def read_rows(path: str | Path, record: type | None = None) -> list[dict[str, An
         files = []
         for file in sorted(path.rglob("*.parquet")):
             found = (pq.read_schema(file).metadata or {}).get(b"ttpa.record")
-            if "rejected" in file.name or (wanted is not None and found is not None and found != wanted):
+            rejected = any("rejected" in part for part in file.relative_to(path).parts)
+            if rejected or (wanted is not None and found is not None and found != wanted):
                 continue
             files.append(file)
         if not files:

@@ -123,7 +123,7 @@ def default_source(stage: Stage, run_dir: Path) -> Path:
     from ttpa_ray.rundir import SplitMissing, split_path
 
     if stage == "dpo":
-        return run_dir / "pairs"
+        return run_dir / "pairs" / "pairs.parquet"
     path = split_path(run_dir, "train")
     if not path.exists():
         raise SplitMissing(f"{path} does not exist: run the reverse stage first, or name train.dialogues")
@@ -213,7 +213,9 @@ def run_stage(
         if (sft_policy / "config.json").is_file():
             model_path = str(sft_policy.resolve())  # absolute: workers do not share the driver's cwd
     default_input = train.pairs if stage == "dpo" else train.dialogues
-    source = input_path or default_input or default_source(stage, run_dir)
+    source = Path(input_path or default_input or default_source(stage, run_dir))
+    if stage == "dpo" and (source / "pairs.parquet").exists():  # a pairs stage's folder
+        source = source / "pairs.parquet"
     record = PreferencePair if stage == "dpo" else Dialogue
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
