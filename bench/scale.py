@@ -12,8 +12,8 @@ stage code, each size in a fresh driver process on a local Ray cluster of its ow
 - pairs: ``pairs.run_pairs_stage``, ESM labels from the scorer actors and the pair rule, on three
   candidates a turn (the reference call and two mutations of it, taken in turn from wrong name,
   dropped required key, wrong type and wrong value), which the bench makes in Ray Data beforehand;
-- table: the DPO stage's input checks and training table (``train.run.check_inputs`` on the pairs,
-  with the tiny model's tokenizer).
+- table: the DPO stage's input checks, held-back pairs and training tables
+  (``train.run.prepare_tables`` on the pairs, with the tiny model's tokenizer; no reference pass).
 
 Per size and stage it prints the driver's peak RSS, the peak RSS of the driver and its Ray processes
 together, and records a second. Last line: ``driver_rss_growth_1e6_over_1e4 = <ratio>``, the
@@ -211,21 +211,17 @@ def child(n: int, work: Path) -> dict[str, Any]:
     """One size in this (fresh) process: synthesise, then the stages, each measured."""
     import pyarrow.dataset as pads
     import ray
-    from transformers import AutoTokenizer
-
     from ttpa_ray.config import load_config
     from ttpa_ray.pairs import run_pairs_stage
-    from ttpa_ray.records import PreferencePair
     from ttpa_ray.rundir import split_path, write_split
     from ttpa_ray.tiny_model import ensure_tiny_model
     from ttpa_ray.tps import write_turns
-    from ttpa_ray.train.data import read_rows
-    from ttpa_ray.train.run import check_inputs
+    from ttpa_ray.train.run import prepare_tables
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     config = load_config(ROOT / "configs" / "local.yaml", [f"run.run_dir={work / 'run'}"])
-    tokenizer = AutoTokenizer.from_pretrained(str(ensure_tiny_model(ROOT / "runs" / "tiny-model")))
+    tokenizer = str(ensure_tiny_model(ROOT / "runs" / "tiny-model"))
     rss = Rss()
     result: dict[str, Any] = {"n": n}
     with rss.window() as figures:
@@ -251,11 +247,11 @@ def child(n: int, work: Path) -> dict[str, Any]:
         "turns_paired": report.turns_paired,
     }
 
+    # the reference log-probs are the replicas' (a model's work, not the driver's): not run here
+    train = config.train.model_copy(update={"dpo": config.train.dpo.model_copy(update={"reference": "live"})})
     with rss.window() as figures:
-        rows = read_rows(pairs_dir / "pairs.parquet", PreferencePair)
-        checked = check_inputs("dpo", rows, tokenizer, config.train.dpo.max_length)
-        del rows
-    result["table"] = {**figures, "records": report.pairs, "rows": checked.num_rows}
+        tables = prepare_tables("dpo", train, pairs_dir / "pairs.parquet", tokenizer, work / "train", seed=0)
+    result["table"] = {**figures, "records": report.pairs, "rows": tables.kept}
     result["pairs_rows_on_disk"] = pads.dataset(pairs_dir / "pairs.parquet").count_rows()
     ray.shutdown()
     return result

@@ -127,7 +127,7 @@ def test_sft_trains_on_the_train_split_not_the_heldout_one(ray_cluster: Any, tmp
         d.dialogue_id for part in ("validation", "heldout") for d in read_parquet(Dialogue, split.paths[part])
     }
     assert len(ids) == 7 and len(kept) == 3 and ids.isdisjoint(kept)
-    assert default_source("dpo", tmp_path) == tmp_path / "pairs" / "pairs.parquet"
+    assert default_source("dpo", tmp_path) == tmp_path / "pairs"
     check_not_heldout(tmp_path, read_parquet(Dialogue, source))  # the train part passes
     with pytest.raises(ValueError, match="3 of the given dialogues are held out"):
         check_not_heldout(tmp_path, dialogues)

@@ -315,6 +315,7 @@ def run_pairs_stage(config: TTPAConfig, sample_dir: str | Path, out_dir: str | P
     and the sample stage's rejections). Raises FileNotFoundError naming a missing input and
     ValueError when the turns do not add up (turns = paired + rejected).
     """
+    import pyarrow.compute as pc
     import pyarrow.dataset as pads
     import ray.data
     from ray.data.expressions import col
@@ -340,7 +341,10 @@ def run_pairs_stage(config: TTPAConfig, sample_dir: str | Path, out_dir: str | P
     low, high = config.esm.scorers
     labelled = (
         turns.union(candidates)
-        .groupby("turn_id")
+        .groupby(
+            "turn_id",
+            num_partitions=store.partitions(source / "turns.parquet", source / "candidates.parquet"),
+        )
         .map_groups(
             LabelTurns,
             fn_constructor_kwargs={"esm": config.esm},
@@ -355,36 +359,39 @@ def run_pairs_stage(config: TTPAConfig, sample_dir: str | Path, out_dir: str | P
 
     def only(kind: str, cls: type) -> ray.data.Dataset:
         def records(batch: pa.Table) -> pa.Table:
-            return to_table(_unpacked(batch, kind, cls), cls)
+            return unpack(batch, kind, cls.SCHEMA)  # type: ignore[attr-defined]
 
-        if labelled is None or not labelled.count():
+        if labelled is None or not labelled_rows:
             return ray.data.from_arrow(to_table([], cls))
         return labelled.filter(expr=col(kind).is_not_null()).map_batches(records, batch_format="pyarrow")
 
+    labelled_rows = labelled.count() if labelled is not None else 0
     paths = {name: out / f"{name}.parquet" for name in ("pairs", "scored", "rejected")}
     report.pairs = store.write_folder(
         only("pair", PreferencePair), paths["pairs"], to_table([], PreferencePair)
     )
     store.write_folder(only("scored", ScoredCandidate), paths["scored"], to_table([], ScoredCandidate))
-    stage_rejected = only("rejected", RejectedRow).materialize()
-    rejected_here = stage_rejected.count()
     report.rejected = store.write_folder(
-        stage_rejected.union(earlier.select_columns(RejectedRow.SCHEMA.names)),
+        only("rejected", RejectedRow).union(earlier.select_columns(RejectedRow.SCHEMA.names)),
         paths["rejected"],
         to_table([], RejectedRow),
     )
+    rejected_here = report.rejected - report.without_turns - earlier_turns
     if report.pairs and labelled is not None:
-        pair_rows = labelled.filter(expr=col("pair").is_not_null())
-        report.turns_paired = int(pair_rows.sum("first_pair"))
-        report.single_field_share = int(pair_rows.sum("single_field")) / report.pairs
+        # summed as they stream by (an aggregation would start shuffle actors for two numbers)
+        for batch in labelled.select_columns(["first_pair", "single_field"]).iter_batches(
+            batch_format="pyarrow"
+        ):
+            report.turns_paired += pc.sum(batch.column("first_pair")).as_py() or 0
+            single = pc.sum(batch.column("single_field")).as_py() or 0
+            report.single_field_share += single / report.pairs
     if report.turns != report.turns_paired + rejected_here + earlier_turns:
         raise ValueError(
             f"{source}: {report.turns} turns, but {report.turns_paired} paired + {rejected_here} "
             f"rejected here + {earlier_turns} rejected by the sample stage"
         )
     if report.rejected:
-        for row in store.dataset(paths["rejected"]).groupby("reason").count().take_all():
-            report.reasons[row["reason"]] = int(row["count()"])
+        report.reasons = store.reasons(paths["rejected"])
     report.seconds = time.perf_counter() - start
     report.outputs = {k: str(v) for k, v in paths.items()}
     return report

@@ -1012,8 +1012,13 @@ def pack(
 def unpack(table: pa.Table, kind: str, schema: pa.Schema) -> pa.Table:
     """The rows of one kind of a :func:`pack` table, with ``schema``'s types (extension types again)."""
     column = table.column(kind)
-    rows = pa.Table.from_struct_array(column.filter(column.is_valid()))
-    return rows.cast(storage_schema(schema)).cast(schema)
+    rows = (
+        pa.Table.from_struct_array(column.filter(column.is_valid())).cast(storage_schema(schema)).cast(schema)
+    )
+    # as to_table writes them: the columns TRL's tables omit when null, left out when null throughout
+    return rows.drop_columns(
+        [name for name in _omit_when_null(schema) if rows.column(name).null_count == len(rows)]
+    )
 
 
 def _plain(value: Any) -> Any:

@@ -12,13 +12,16 @@ keeps its own numbers (they travel in the row, never matched up by position afte
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from ttpa_ray.config import VLLMConfig
 from ttpa_ray.replica import VLLMReplica, replica_map
 from ttpa_ray.train.data import REF_COLUMNS
+
+if TYPE_CHECKING:
+    import ray.data
 
 
 def _decoded(value: Any) -> Any:
@@ -62,44 +65,37 @@ class ReferenceReplica(VLLMReplica):
         )
 
 
-def replica_reference_logps(
-    vllm: VLLMConfig, model: str, table: pa.Table, *, max_length: int, dtype: str = "auto", seed: int = 0
-) -> pa.Table:
-    """The pairs table with the reference log-probs of ``model``, computed on replicas (Ray running).
-
-    The rows come back in the table's own order (``sample_index``), each with its own numbers."""
-    import ray
-
+def reference_dataset(
+    vllm: VLLMConfig, model: str, ds: ray.data.Dataset, *, max_length: int, dtype: str = "auto", seed: int = 0
+) -> ray.data.Dataset:
+    """A dataset of checked pairs with the reference log-probs of ``model``, computed on replicas; each
+    row carries its own numbers."""
     if max_length >= vllm.max_model_len:
         raise ValueError(
             f"train.dpo.max_length ({max_length}) must be below vllm.max_model_len ({vllm.max_model_len}) "
             "for the replicas to score whole pairs"
         )
-    table = table.drop_columns([c for c in REF_COLUMNS if c in table.column_names])
-    plain = table.append_column("max_length", pa.array([max_length] * table.num_rows, pa.int64()))
-    # JSON columns travel as text: a replica decodes them itself
-    plain = pa.table({name: _as_text(plain.column(name)) for name in plain.column_names})
-    out = replica_map(ray.data.from_arrow(plain), ReferenceReplica, model, vllm, dtype=dtype, seed=seed)
-    scored = {
-        int(r["sample_index"]): (r[REF_COLUMNS[0]], r[REF_COLUMNS[1]])
-        for r in out.select_columns(["sample_index", *REF_COLUMNS]).take_all()
-    }
-    order = table.column("sample_index").to_pylist()
-    if sorted(scored) != sorted(order):
-        raise RuntimeError(f"reference pass returned {len(scored)} rows for {table.num_rows} pairs")
-    return table.append_column(
-        REF_COLUMNS[0], pa.array([scored[i][0] for i in order], pa.float64())
-    ).append_column(REF_COLUMNS[1], pa.array([scored[i][1] for i in order], pa.float64()))
+
+    def cut_at(batch: pa.Table) -> pa.Table:
+        batch = batch.drop_columns([c for c in REF_COLUMNS if c in batch.column_names])
+        return batch.append_column("max_length", pa.array([max_length] * batch.num_rows, pa.int64()))
+
+    ds = ds.map_batches(cut_at, batch_format="pyarrow")
+    return replica_map(ds, ReferenceReplica, model, vllm, dtype=dtype, seed=seed).drop_columns(["max_length"])
 
 
-def _as_text(column: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
-    """A JSON-typed column (or a list of them) as plain strings: Ray Data moves any Arrow type, but
-    the replica only needs the text."""
-    values = column.to_pylist()
-    if pa.types.is_list(column.type):
-        return pa.array([[v if isinstance(v, str) else json.dumps(v) for v in item] for item in values])
-    if isinstance(column.type, pa.ExtensionType) or pa.types.is_string(column.type):
-        return pa.array(
-            [v if v is None or isinstance(v, str) else json.dumps(v) for v in values], pa.string()
-        )
-    return column
+def replica_reference_logps(
+    vllm: VLLMConfig, model: str, table: pa.Table, *, max_length: int, dtype: str = "auto", seed: int = 0
+) -> pa.Table:
+    """:func:`reference_dataset` of a table, back in the table's order (a small table: the driver
+    holds it). Ray must be running."""
+    import ray
+
+    ds = reference_dataset(
+        vllm, model, ray.data.from_arrow(table), max_length=max_length, dtype=dtype, seed=seed
+    )
+    out = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    order = {index: row for row, index in enumerate(out.column("sample_index").to_pylist())}
+    if sorted(order) != sorted(table.column("sample_index").to_pylist()):
+        raise RuntimeError(f"reference pass returned {out.num_rows} rows for {table.num_rows} pairs")
+    return out.take([order[i] for i in table.column("sample_index").to_pylist()])

@@ -113,7 +113,8 @@ def parts_of(keys: np.ndarray, limits: tuple[int, int]) -> np.ndarray:
     return np.where(keys < limits[0], "heldout", np.where(keys < limits[1], "validation", "train"))
 
 
-def _keys(ids: Sequence[str], seed: int) -> np.ndarray:
+def id_keys(ids: Sequence[str], seed: int) -> np.ndarray:
+    """:func:`split_key` of each id, as uint64."""
     return np.fromiter((split_key(seed, i) for i in ids), dtype=np.uint64, count=len(ids))
 
 
@@ -125,7 +126,7 @@ def split_dialogues(
     The first ``ceil(heldout_fraction * n)`` dialogues by :func:`split_key` are held out, the next
     ``ceil(validation_fraction * n)`` validate: deterministic, independent of the order the dialogues
     come in; at least one dialogue stays for training."""
-    keys = _keys([d.dialogue_id for d in dialogues], seed)
+    keys = id_keys([d.dialogue_id for d in dialogues], seed)
     limits = bounds(keys, *part_sizes(len(keys), heldout_fraction, validation_fraction))
     parts: dict[str, list[Dialogue]] = {part: [] for part in PARTS}
     for dialogue, part in zip(dialogues, parts_of(keys, limits), strict=True):
@@ -157,7 +158,7 @@ def write_split(
     if not isinstance(dialogues, ray.data.Dataset):
         dialogues = ray.data.from_arrow(to_table(list(dialogues), Dialogue))
 
-    keys = _key_array(dialogues, "dialogue_id", seed)
+    keys = id_key_array(dialogues, "dialogue_id", seed)
     heldout, validation = part_sizes(len(keys), heldout_fraction, validation_fraction)
     limits = bounds(keys, heldout, validation)
 
@@ -165,7 +166,7 @@ def write_split(
     for part, path in paths.items():
 
         def only(batch: pa.Table, part: str = part) -> pa.Table:
-            mine = _keys(batch.column("dialogue_id").to_pylist(), seed)
+            mine = id_keys(batch.column("dialogue_id").to_pylist(), seed)
             return batch.filter(pa.array(parts_of(mine, limits) == part))
 
         store.write_folder(dialogues.map_batches(only, batch_format="pyarrow"), path, to_table([], Dialogue))
@@ -173,12 +174,12 @@ def write_split(
     return SplitReport(counts, paths)
 
 
-def _key_array(ds: ray.data.Dataset, column: str, seed: int) -> np.ndarray:
+def id_key_array(ds: ray.data.Dataset, column: str, seed: int) -> np.ndarray:
     """:func:`split_key` of every row's ``column``, computed by the cluster (8 bytes a row reach the
     driver)."""
 
     def with_keys(batch: pa.Table) -> pa.Table:
-        return pa.table({"key": _keys(batch.column(column).to_pylist(), seed)})
+        return pa.table({"key": id_keys(batch.column(column).to_pylist(), seed)})
 
     batches = ds.select_columns([column]).map_batches(with_keys, batch_format="pyarrow")
     found = (b["key"] for b in batches.iter_batches(batch_format="numpy", batch_size=None))
@@ -189,12 +190,12 @@ def keep_lowest(ds: ray.data.Dataset, column: str, n: int, seed: int, path: Path
     """Write the ``n`` rows of ``ds`` with the lowest :func:`split_key` of ``column`` (a sample that
     the seed fixes, whatever the order; all rows when there are no more) as the Parquet folder
     ``path`` (``empty``: its schema when no row is kept); returns the rows written."""
-    keys = _key_array(ds, column, seed)
+    keys = id_key_array(ds, column, seed)
     if n < len(keys):
         limit = bounds(keys, n, 0)[0]
 
         def below(batch: pa.Table) -> pa.Table:
-            return batch.filter(pa.array(_keys(batch.column(column).to_pylist(), seed) < limit))
+            return batch.filter(pa.array(id_keys(batch.column(column).to_pylist(), seed) < limit))
 
         ds = ds.map_batches(below, batch_format="pyarrow")
     return store.write_folder(ds, path, empty)

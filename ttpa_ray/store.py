@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
@@ -281,6 +282,27 @@ def count_rows(path: str | os.PathLike[str]) -> int:
     import pyarrow.dataset as pads
 
     return int(pads.dataset(path, format="parquet").count_rows()) if Path(path).exists() else 0
+
+
+def partitions(*paths: str | os.PathLike[str]) -> int:
+    """Hash partitions for a shuffle of these Parquet files or folders of the working copy: one per
+    32 MiB on disk (Ray Data's default of 200 makes a small stage all overhead)."""
+    size = sum(
+        f.stat().st_size for p in map(Path, paths) for f in ([p] if p.is_file() else p.rglob("*.parquet"))
+    )
+    return max(1, math.ceil(size / (32 << 20)))
+
+
+def reasons(path: str | os.PathLike[str]) -> dict[str, int]:
+    """Rejected rows per reason in a RejectedRow folder of the working copy, counted as the reason
+    column streams by (one column, a batch at a time; a Ray aggregation costs seconds of actors)."""
+    import pyarrow.dataset as pads
+
+    counts: dict[str, int] = {}
+    for batch in pads.dataset(path, format="parquet").to_batches(columns=["reason"]):
+        for entry in batch.column(0).value_counts().to_pylist():
+            counts[entry["values"]] = counts.get(entry["values"], 0) + entry["counts"]
+    return counts
 
 
 def dataset(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> ray.data.Dataset:

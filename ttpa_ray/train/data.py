@@ -14,6 +14,8 @@ call, rejected = a systematically mutated call) for tests and the benchmark.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import random
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -122,9 +124,16 @@ def _row_id(row: Any, key: str, index: int) -> str:
 
 
 def check_pairs(
-    rows: Iterable[Mapping[str, Any]], count_tokens: TokenCounter, max_length: int
+    rows: Iterable[Mapping[str, Any]],
+    count_tokens: TokenCounter,
+    max_length: int,
+    *,
+    ref_columns: bool = False,
 ) -> CheckedData:
-    """Validate preference-pair rows; the valid ones become the DPO table, the rest RejectedRows."""
+    """Validate preference-pair rows; the valid ones become the DPO table, the rest RejectedRows.
+
+    The table has the reference log-prob columns when every kept row has them, or always with
+    ``ref_columns`` (null where a row has none: a batch of a larger table, decided on the whole)."""
     kept: list[dict[str, Any]] = []
     rejected: list[RejectedRow] = []
     with_ref: list[bool] = []
@@ -141,14 +150,10 @@ def check_pairs(
             continue
         full = pair.to_row()
         kept.append({name: full[name] for name in PAIR_COLUMNS[1:]} | {"sample_index": len(kept)})
-        has_ref = pair.ref_chosen_logps is not None and pair.ref_rejected_logps is not None
-        with_ref.append(has_ref)
-        if has_ref:
-            kept[-1].update(
-                ref_chosen_logps=pair.ref_chosen_logps, ref_rejected_logps=pair.ref_rejected_logps
-            )
+        with_ref.append(pair.ref_chosen_logps is not None and pair.ref_rejected_logps is not None)
+        kept[-1].update(ref_chosen_logps=pair.ref_chosen_logps, ref_rejected_logps=pair.ref_rejected_logps)
     # Reference log-probs are used only when every kept row has them (TRL cannot batch nulls).
-    use_ref = bool(with_ref) and all(with_ref)
+    use_ref = ref_columns or (bool(with_ref) and all(with_ref))
     return CheckedData(_pairs_table(kept, use_ref), rejected)
 
 
@@ -228,34 +233,70 @@ def check_dialogues(
     return CheckedData(batch_from_rows(kept, schema), rejected)
 
 
-def read_rows(path: str | Path, record: type | None = None) -> list[dict[str, Any]]:
-    """Raw rows of a Parquet file, or of the Parquet files of a directory that hold ``record``.
+def input_files(path: str | Path, record: type | None = None) -> list[Path]:
+    """The Parquet file, or the Parquet files of a directory that hold ``record``.
 
     A stage's folder holds several records (the pairs stage writes pairs, scored candidates and
     rejected turns; reverse shards write dialogues beside rejected seeds): in a directory, a file
-    whose schema names another record type is skipped, and so is any ``rejected`` file or folder. Files
-    without the project's metadata (data from elsewhere) are read as they are.
+    whose schema names another record type is skipped, and so is any ``rejected`` file or folder.
+    Files without the project's metadata (data from elsewhere) are read as they are.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"training input {path} does not exist: run the stage that writes it first")
     if path.is_file():
-        files = [path]
+        return [path]
+    wanted = record.SCHEMA.metadata.get(b"ttpa.record") if record is not None else None  # type: ignore[attr-defined]
+    files = []
+    for file in sorted(path.rglob("*.parquet")):
+        found = (pq.read_schema(file).metadata or {}).get(b"ttpa.record")
+        rejected = any("rejected" in part for part in file.relative_to(path).parts)
+        if rejected or (wanted is not None and found is not None and found != wanted):
+            continue
+        files.append(file)
+    if not files:
+        raise FileNotFoundError(f"training input {path} holds no Parquet files of the right record")
+    return files
+
+
+def read_rows(path: str | Path, record: type | None = None) -> list[dict[str, Any]]:
+    """Raw rows of :func:`input_files` (for small inputs and tests: the stages read them in Ray Data)."""
+    return [row for file in input_files(path, record) for row in pq.read_table(file).to_pylist()]
+
+
+def trainer_schema(stage: str) -> pa.Schema:
+    """The columns of a stage's training table (DPO's with the reference log-prob columns)."""
+    if stage == "dpo":
+        return _trainer_schema(PreferencePair.SCHEMA, [*PAIR_COLUMNS[1:], *REF_COLUMNS])
+    return _trainer_schema(Dialogue.SCHEMA, ["dialogue_id", "messages", "tools"])
+
+
+@functools.cache
+def _token_counter(model: str) -> TokenCounter:
+    from transformers import AutoTokenizer
+
+    from ttpa_ray.store import local_copy
+
+    return chat_token_counter(AutoTokenizer.from_pretrained(local_copy(model)))
+
+
+def check_batch(batch: pa.Table, *, stage: str, model: str, max_length: int) -> pa.Table:
+    """Ray Data: a batch of input rows checked (:func:`check_pairs` or :func:`check_dialogues`, with
+    ``model``'s chat template), as one :func:`~ttpa_ray.records.pack` table: ``row`` (the kept rows in
+    :func:`trainer_schema`, ``sample_index`` a 63-bit hash of the row's id, unique in the dataset)
+    and ``rejected`` (RejectedRow)."""
+    from ttpa_ray.records import pack, to_table
+
+    rows = batch.to_pylist()
+    if stage == "dpo":
+        checked = check_pairs(rows, _token_counter(model), max_length, ref_columns=True)
     else:
-        wanted = record.SCHEMA.metadata.get(b"ttpa.record") if record is not None else None  # type: ignore[attr-defined]
-        files = []
-        for file in sorted(path.rglob("*.parquet")):
-            found = (pq.read_schema(file).metadata or {}).get(b"ttpa.record")
-            rejected = any("rejected" in part for part in file.relative_to(path).parts)
-            if rejected or (wanted is not None and found is not None and found != wanted):
-                continue
-            files.append(file)
-        if not files:
-            raise FileNotFoundError(f"training input {path} holds no Parquet files of the right record")
-    rows: list[dict[str, Any]] = []
-    for file in files:
-        rows.extend(pq.read_table(file).to_pylist())
-    return rows
+        checked = check_dialogues(rows, _token_counter(model), max_length)
+    table, ids = checked.table, checked.table.column(1).to_pylist()  # pair_id or dialogue_id
+    hashed = [int.from_bytes(hashlib.sha256(str(i).encode()).digest()[:8], "big") >> 1 for i in ids]
+    table = table.set_column(0, "sample_index", pa.array(hashed, pa.int64()))
+    schemas = {"row": trainer_schema(stage), "rejected": RejectedRow.SCHEMA}
+    return pack({"row": table, "rejected": to_table(checked.rejected, RejectedRow)}, schemas)
 
 
 def write_rejected(rejected: Sequence[RejectedRow], path: str | Path) -> Path:

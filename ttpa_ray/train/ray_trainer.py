@@ -235,7 +235,9 @@ def train_loop(job_fields: dict[str, Any]) -> None:
 
     model_path = local_copy(job.model_path)  # a policy in a run dir's object store: fetched once per node
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    table = pq.read_table(job.data_path)
+    # Parquet folders written by the cluster; one order on every worker and every attempt, whatever
+    # the blocks were: by sample_index (a hash of the row's id)
+    table = pq.read_table(job.data_path).sort_by("sample_index")
     use_cpu = not job.use_gpu
     settings = RunSettings(
         seed=job.seed,
@@ -270,7 +272,7 @@ def train_loop(job_fields: dict[str, Any]) -> None:
         args = sft_args(StageConfig(**job.stage_config), work_dir, settings)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     callbacks = _callbacks(job, rank, local_rank)
-    held_back = pq.read_table(job.eval_path) if job.eval_path else None  # a path or URI, as data_path
+    held_back = pq.read_table(job.eval_path).sort_by("sample_index") if job.eval_path else None
     peft_config = lora_config(job.lora)
     if job.stage == "dpo":
         trainer: Any = build_dpo_trainer(model, tokenizer, table, args, callbacks, held_back, peft_config)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -20,21 +20,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import ray
+import ray.data
+from ray.data.expressions import col
 
 from ttpa_ray import store
 from ttpa_ray.config import TrainConfig, VLLMConfig, resolve_deepspeed_path
 from ttpa_ray.progress import JsonLinesWatcher
-from ttpa_ray.records import Dialogue, PreferencePair
+from ttpa_ray.records import Dialogue, PreferencePair, RejectedRow, batch_from_rows, unpack
+from ttpa_ray.rundir import bounds, id_key_array, id_keys
 from ttpa_ray.train.data import (
+    REF_COLUMNS,
     CheckedData,
     chat_token_counter,
+    check_batch,
     check_dialogues,
     check_pairs,
-    read_rows,
-    write_rejected,
+    input_files,
+    trainer_schema,
 )
 from ttpa_ray.train.ray_trainer import CrashOnce, Stage, TrainJob, TrainResult, run_torch_trainer
 
@@ -123,7 +129,7 @@ def default_source(stage: Stage, run_dir: Path) -> Path:
     from ttpa_ray.rundir import SplitMissing, split_path
 
     if stage == "dpo":
-        return run_dir / "pairs" / "pairs.parquet"
+        return run_dir / "pairs"
     path = split_path(run_dir, "train")
     if not path.exists():
         raise SplitMissing(f"{path} does not exist: run the reverse stage first, or name train.dialogues")
@@ -142,21 +148,28 @@ def _shm_cleaned() -> Iterator[None]:
         remove_unused_shm()
 
 
-def rows_for_steps(table: pa.Table, train: TrainConfig, seed: int) -> pa.Table:
-    """The pairs DPO's ``max_steps`` will see: all of them when the steps cover an epoch, else a
-    seeded draw of exactly as many as the steps take (the trainer would have drawn that many from its
-    shuffle), so the reference log-probs are computed only for pairs that are trained on."""
+def steps_limit(keys: np.ndarray, train: TrainConfig) -> int | None:
+    """The pairs DPO's ``max_steps`` will see: None when the steps cover an epoch (all of them), else
+    the bound below which exactly as many pair keys lie as the steps take (the trainer would have
+    drawn that many from its shuffle), so the reference log-probs are computed only for pairs that
+    are trained on."""
     dpo = train.dpo
     wanted = dpo.max_steps * train.num_workers * dpo.per_device_batch_size * dpo.gradient_accumulation_steps
-    if dpo.max_steps <= 0 or wanted >= table.num_rows:
-        return table
-    chosen = sorted(random.Random(seed).sample(range(table.num_rows), wanted))
+    if dpo.max_steps <= 0 or wanted >= len(keys):
+        return None
     print(
-        f"[dpo] {dpo.max_steps} steps take {wanted} of the {table.num_rows} pairs: a seeded draw of "
+        f"[dpo] {dpo.max_steps} steps take {wanted} of the {len(keys)} pairs: a seeded draw of "
         f"{wanted} is trained on (the others stay in the pairs file)",
         flush=True,
     )
-    return table.take(chosen)
+    return bounds(keys, wanted, 0)[0]
+
+
+def rows_for_steps(table: pa.Table, train: TrainConfig, seed: int) -> pa.Table:
+    """:func:`steps_limit` on a table: the rows with the lowest seeded keys of their pair ids, in order."""
+    keys = id_keys(table.column("pair_id").to_pylist(), seed)
+    limit = steps_limit(keys, train)
+    return table if limit is None else table.filter(pa.array(keys < limit))
 
 
 def dialogue_of(pair_id: str) -> str:
@@ -169,15 +182,183 @@ def dialogue_of(pair_id: str) -> str:
     return pair_id.split("/", 1)[0]
 
 
+def held_limit(dialogue_keys: np.ndarray, fraction: float) -> int:
+    """Pairs whose dialogue's key lies below this are held back: a seeded ``fraction`` of the
+    dialogues (at least one when there are two or more and the fraction is not 0; never all)."""
+    unique = np.unique(dialogue_keys)
+    count = min(max(1, round(fraction * len(unique))), len(unique) - 1) if fraction > 0 else 0
+    return bounds(unique, count, 0)[0]
+
+
 def hold_back_pairs(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
-    """(train, held back): the pairs of a seeded ``fraction`` of their dialogues are held back (at least
-    one dialogue when there are two or more and the fraction is not 0; never all of them)."""
-    owners = [dialogue_of(p) for p in table.column("pair_id").to_pylist()]
-    dialogues = sorted(set(owners))
-    count = min(max(1, round(fraction * len(dialogues))), len(dialogues) - 1) if fraction > 0 else 0
-    held = set(random.Random(seed).sample(dialogues, count))
-    mask = pa.array([owner in held for owner in owners], pa.bool_())
+    """(train, held back) of a table by :func:`held_limit`."""
+    keys = id_keys([dialogue_of(p) for p in table.column("pair_id").to_pylist()], seed)
+    mask = pa.array(keys < held_limit(keys, fraction), pa.bool_())
     return table.filter(pc.invert(mask)), table.filter(mask)
+
+
+HELD = "_held"  # a column of the training rows while they are prepared: held back from training
+
+
+def _empty(schema: pa.Schema) -> pa.Table:
+    return batch_from_rows([], schema)
+
+
+def _kind(packed: ray.data.Dataset, kind: str, schema: pa.Schema) -> ray.data.Dataset:
+    """The rows of one kind of a dataset of :func:`~ttpa_ray.records.pack` tables."""
+    rows = packed.filter(expr=col(kind).is_not_null())
+    return rows.map_batches(lambda batch: unpack(batch, kind, schema), batch_format="pyarrow")
+
+
+def _reasons(folder: Path) -> dict[str, int]:
+    return {
+        r["reason"]: int(r["count()"]) for r in store.dataset(folder).groupby("reason").count().take_all()
+    }
+
+
+def _hold_back(rows: ray.data.Dataset, train: TrainConfig, seed: int) -> tuple[ray.data.Dataset, int]:
+    """The pairs with a ``_held`` column (:func:`held_limit`), the training ones cut to what the steps
+    take (:func:`steps_limit`), and how many are held back. The driver gets keys, 8 bytes a pair."""
+    pair_keys = id_key_array(rows, "pair_id", seed)
+    owners = rows.map_batches(
+        lambda b: pa.table({"owner": [dialogue_of(p) for p in b.column("pair_id").to_pylist()]}),
+        batch_format="pyarrow",
+    )
+    dialogue_keys = id_key_array(owners, "owner", seed)
+    limit = held_limit(dialogue_keys, train.dpo.validation_fraction)
+    held = dialogue_keys < limit
+    steps = steps_limit(pair_keys[~held], train)
+
+    def flagged(batch: pa.Table) -> pa.Table:
+        mine = id_keys([dialogue_of(p) for p in batch.column("pair_id").to_pylist()], seed) < limit
+        keep = ~mine
+        if steps is not None:
+            keep &= id_keys(batch.column("pair_id").to_pylist(), seed) < steps
+        return batch.append_column(HELD, pa.array(mine)).filter(pa.array(keep | mine))
+
+    if held.any():
+        print(
+            f"[dpo] {int(held.sum())} pairs of {len(np.unique(dialogue_keys[held]))} dialogues held back "
+            f"from training (train.dpo.validation_fraction {train.dpo.validation_fraction}): the trained "
+            "policy is evaluated on them",
+            flush=True,
+        )
+    return rows.map_batches(flagged, batch_format="pyarrow"), int(held.sum())
+
+
+def _with_reference(
+    rows: ray.data.Dataset, train: TrainConfig, vllm: VLLMConfig | None, model: str, dtype: str, seed: int
+) -> ray.data.Dataset:
+    """The rows with the reference log-probs of ``model``: on the vLLM replicas, or (``precomputed``)
+    by TRL on the driver, which then holds the pairs."""
+    max_length = train.dpo.max_length
+    if train.dpo.reference == "replicas":
+        from ttpa_ray.reference import reference_dataset
+
+        return reference_dataset(
+            vllm or VLLMConfig(), model, rows, max_length=max_length, dtype=dtype, seed=seed
+        )
+    from ttpa_ray.train.dpo import precompute_reference_logps
+
+    table = pa.concat_tables(ray.get(rows.to_arrow_refs()))
+    done = precompute_reference_logps(
+        model,
+        table.drop_columns([HELD]),
+        max_length=max_length,
+        dtype=dtype,
+        shared_prefix=train.dpo.shared_prefix,
+    )
+    return ray.data.from_arrow(done.append_column(HELD, table.column(HELD)))
+
+
+@dataclass
+class Tables:
+    """What :func:`prepare_tables` wrote and counted."""
+
+    kept: int
+    rejected: int
+    reasons: dict[str, int]
+    held_back: int
+    data_path: Path
+    eval_path: Path
+
+
+def prepare_tables(
+    stage: Stage,
+    train: TrainConfig,
+    source: Path,
+    model_path: str,
+    out: Path,
+    *,
+    seed: int,
+    vllm: VLLMConfig | None = None,
+    dtype: str = "float32",
+) -> Tables:
+    """A stage's training tables, in Ray Data: the input rows checked with ``model_path``'s chat
+    template (failures to ``rejected.parquet`` with their reasons), DPO's held-back pairs and the
+    pairs its steps take chosen by seeded hashes, the reference log-probs added when configured, and
+    ``train_table.parquet`` / ``heldback_table.parquet`` written by the cluster (folders under
+    ``out``). The driver gets keys and counts; Ray must be running."""
+    max_length = (train.dpo if stage == "dpo" else train.sft).max_length
+    checked = (
+        store.dataset(input_files(source, PreferencePair if stage == "dpo" else Dialogue))
+        .map_batches(
+            check_batch,  # type: ignore[arg-type]
+            fn_kwargs={"stage": stage, "model": store.shared(model_path), "max_length": max_length},
+            batch_format="pyarrow",
+        )
+        .materialize()
+    )
+    schema = trainer_schema(stage)
+    rejected = store.write_folder(
+        _kind(checked, "rejected", RejectedRow.SCHEMA), out / "rejected.parquet", _empty(RejectedRow.SCHEMA)
+    )
+    reasons = _reasons(out / "rejected.parquet") if rejected else {}
+    rows = _kind(checked, "row", schema)
+    kept = rows.count()
+    summary = ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())) or "none"
+    print(
+        f"[{stage}] input checks on {source}: {kept} rows kept, {rejected} rejected ({summary})", flush=True
+    )
+    if kept == 0:
+        raise TrainInputError(
+            f"{stage}: no usable rows in {source} ({rejected} rejected: {summary}); "
+            f"see {out / 'rejected.parquet'}"
+        )
+    held_back = 0
+    if stage == "dpo":
+        with_ref = rows.filter(
+            expr=col(REF_COLUMNS[0]).is_not_null() & col(REF_COLUMNS[1]).is_not_null()
+        ).count()
+        if with_ref < kept:  # reference log-probs only when every row has them (TRL cannot batch nulls)
+            schema = pa.schema([f for f in schema if f.name not in REF_COLUMNS])
+            rows = rows.drop_columns(list(REF_COLUMNS))
+        rows, held_back = _hold_back(rows, train, seed)
+        precomputed = train.dpo.reference != "live"
+        if precomputed and with_ref < kept:
+            start = time.perf_counter()
+            rows = _with_reference(rows, train, vllm, model_path, dtype, seed).materialize()
+            schema = trainer_schema(stage)
+            print(
+                f"[{stage}] reference log-probs of {rows.count()} pairs ({train.dpo.reference}) in "
+                f"{time.perf_counter() - start:.1f} s",
+                flush=True,
+            )
+    else:
+        rows = rows.map_batches(
+            lambda b: b.append_column(HELD, pa.array([False] * b.num_rows)), batch_format="pyarrow"
+        )
+    rows = rows.materialize()
+    data_path, eval_path = out / "train_table.parquet", out / "heldback_table.parquet"
+    for path, held in ((data_path, False), (eval_path, True)):
+        part = rows.filter(expr=col(HELD) == held).drop_columns([HELD])
+        if held and not held_back:  # none, also from an earlier run (a folder, or a file before)
+            shutil.rmtree(path, ignore_errors=True)
+            path.unlink(missing_ok=True)
+            continue
+        store.write_folder(part, path, _empty(schema))
+
+    return Tables(kept, rejected, reasons, held_back, data_path, eval_path)
 
 
 def run_stage(
@@ -201,8 +382,6 @@ def run_stage(
     ``out_dir`` (default :func:`stage_dir`) lets a second run of a stage (the sequence-level
     baseline's DPO) keep its own checkpoints and policy. ``vllm``: the replicas that compute the
     reference log-probs when ``train.dpo.reference`` is ``replicas`` (default: VLLMConfig's defaults)."""
-    from transformers import AutoTokenizer
-
     run_dir = Path(run_dir)
     out = out_dir or stage_dir(train, run_dir, stage)
     out.mkdir(parents=True, exist_ok=True)
@@ -216,67 +395,7 @@ def run_stage(
     source = Path(input_path or default_input or default_source(stage, run_dir))
     if stage == "dpo" and (source / "pairs.parquet").exists():  # a pairs stage's folder
         source = source / "pairs.parquet"
-    record = PreferencePair if stage == "dpo" else Dialogue
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    checked = check_inputs(stage, read_rows(source, record), tokenizer, stage_cfg.max_length)
-    write_rejected(checked.rejected, out / "rejected.parquet")
-    print(f"[{stage}] input checks on {source}: {checked.summary()}", flush=True)
-    if checked.num_rows == 0:
-        raise TrainInputError(
-            f"{stage}: no usable rows in {source} ({checked.summary()}); see {out / 'rejected.parquet'}"
-        )
-    table = checked.table
-    held_back = table.slice(0, 0)
-    if stage == "dpo":
-        table, held_back = hold_back_pairs(table, train.dpo.validation_fraction, seed)
-        if held_back.num_rows:
-            dialogues = len(set(map(dialogue_of, held_back["pair_id"].to_pylist())))
-            print(
-                f"[dpo] {held_back.num_rows} pairs of {dialogues} dialogues held back from training "
-                f"(train.dpo.validation_fraction "
-                f"{train.dpo.validation_fraction}): the trained policy is evaluated on them",
-                flush=True,
-            )
-        table = rows_for_steps(table, train, seed)
-    precomputed = stage == "dpo" and train.dpo.reference != "live"
-    if precomputed and "ref_chosen_logps" not in table.column_names:
-        trained = table.num_rows
-        table = pa.concat_tables([table, held_back])  # one reference pass over both parts
-        start = time.perf_counter()
-        if train.dpo.reference == "replicas":
-            from ttpa_ray.reference import replica_reference_logps
-
-            table = replica_reference_logps(
-                vllm or VLLMConfig(),
-                model_path,
-                table,
-                max_length=stage_cfg.max_length,
-                dtype=dtype,
-                seed=seed,
-            )
-        else:
-            from ttpa_ray.train.dpo import precompute_reference_logps
-
-            table = precompute_reference_logps(
-                model_path,
-                table,
-                max_length=stage_cfg.max_length,
-                dtype=dtype,
-                shared_prefix=train.dpo.shared_prefix,
-            )
-        print(
-            f"[{stage}] reference log-probs of {table.num_rows} pairs ({train.dpo.reference}) in "
-            f"{time.perf_counter() - start:.1f} s",
-            flush=True,
-        )
-        table, held_back = table.slice(0, trained), table.slice(trained)
-    data_path = out / "train_table.parquet"
-    pq.write_table(table, data_path)
-    eval_path = out / "heldback_table.parquet"
-    eval_path.unlink(missing_ok=True)
-    if held_back.num_rows:
-        pq.write_table(held_back, eval_path)
+    tables = prepare_tables(stage, train, source, model_path, out, seed=seed, vllm=vllm, dtype=dtype)
 
     # In a run dir in an object store, the checkpoints and the table go there, and the workers fetch
     # the model from there (store.shared); otherwise all three are local paths.
@@ -286,8 +405,8 @@ def run_stage(
     job = TrainJob(
         stage=stage,
         model_path=store.shared(model_path),
-        data_path=store.shared(data_path.resolve()),
-        eval_path=store.shared(eval_path.resolve()) if held_back.num_rows else None,
+        data_path=store.shared(tables.data_path.resolve()),
+        eval_path=store.shared(tables.eval_path.resolve()) if tables.held_back else None,
         work_dir=str(Path(tempfile.gettempdir()) / f"ttpa-train-{os.getpid()}-{run_name}-{out.name}"),
         stage_config=stage_cfg.model_dump(mode="json"),
         deepspeed=load_deepspeed(train.deepspeed, model_path),
@@ -297,7 +416,7 @@ def run_stage(
         logging_steps=train.logging_steps,
         report_to=tuple(train.report_to),
         tensorboard_dir=str((out / "tensorboard").resolve()) if "tensorboard" in train.report_to else None,
-        precomputed_reference=precomputed,
+        precomputed_reference=stage == "dpo" and train.dpo.reference != "live",
         gradient_checkpointing=train.gradient_checkpointing,
         lora=train.lora.model_dump(mode="json") if train.lora is not None else None,
         sample_log_dir=str((out / "samples").resolve()) if sample_log else None,
@@ -322,4 +441,4 @@ def run_stage(
         json.dumps({"final": result.metrics, "history": result.history}, indent=1, default=str),
         encoding="utf-8",
     )
-    return StageOutcome(stage, out, checked.num_rows, len(checked.rejected), checked.reject_counts(), result)
+    return StageOutcome(stage, out, tables.kept, tables.rejected, tables.reasons, result)
