@@ -211,6 +211,7 @@ def child(n: int, work: Path) -> dict[str, Any]:
     """One size in this (fresh) process: synthesise, then the stages, each measured."""
     import pyarrow.dataset as pads
     import ray
+
     from ttpa_ray.config import load_config
     from ttpa_ray.pairs import run_pairs_stage
     from ttpa_ray.rundir import split_path, write_split
