@@ -171,11 +171,14 @@ def test_console_line_and_sample_log(tmp_path: Path) -> None:
     assert read_sample_log(tmp_path) == {0: {1: [0, 1], 2: [9, 9], 3: [4, 5]}}
 
 
-def test_read_rows_takes_only_the_wanted_record_from_a_stage_folder(tmp_path: Path) -> None:
-    """The pairs stage's folder holds pairs, scored candidates and rejected turns: DPO reads pairs only."""
+def test_input_files_take_only_the_wanted_record_from_a_stage_folder(tmp_path: Path) -> None:
+    """The pairs stage's folder holds pairs, scored candidates and rejected turns (a file or a
+    folder of them): DPO reads pairs only."""
+    import pyarrow.parquet as pq
+
     from ttpa_ray.codec import ToolCall
     from ttpa_ray.records import Candidate, PreferencePair, ScoredCandidate, reject, write_parquet
-    from ttpa_ray.train.data import bfcl_preference_pairs, read_rows
+    from ttpa_ray.train.data import bfcl_preference_pairs, input_files
 
     pairs = bfcl_preference_pairs("simple_python")[:3]
     write_parquet(pairs, tmp_path / "pairs.parquet")
@@ -186,7 +189,15 @@ def test_read_rows_takes_only_the_wanted_record_from_a_stage_folder(tmp_path: Pa
         [ScoredCandidate(candidate, 0.5, {"name": 1.0}, ("value_mismatch",))], tmp_path / "scored.parquet"
     )
     write_parquet([reject("t2", "pairs", "no_candidates", "none", {})], tmp_path / "rejected.parquet")
-    rows = read_rows(tmp_path, PreferencePair)
+    # a rejected folder written by Ray Data, whose files may carry no record name
+    pq.write_table(
+        pq.read_table(tmp_path / "rejected.parquet").replace_schema_metadata(None), tmp_path / "x.parquet"
+    )
+    (tmp_path / "rejected").mkdir()
+    (tmp_path / "x.parquet").rename(tmp_path / "rejected" / "part-0.parquet")
+    files = input_files(tmp_path, PreferencePair)
+    assert files == [tmp_path / "pairs.parquet"]
+    rows = [row for file in files for row in pq.read_table(file).to_pylist()]
     assert [r["pair_id"] for r in rows] == [p.pair_id for p in pairs]
 
 

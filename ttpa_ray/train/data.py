@@ -37,7 +37,6 @@ from ttpa_ray.records import (
     batch_from_rows,
     conversation_problem,
     reject,
-    write_parquet,
 )
 
 STAGE_NAME = "train"
@@ -259,11 +258,6 @@ def input_files(path: str | Path, record: type | None = None) -> list[Path]:
     return files
 
 
-def read_rows(path: str | Path, record: type | None = None) -> list[dict[str, Any]]:
-    """Raw rows of :func:`input_files` (for small inputs and tests: the stages read them in Ray Data)."""
-    return [row for file in input_files(path, record) for row in pq.read_table(file).to_pylist()]
-
-
 def trainer_schema(stage: str) -> pa.Schema:
     """The columns of a stage's training table (DPO's with the reference log-prob columns)."""
     if stage == "dpo":
@@ -297,11 +291,6 @@ def check_batch(batch: pa.Table, *, stage: str, model: str, max_length: int) -> 
     table = table.set_column(0, "sample_index", pa.array(hashed, pa.int64()))
     schemas = {"row": trainer_schema(stage), "rejected": RejectedRow.SCHEMA}
     return pack({"row": table, "rejected": to_table(checked.rejected, RejectedRow)}, schemas)
-
-
-def write_rejected(rejected: Sequence[RejectedRow], path: str | Path) -> Path:
-    """Write the rejected rows (possibly none) to one Parquet file."""
-    return write_parquet(list(rejected), path, cls=RejectedRow)
 
 
 def to_hf_dataset(table: pa.Table) -> Any:
