@@ -10,14 +10,14 @@ import pytest
 
 from ttpa_ray.codec import parse_any, parse_hermes, render_hermes
 from ttpa_ray.config import ModelConfig, VLLMConfig
-from ttpa_ray.engine import (
+from ttpa_ray.constraints import (
     arguments_schema,
     call_head,
     call_head_name,
     call_head_regex,
-    engine_kwargs,
     tool_call_schema,
 )
+from ttpa_ray.engine import engine_kwargs
 from ttpa_ray.models import ModelNotFoundError, resolve_model
 
 WEATHER = {
@@ -159,7 +159,7 @@ def test_two_step_call_continues_its_head(vllm_engine) -> None:
 
 
 def test_bounded_schema_adds_guards_only_where_missing() -> None:
-    from ttpa_ray.engine import MAX_NUMBER, bounded_schema
+    from ttpa_ray.constraints import MAX_NUMBER, bounded_schema
 
     schema = {
         "type": "object",

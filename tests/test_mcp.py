@@ -25,8 +25,9 @@ from typer.testing import CliRunner
 from ttpa_ray.cli import tools_app
 from ttpa_ray.codec import ToolCall
 from ttpa_ray.config import check_mcp_tools_not_evaluated, load_config, simulated_catalogues
+from ttpa_ray.constraints import arguments_schema
 from ttpa_ray.doctor import check_mcp_servers
-from ttpa_ray.engine import Completion, arguments_schema
+from ttpa_ray.engine import Completion
 from ttpa_ray.records import Dialogue
 from ttpa_ray.reverse import DialogueState, ReverseBuilder, Seed, make_seeds, returned_values
 from ttpa_ray.tools.mcp import McpBinding, McpConfigError, normalise_schema, read_servers

@@ -9,7 +9,7 @@ import pytest
 
 from ttpa_ray.codec import parse_any
 from ttpa_ray.config import load_config
-from ttpa_ray.engine import tool_call_schema
+from ttpa_ray.constraints import tool_call_schema
 from ttpa_ray.replica import VLLMReplica, generate_dataset
 
 TOOL = {

@@ -17,7 +17,8 @@ from conftest import reverse_seed_ids
 
 from ttpa_ray.codec import ToolCall
 from ttpa_ray.config import load_config
-from ttpa_ray.engine import Completion, call_head
+from ttpa_ray.constraints import call_head
+from ttpa_ray.engine import Completion
 from ttpa_ray.records import Dialogue, RejectedRow, read_parquet
 from ttpa_ray.reverse import (
     DialogueState,

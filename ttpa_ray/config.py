@@ -287,7 +287,7 @@ class ReverseConfig(_Section):
     max_tokens: int = Field(default=512, ge=16)  # per teacher step
     # Length bounds of the teacher's texts. The scenario is a short statement (its details are the
     # information items, 80 characters each); at most 128 it decodes under a pattern, which xgrammar
-    # checks several times faster per token than a longer bound (engine.bounded_string).
+    # checks several times faster per token than a longer bound (constraints.bounded_string).
     max_scenario_chars: int = Field(default=128, ge=20)
     max_question_chars: int = Field(default=240, ge=20)
     # Constrain the `answer` text to quote a returned value: keeps a weak teacher grounded.

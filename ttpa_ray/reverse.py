@@ -53,10 +53,7 @@ from typing import TYPE_CHECKING, Any
 from ttpa_ray import store
 from ttpa_ray.codec import ToolCall, parse_any
 from ttpa_ray.config import ReverseConfig, TTPAConfig, check_mcp_tools_not_evaluated, simulated_catalogues
-from ttpa_ray.endpoint import EndpointTeacher, api_key
-from ttpa_ray.engine import (
-    Completion,
-    Engine,
+from ttpa_ray.constraints import (
     arguments_schema,
     bounded_string,
     call_head,
@@ -64,6 +61,8 @@ from ttpa_ray.engine import (
     call_head_regex,
     tool_call_schema,
 )
+from ttpa_ray.endpoint import EndpointTeacher, api_key
+from ttpa_ray.engine import Completion, Engine
 from ttpa_ray.quality import DEGENERATE, DUPLICATE, Gates, PromptLeaks, question_bigrams, question_key
 from ttpa_ray.records import Dialogue, Message, RejectedRow, ToolSpec, reject, to_table
 from ttpa_ray.tools.simulated import SimulatedCache, response_request

@@ -123,7 +123,7 @@ def response_request(
     The schema admits the declared response (every declared property present), and with ``errors``
     an error object too.
     """
-    from ttpa_ray.engine import bounded_schema
+    from ttpa_ray.constraints import bounded_schema
 
     spec = tool.spec
     declared = tool.response_schema
