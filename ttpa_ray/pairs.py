@@ -357,6 +357,8 @@ def run_pairs_stage(config: TTPAConfig, sample_dir: str | Path, out_dir: str | P
         else None
     )
 
+    labelled_rows = labelled.count() if labelled is not None else 0
+
     def only(kind: str, cls: type) -> ray.data.Dataset:
         def records(batch: pa.Table) -> pa.Table:
             return unpack(batch, kind, cls.SCHEMA)  # type: ignore[attr-defined]
@@ -365,7 +367,6 @@ def run_pairs_stage(config: TTPAConfig, sample_dir: str | Path, out_dir: str | P
             return ray.data.from_arrow(to_table([], cls))
         return labelled.filter(expr=col(kind).is_not_null()).map_batches(records, batch_format="pyarrow")
 
-    labelled_rows = labelled.count() if labelled is not None else 0
     paths = {name: out / f"{name}.parquet" for name in ("pairs", "scored", "rejected")}
     report.pairs = store.write_folder(
         only("pair", PreferencePair), paths["pairs"], to_table([], PreferencePair)
