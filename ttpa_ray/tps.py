@@ -758,7 +758,6 @@ def run_sample_stage(
     The driver writes each sampled batch as it comes and keeps counts only. ``progress`` is called
     after every sampled batch (``report.turns`` is known by then). Ray must be initialised.
     """
-    import pyarrow.dataset as pads
     import pyarrow.parquet as pq
     import ray
 
@@ -773,9 +772,7 @@ def run_sample_stage(
     report.turns, report.without_turns = write_turns(dialogues, out)
     report.rejected = report.without_turns
     rejected_dir = out / "rejected.parquet"
-    reasons: Counter[str] = Counter(
-        pads.dataset(rejected_dir, format="parquet").to_table(columns=["reason"]).column("reason").to_pylist()
-    )
+    reasons: Counter[str] = Counter(store.reasons(rejected_dir))
     schema = pa.schema([*Candidate.SCHEMA, GENERATED_TOKENS], metadata=Candidate.SCHEMA.metadata)
     with (
         pq.ParquetWriter(out / "candidates.parquet", schema) as candidates_out,
