@@ -314,7 +314,7 @@ def prepare_tables(
         _kind(checked, "rejected", RejectedRow.SCHEMA), out / "rejected.parquet", _empty(RejectedRow.SCHEMA)
     )
     reasons = _reasons(out / "rejected.parquet") if rejected else {}
-    rows = _kind(checked, "row", schema)
+    rows = _kind(checked, "row", schema).materialize()  # read by the counts and keys below: unpacked once
     kept = rows.count()
     summary = ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())) or "none"
     print(
